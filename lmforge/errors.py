@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+The CLI prints it as a single line and exits with code 2; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input, a missing file, an unknown name: a message meant for the user."""

@@ -1,0 +1,144 @@
+"""Decoder-only language model in the Llama style: RMSNorm, rotary positions, SwiGLU, optional GQA.
+
+Weight names match Hugging Face's `LlamaForCausalLM` with the `model.` prefix
+dropped, so its state dict loads with a rename and our logits match its logits.
+This module knows the network, not tokenizers, training or sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.config import option
+from lmforge.models.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    attention_mask_for,
+    position_ids_for,
+)
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = option(8192, "tokens in the vocabulary (set from the tokenizer when training)")
+    hidden_size: int = option(256, "width of the residual stream")
+    num_layers: int = option(6, "transformer blocks")
+    num_heads: int = option(4, "attention heads")
+    num_kv_heads: int | None = option(None, "key/value heads for grouped-query attention (default: num_heads)")
+    intermediate_size: int = option(704, "SwiGLU hidden width")
+    max_position_embeddings: int = option(512, "longest sequence the model can see")
+    rope_theta: float = option(10000.0, "rotary base frequency")
+    rms_norm_eps: float = option(1e-5, "RMSNorm epsilon")
+    tie_word_embeddings: bool = option(True, "share the input embedding and the output layer")
+    initializer_range: float = option(0.02, "std of the normal weight init")
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, not {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config.hidden_size, config.num_heads, config.num_kv_heads)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, rotary, mask, is_causal, cache, layer_index):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, is_causal, cache, layer_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.apply(self._init_weights)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # NOTE: GPT-2's scaled init (https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf)
+        # for the projections that write into the residual stream keeps its variance flat with depth.
+        for layer in self.layers:
+            for projection in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                nn.init.normal_(projection.weight, std=config.initializer_range / (2 * config.num_layers) ** 0.5)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())  # tied weights count once
+
+    def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
+        config = self.config
+        return KVCache(
+            config.num_layers,
+            batch_size,
+            config.num_kv_heads,
+            config.head_dim,
+            max_length,
+            device=self.embed_tokens.weight.device,
+            dtype=dtype or self.embed_tokens.weight.dtype,
+        )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, hidden).
+
+        attention_mask, if given, covers the cached positions too: (B, past + T), 1 = real token.
+        """
+        past_length = cache.length if cache is not None else 0
+        length = input_ids.shape[1]
+        mask, is_causal = attention_mask_for(attention_mask, length, past_length)
+        position_ids = position_ids_for(attention_mask, length, past_length, input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        rotary = self.rotary(position_ids, x.dtype)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rotary, mask, is_causal, cache, index)
+        if cache is not None:
+            cache.advance(length)
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill needs only the last position)."""
+        hidden = self.hidden_states(input_ids, attention_mask, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(hidden)

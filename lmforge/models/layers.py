@@ -1,0 +1,198 @@
+"""Building blocks shared by every model family: norms, rotary positions, attention, feed-forward.
+
+Each block is a small `nn.Module` whose weight names follow Hugging Face's Llama
+names (`q_proj`, `gate_proj`, ...), so importing and exporting weights is a
+near-identity map. This module knows tensors and shapes, not tokens, configs or
+training: a family file (`decoder.py`, ...) picks the blocks and wires them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (https://arxiv.org/abs/1910.07467), computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: F.rms_norm is one fused kernel; upcasting first keeps bf16 runs as exact as Llama's.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer, https://arxiv.org/abs/2104.09864), Llama's half-split layout.
+
+    cos/sin are tabulated once up to `max_positions`; lookups by position id make
+    left-padded batches and cached decoding use the same code.
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float), inverse_frequency)
+        angles = torch.cat((angles, angles), dim=-1)  # (max_positions, head_dim)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: (B, T) or (T,) -> cos, sin: (B, T, 1, head_dim) broadcasting over heads
+        if position_ids.max() >= self.cos.shape[0]:
+            raise ValueError(f"position {int(position_ids.max())} is beyond the context of {self.cos.shape[0]}")
+        cos = self.cos[position_ids].unsqueeze(-2).to(dtype)
+        sin = self.sin[position_ids].unsqueeze(-2).to(dtype)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, heads, head_dim); rotate pairs (i, i + head_dim/2) as Llama does.
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_length` positions.
+
+    All layers write the same positions in one forward pass; `advance` moves the
+    write position once the pass is done.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_length: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # keys, values: (B, kv_heads, T, head_dim) -> everything cached so far, (B, kv_heads, length + T, head_dim)
+        end = self.length + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; asked for {end}")
+        self.keys[layer, :, :, self.length : end] = keys
+        self.values[layer, :, :, self.length : end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def reorder(self, row_indices: torch.Tensor) -> None:
+        """Keep only (or repeat) the given batch rows, e.g. when sequences finish or beams are reordered."""
+        self.keys = self.keys[:, row_indices]
+        self.values = self.values[:, row_indices]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional grouped-query key/value heads (https://arxiv.org/abs/2305.13245).
+
+    Self-attention when `context` is None; the caller supplies the mask (causal,
+    padding or both) or `is_causal=True` for the unpadded training fast path.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not divisible by num_kv_heads {num_kv_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+        layer_index: int = 0,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        query = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, D)
+        key = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
+        value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        cos, sin = rotary
+        query = apply_rotary(query, cos, sin).transpose(1, 2)  # (B, H, T, D)
+        key = apply_rotary(key, cos, sin).transpose(1, 2)  # (B, KV, T, D)
+        value = value.transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(layer_index, key, value)  # (B, KV, S, D)
+        out = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward, down(silu(gate(x)) * up(x)) (https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def attention_mask_for(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int
+) -> tuple[torch.Tensor | None, bool]:
+    """Turn a (B, S) padding mask into what SDPA wants: (mask, is_causal).
+
+    S = past_length + query_length. With no padding we avoid building a mask at
+    all: `is_causal` for a fresh sequence, nothing for one new token over a cache.
+    """
+    if attention_mask is None:
+        if past_length == 0:
+            return None, query_length > 1
+        if query_length == 1:
+            return None, False
+    total = past_length + query_length
+    device = attention_mask.device if attention_mask is not None else None
+    query_positions = torch.arange(past_length, total, device=device)[:, None]
+    key_positions = torch.arange(total, device=device)[None, :]
+    allowed = (key_positions <= query_positions)[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+        # NOTE: a padding query would attend to nothing and SDPA would return NaN; letting it see
+        # itself keeps the numbers finite. Its output is never read.
+        allowed = allowed | (key_positions == query_positions)[None, None]
+    return allowed, False
+
+
+def position_ids_for(attention_mask: torch.Tensor | None, query_length: int, past_length: int, device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row is positioned exactly as if unpadded."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + query_length, device=device)
+    positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
+    return positions[:, past_length:].clamp(min=0)
