@@ -1,0 +1,278 @@
+"""Text <-> token ids: a byte-level BPE tokenizer built on Hugging Face `tokenizers`.
+
+This is the only module that imports `tokenizers`. It trains, saves and loads a
+byte-level BPE (the GPT-2 / Qwen2 recipe: a Qwen2 split regex, then bytes mapped
+to printable characters), encodes and decodes, pads batches, gives the exact
+UTF-8 bytes behind every id (for bits-per-byte and streaming), and detokenizes a
+stream of ids without ever emitting half a UTF-8 character.
+
+Any Unicode string round-trips exactly: there is no normalizer (NFC/NFKC would
+rewrite the text) and decoding never cleans up spaces. The saved folder is one
+`transformers.AutoTokenizer` loads as-is.
+
+It deliberately does not know about models, chat templates or datasets: it maps
+text to ids and back. Where the special tokens go in a conversation is decided
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import re
+from collections.abc import Iterable, Sequence, Sized
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as Backend
+
+from lmforge.errors import UserError
+from lmforge.run_folder import atomic_write_text, write_json
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0..5 in this order
+QWEN2_SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# The `tokenizer.ggml.pre` name llama.cpp uses for this split pattern.
+LLAMA_CPP_PRE_TOKENIZER = "qwen2"
+
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from each byte to a printable character.
+
+    Printable Latin-1 bytes map to themselves; the other 68 (controls, space,
+    soft hyphen...) map to U+0100 onwards, so no BPE token contains whitespace
+    or control characters. https://github.com/openai/gpt-2/blob/master/src/encoder.py
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_to_char = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in byte_to_char:
+            byte_to_char[byte] = chr(256 + shifted)
+            shifted += 1
+    return byte_to_char
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer whose first six ids are `SPECIAL_TOKENS`.
+
+    NOTE: like every Hugging Face tokenizer, `encode` turns the literal text of a
+    special token ("<eos>", "<|im_end|>") into that special id rather than into
+    ordinary characters, so `transformers` and we agree on every id. Such a
+    string therefore does not survive `decode(encode(text))` with the default
+    `skip_special_tokens=True`; everything else does. Code that encodes untrusted
+    text where a fake special token would matter must remove or escape them first.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
+        missing = [token for token, token_id in zip(SPECIAL_TOKENS, ids) if token_id is None]
+        if missing:
+            raise UserError(f"tokenizer lacks the special tokens {missing}; train one with lmforge")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.im_start_id, self.im_end_id = ids
+        self._token_bytes: list[bytes] | None = None
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True
+    ) -> Tokenizer:
+        """Learn merges from `texts` (any iterable of strings, read once) up to `vocab_size` ids."""
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise UserError(
+                f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                f"tokens), got {vocab_size}"
+            )
+        # No unk_token: the 256-byte alphabet covers every input. `<unk>` stays as a special for
+        # compatibility with tools that expect one.
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=show_progress,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        length = len(texts) if isinstance(texts, Sized) else None
+        backend.train_from_iterator(texts, trainer=trainer, length=length)
+        return cls(backend)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"missing tokenizer file: {path}")
+        try:
+            backend = Backend.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for malformed files
+            raise UserError(f"cannot read {path}: {error}") from None
+        return cls(backend)
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json`, a folder `AutoTokenizer` can load.
+
+        `model_max_length` is the model's context length; the tokenizer does not
+        know it, so it is written only when the caller passes it.
+        """
+        directory = Path(directory)
+        atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<bos>",
+            "eos_token": "<eos>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+        }
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        write_json(directory / "tokenizer_config.json", config)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the whole tokenizer, for cache keys: equal ids for equal fingerprints."""
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self._wrap(ids, add_bos, add_eos)
+
+    def encode_batch(self, texts: list[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        """Encode many texts on all cores (the backend's Rust thread pool)."""
+        encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [self._wrap(encoding.ids, add_bos, add_eos) for encoding in encodings]
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # int() accepts tensors and numpy arrays as well as lists.
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> list[bytes]:
+        """The exact UTF-8 bytes each id stands for; special tokens stand for b"".
+
+        A token may hold part of a character (an emoji split over several ids), so
+        these are bytes, not strings. Joining them for `encode(text)` gives
+        `text.encode("utf-8")` (for text without special-token strings).
+        """
+        if self._token_bytes is None:
+            char_to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+            added = self.backend.get_added_tokens_decoder()
+            table = [b""] * self.vocab_size
+            for token, token_id in self.backend.get_vocab(with_added_tokens=True).items():
+                if token_id in added:
+                    # Added tokens are stored as raw text, not byte-level characters.
+                    table[token_id] = b"" if added[token_id].special else token.encode("utf-8")
+                else:
+                    table[token_id] = bytes(char_to_byte[char] for char in token)
+            self._token_bytes = table
+        return list(self._token_bytes)
+
+    def pad(
+        self, sequences: Sequence[Sequence[int]], side: Literal["left", "right"] = "left"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack sequences into (input_ids, attention_mask), both long (B, T); mask 1 marks real tokens.
+
+        Left padding is the default because generation appends on the right.
+        """
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        length = max((len(sequence) for sequence in sequences), default=0)
+        input_ids = torch.full((len(sequences), length), self.pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (B, T)
+        for row, sequence in enumerate(sequences):
+            if not len(sequence):
+                continue
+            columns = slice(length - len(sequence), length) if side == "left" else slice(0, len(sequence))
+            input_ids[row, columns] = torch.as_tensor(sequence, dtype=torch.long)
+            attention_mask[row, columns] = 1
+        return input_ids, attention_mask
+
+
+class StreamDecoder:
+    """Incremental detokenizer: never emits half a UTF-8 character.
+
+    Bytes of a character split over several tokens are held back until the
+    character is complete. It works per code point: a flag or an emoji joined
+    with U+200D may arrive over several pushes, each piece valid text.
+    Special tokens produce no text, as in `decode(..., skip_special_tokens=True)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.token_bytes = tokenizer.token_bytes()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (may be "")."""
+        return self.decoder.decode(self.token_bytes[token_id])
+
+    def flush(self) -> str:
+        """End the stream: bytes of an unfinished character come out as U+FFFD."""
+        text = self.decoder.decode(b"", final=True)
+        self.decoder.reset()
+        return text
+
+
+# Han ideographs (basic block, extension A, compatibility, extensions B-G in the supplementary planes).
+HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+# CJK Symbols and Punctuation (、。「」《》...) and Halfwidth/Fullwidth Forms (，！？：；（）...).
+# Curly quotes, dashes and ellipses are shared with English text, so they belong to neither group.
+CJK_PUNCTUATION = "\u3000-\u303f\uff00-\uffef"
+ZH_RUN = re.compile(f"[{HAN}{CJK_PUNCTUATION}]+")
+HAN_CHARACTER = re.compile(f"[{HAN}]")
+# Printable ASCII (letters, digits, punctuation, space) not starting or ending with a space.
+EN_RUN = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+ALPHANUMERIC = re.compile(r"[A-Za-z0-9]")
+
+
+def tokenizer_stats(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, dict[str, float]]:
+    """How compactly the tokenizer encodes Chinese and English, measured separately.
+
+    "zh" is the runs of Han characters and CJK punctuation that contain at least
+    one Han character; "en" is the runs of printable ASCII that contain a letter
+    or digit, trimmed of spaces. Each run is encoded on its own, so the numbers
+    do not depend on how the two languages mix. A group with no text is omitted.
+    """
+    groups: dict[str, list[str]] = {"zh": [], "en": []}
+    for text in texts:
+        groups["zh"] += [run for run in ZH_RUN.findall(text) if HAN_CHARACTER.search(run)]
+        groups["en"] += [run for run in EN_RUN.findall(text) if ALPHANUMERIC.search(run)]
+    stats = {}
+    for name, runs in groups.items():
+        if not runs:
+            continue
+        characters = sum(len(run) for run in runs)
+        num_bytes = sum(len(run.encode("utf-8")) for run in runs)
+        tokens = sum(len(ids) for ids in tokenizer.encode_batch(runs))
+        stats[name] = {
+            "characters": characters,
+            "bytes": num_bytes,
+            "tokens": tokens,
+            "chars_per_token": characters / tokens,
+            "bytes_per_token": num_bytes / tokens,
+        }
+    return stats
