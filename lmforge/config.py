@@ -7,6 +7,7 @@ name the key. This module knows how to fill dataclasses, not what they mean.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -22,8 +23,8 @@ T = TypeVar("T")
 
 def option(default: Any, help: str) -> Any:
     """A dataclass field with a default and a help string."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
 
 

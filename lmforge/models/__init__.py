@@ -1,0 +1,70 @@
+"""Model families by name, and saving / loading a model as `config.json` + `model.safetensors`.
+
+`MODEL_FAMILIES` is the one registry: the name stored in config.json picks the
+config dataclass and the module to build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.config import from_dict
+from lmforge.errors import UserError
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
+
+MODEL_FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
+    "decoder": (DecoderConfig, Decoder),
+}
+
+
+def family_of(model: nn.Module) -> str:
+    for name, (_, module_class) in MODEL_FAMILIES.items():
+        if isinstance(model, module_class):
+            return name
+    raise TypeError(f"{type(model).__name__} is not a registered model family")
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without duplicates of tied weights (safetensors stores each tensor once)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_model(folder: str | Path, model: nn.Module) -> None:
+    folder = Path(folder)
+    write_json(folder / "config.json", {"family": family_of(model), **dataclasses.asdict(model.config)})
+    save_tensors(folder / "model.safetensors", model_state(model), metadata={"format": "pt"})
+
+
+def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [name for name in missing if name != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"{where} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def read_model_config(folder: str | Path):
+    values = dict(read_json(Path(folder) / "config.json"))
+    family = values.pop("family", "decoder")
+    if family not in MODEL_FAMILIES:
+        raise UserError(
+            f"{folder}/config.json names unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}"
+        )
+    config_class, module_class = MODEL_FAMILIES[family]
+    return from_dict(config_class, values, "model"), module_class
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the model that `folder/config.json` describes and load `folder/model.safetensors` into it."""
+    config, module_class = read_model_config(folder)
+    model = module_class(config)
+    load_model_weights(model, load_tensors(Path(folder) / "model.safetensors"), str(folder))
+    return model.to(device).eval()

@@ -1,0 +1,79 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+Works on a whole batch of rows at once; knows nothing about models or text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.config import option
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = option(128, "tokens to generate at most")
+    temperature: float = option(0.8, "softmax temperature; 0 means greedy decoding")
+    top_k: int = option(50, "sample among the k most likely tokens (0 = all)")
+    top_p: float = option(0.95, "sample among the smallest set of tokens whose probability reaches p (1 = all)")
+    repetition_penalty: float = option(
+        1.1, "divide the logits of tokens already seen (CTRL, arXiv:1909.05858); 1 = off"
+    )
+    seed: int | None = option(None, "random seed for reproducible sampling")
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, not {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+
+
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool. Positive logits are divided, negative multiplied, as in CTRL."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering (https://arxiv.org/abs/1904.09751); the most likely token always survives."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Drop a token when the mass before it already reaches p.
+    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = penalize_repetition(logits, seen, config.repetition_penalty)
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_top_p(filter_top_k(logits / config.temperature, config.top_k), config.top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

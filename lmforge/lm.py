@@ -1,0 +1,184 @@
+"""A trained model with its tokenizer: text in, text out. `lmforge.load(run_dir)` returns one.
+
+This is the text edge of generation: prompts are encoded here, new tokens are
+detokenized incrementally (never half a UTF-8 character) and stop strings are
+matched on text, holding back any tail that could still become a stop string.
+The engine underneath (`lmforge.generate`) only sees token ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.config import from_dict
+from lmforge.data.tokenizer import StreamDecoder, Tokenizer
+from lmforge.device import pick_device
+from lmforge.errors import UserError
+from lmforge.generate.decode import stream_ids
+from lmforge.generate.sampling import SamplingConfig
+from lmforge.models import load_model
+from lmforge.run_folder import read_json, write_json
+
+GENERATION_FILE = "generation_config.json"
+
+
+def save_generation_config(folder: str | Path, sampling: SamplingConfig, tokenizer: Tokenizer) -> None:
+    """Sampling defaults in Hugging Face's `generation_config.json` shape, so they travel with the model."""
+    write_json(
+        Path(folder) / GENERATION_FILE,
+        {
+            "do_sample": sampling.temperature > 0,
+            **{k: v for k, v in dataclasses.asdict(sampling).items() if k != "seed"},
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        },
+    )
+
+
+def read_generation_config(folder: str | Path) -> SamplingConfig:
+    path = Path(folder) / GENERATION_FILE
+    if not path.is_file():
+        return SamplingConfig()
+    saved = read_json(path)
+    known = {field.name for field in dataclasses.fields(SamplingConfig)}
+    return from_dict(SamplingConfig, {k: v for k, v in saved.items() if k in known}, "generation")
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop": end of sequence or a stop string; "length": out of tokens or context
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LM:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, defaults: SamplingConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.defaults = defaults or SamplingConfig()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def sampling(self, **overrides) -> SamplingConfig:
+        """The saved defaults with the given (non-None) values replaced; bad values are UserErrors."""
+        values = dataclasses.asdict(self.defaults)
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        try:
+            return SamplingConfig(**values)
+        except (TypeError, ValueError) as error:
+            raise UserError(str(error)) from None
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        # Training documents start with <bos>, so a prompt does too.
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        stream: bool = False,
+        stop: Sequence[str] | str | None = None,
+        **sampling,
+    ) -> str | list[str] | Iterator[str]:
+        """Continue one prompt (-> str, or an iterator of text pieces with `stream=True`) or many (-> list[str]).
+
+        Sampling keywords: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty, seed.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if stream:
+            if not single:
+                raise UserError("stream=True takes one prompt, not a list")
+            return (pieces[0] for pieces in self._pieces(prompts, stop, sampling, []))
+        completions = self.complete(prompts, stop=stop, **sampling)
+        texts = [completion.text for completion in completions]
+        return texts[0] if single else texts
+
+    def complete(
+        self, prompts: Sequence[str], *, stop: Sequence[str] | str | None = None, **sampling
+    ) -> list[Completion]:
+        completions: list[Completion] = []
+        texts = [""] * len(prompts)
+        for pieces in self._pieces(list(prompts), stop, sampling, completions):
+            texts = [text + piece for text, piece in zip(texts, pieces)]
+        return [dataclasses.replace(done, text=text) for done, text in zip(completions, texts)]
+
+    def _pieces(self, prompts: list[str], stop, sampling: dict, completions: list[Completion]) -> Iterator[list[str]]:
+        """Yield, per step, the new text of every row; fill `completions` (without text) at the end."""
+        if not prompts:
+            raise UserError("no prompt given")
+        stop_strings = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        config = self.sampling(**sampling)
+        prompt_ids = [self.encode_prompt(text) for text in prompts]
+        context = self.model.config.max_position_embeddings
+        for ids in prompt_ids:
+            if len(ids) >= context:
+                raise UserError(f"the prompt has {len(ids)} tokens; this model's context holds {context}")
+        rows = len(prompts)
+        decoders = [StreamDecoder(self.tokenizer) for _ in range(rows)]
+        pending = [""] * rows
+        done = [False] * rows
+        reasons = ["length"] * rows
+        counts = [0] * rows
+        steps = stream_ids(self.model, prompt_ids, config, [self.tokenizer.eos_id], self.tokenizer.pad_id)
+        for step_tokens in steps:
+            pieces = [""] * rows
+            for row, token in enumerate(step_tokens):
+                if token is None or done[row]:
+                    continue
+                counts[row] += 1
+                if token == self.tokenizer.eos_id:
+                    done[row], reasons[row] = True, "stop"
+                    pieces[row] = pending[row] + decoders[row].flush()
+                    continue
+                pending[row] += decoders[row].push(token)
+                pieces[row], pending[row], hit = _split_at_stop(pending[row], stop_strings)
+                if hit:
+                    done[row], reasons[row] = True, "stop"
+            yield pieces
+            if all(done):
+                steps.close()
+                break
+        tails = [
+            "" if done[row] else _split_at_stop(pending[row] + decoders[row].flush(), stop_strings, final=True)[0]
+            for row in range(rows)
+        ]
+        if any(tails):
+            yield tails
+        completions.extend(Completion("", reasons[row], len(prompt_ids[row]), counts[row]) for row in range(rows))
+
+
+def _split_at_stop(text: str, stop_strings: list[str], final: bool = False) -> tuple[str, str, bool]:
+    """(text safe to emit, text held back, whether a stop string was hit)."""
+    hits = [text.find(stop) for stop in stop_strings if stop in text]
+    if hits:
+        return text[: min(hits)], "", True
+    if final:
+        return text, "", False
+    # Hold back the longest tail that is the start of some stop string: it may still complete.
+    held = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:size]):
+                held = size
+                break
+    return text[: len(text) - held], text[len(text) - held :], False
+
+
+def load(run_dir: str | Path, device: str | None = None) -> LM:
+    """Load a run folder (config.json, model.safetensors, tokenizer.json, generation_config.json)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a model folder: it has no config.json")
+    model = load_model(run_dir, pick_device(device))
+    return LM(model, Tokenizer.load(run_dir), read_generation_config(run_dir))

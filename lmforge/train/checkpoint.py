@@ -1,0 +1,134 @@
+"""Resumable training state: weights, optimizer moments, RNG and step, as safetensors + JSON.
+
+Each checkpoint is a folder `checkpoints/step_00001234/` built under a temporary
+name and renamed into place when complete, so a run killed mid-write leaves the
+previous checkpoint untouched. `trainer_state.json` is written last and carries
+the SHA-256 of the tensor files; a checkpoint whose files do not match is
+skipped with a warning and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.models import load_model_weights, model_state
+from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
+
+STATE_FILE = "trainer_state.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split the optimizer's state dict into tensors (for safetensors) and the rest (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in saved["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    checkpoints = Path(run_dir) / "checkpoints"
+    final = checkpoints / f"step_{step:08d}"
+    temporary = checkpoints / f".tmp-step_{step:08d}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    optimizer_tensors, optimizer_rest = _optimizer_tensors(optimizer)
+    optimizer_tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        optimizer_tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_tensors(temporary / "model.safetensors", model_state(model))
+    save_tensors(temporary / "optimizer.safetensors", optimizer_tensors)
+    write_json(
+        temporary / STATE_FILE,
+        {
+            **trainer_state,
+            "step": step,
+            "optimizer": optimizer_rest,
+            "sha256": {name: _sha256(temporary / name) for name in ("model.safetensors", "optimizer.safetensors")},
+        },
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+    _fsync_directory(checkpoints)
+    for old in sorted(checkpoints.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _is_intact(folder: Path) -> bool:
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        return all(_sha256(folder / name) == digest for name, digest in state["sha256"].items())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums; damaged ones are reported and skipped."""
+    for folder in sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True):
+        if _is_intact(folder):
+            return folder
+        warnings.warn(f"checkpoint {folder} is damaged or incomplete; falling back to an earlier one", stacklevel=2)
+    return None
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG in place; return the trainer state (step, counters, ...)."""
+    state = read_json(folder / STATE_FILE)
+    device = next(model.parameters()).device
+    load_model_weights(model, load_tensors(folder / "model.safetensors", device), str(folder))
+    tensors = load_tensors(folder / "optimizer.safetensors")
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    cuda_state = tensors.pop("rng.cuda", None)
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)
+    _restore_optimizer(optimizer, {name: value.to(device) for name, value in tensors.items()}, state["optimizer"])
+    return state

@@ -1,0 +1,192 @@
+"""The one training loop: AdamW, warm-up + cosine decay, accumulation, clipping, autocast, eval, checkpoints.
+
+Every objective (causal LM now; masked LM, seq2seq, SFT later) plugs in as a
+loss function, and every data set as `batch_for(index)`: a pure function of the
+micro-batch index, so a resumed run sees exactly the batches an uninterrupted
+run would have. This module knows optimisation and bookkeeping, not what the
+model or the batches are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.config import option
+from lmforge.device import autocast, autocast_dtype
+from lmforge.run_folder import append_jsonl, atomic_write_text, read_jsonl
+from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(16, "sequences per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(1e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = option(100, "steps of linear warm-up")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms, biases)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere")
+    eval_every: int = option(100, "validate every N steps (0 = only at the end)")
+    eval_windows: int = option(64, "validation windows per evaluation")
+    save_every: int = option(200, "checkpoint every N steps (and always at the end)")
+    keep_last: int = option(2, "checkpoints to keep")
+    seed: int = option(0, "seed for weights and data order")
+    max_minutes: float = option(0.0, "stop early after this much wall time (0 = no limit)")
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, not {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, not {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # NOTE: the fused kernel updates all parameters in one pass; it exists for CPU and CUDA.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused)
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    batch_for: Callable[[int], Any],
+    config: TrainConfig,
+    run_dir: str | Path,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train `model` in place, logging to run_dir/metrics.jsonl; returns the metric records of this run."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    amp_dtype = autocast_dtype(device, config.precision)
+    optimizer = build_optimizer(model, config)
+    metrics_path = run_dir / "metrics.jsonl"
+    start_step, tokens_seen = 0, 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        # Lines logged after the checkpoint belong to work that is about to be redone.
+        kept = [record for record in read_jsonl(metrics_path) if record["step"] <= start_step]
+        atomic_write_text(metrics_path, "".join(_json_line(record) for record in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    records: list[dict[str, Any]] = []
+
+    def log(record: dict[str, Any]) -> None:
+        append_jsonl(metrics_path, record)
+        records.append(record)
+
+    model.train()
+    started = time.perf_counter()
+    window_start, window_tokens = started, 0
+    bar = tqdm(
+        total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+    )
+    step = start_step
+    for step in range(start_step, config.max_steps):
+        lr = learning_rate(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(config.grad_accum):
+            batch = _to_device(batch_for(step * config.grad_accum + micro), device)
+            with autocast(device, amp_dtype):
+                loss, num_tokens = objective(model, batch)
+            (loss / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum
+            step_tokens += num_tokens
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += step_tokens
+        window_tokens += step_tokens
+        now = time.perf_counter()
+        tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+        if now - window_start > 2.0:  # a short moving window, so the bar shows current speed
+            window_start, window_tokens = now, 0
+        log(
+            {
+                "step": step + 1,
+                "loss": step_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens_seen,
+                "tokens_per_second": tokens_per_second,
+                "elapsed": now - started,
+            }
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+        out_of_time = config.max_minutes > 0 and now - started > config.max_minutes * 60
+        last = step + 1 == config.max_steps or out_of_time
+        if evaluate is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            results = evaluate(model)
+            model.train()
+            log({"step": step + 1, **{f"valid_{name}": value for name, value in results.items()}})
+            bar.write(
+                f"step {step + 1}: "
+                + ", ".join(
+                    f"valid {k} {v:.4g}" for k, v in results.items() if k in ("loss", "perplexity", "bits_per_char")
+                )
+            )
+        if last or (step + 1) % config.save_every == 0:
+            save_checkpoint(run_dir, step + 1, model, optimizer, {"tokens_seen": tokens_seen}, config.keep_last)
+        if out_of_time:
+            bar.write(f"stopping at step {step + 1}: the {config.max_minutes}-minute budget is spent")
+            break
+    bar.close()
+    model.eval()
+    return records
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return batch
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
