@@ -122,6 +122,12 @@ def _coerce(annotation: Any, value: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key} must be a list, not {value!r}")
         return [_coerce(arguments[0], item, key) for item in value] if arguments else list(value)
+    if annotation in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" as a string; numbers written that way are still numbers.
+        try:
+            value = annotation(value)
+        except ValueError:
+            raise UserError(f"{key} must be {annotation.__name__}, not {value!r}") from None
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, float) and value.is_integer():

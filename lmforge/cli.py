@@ -1,0 +1,189 @@
+"""The `lmforge` command: one thin subcommand per stage (parse -> call one library function -> print).
+
+User errors (`UserError`) print one line and exit with code 2. Tracebacks never
+show local variables: they can hold secrets such as API keys.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmforge.config import describe, parse_overrides
+from lmforge.errors import UserError
+
+app = typer.Typer(
+    help="lmforge: build a language model end to end — data, tokenizer, model, training, generation, evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+DataOption = Annotated[str, typer.Option("--data", help="builtin:peoples-daily, builtin:reviews, or a file path")]
+ModelOption = Annotated[Path, typer.Option("--model", help="a run folder (config.json, model.safetensors, ...)")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")]
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="run folder to write")] = Path("runs/demo"),
+    minutes: Annotated[float, typer.Option(help="wall-time budget for pretraining")] = 5.0,
+    device: DeviceOption = "auto",
+) -> None:
+    """The main job on the built-in corpus: tokenizer, pretraining, evaluation, samples, report.
+
+    Example: lmforge demo --out runs/demo
+    """
+    from lmforge.demo import run_demo
+
+    run_demo(out, minutes=minutes, device=device)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="folder for tokenizer.json and tokenizer_config.json")],
+    vocab_size: Annotated[int, typer.Option(help="vocabulary size, special tokens included")] = 8192,
+) -> None:
+    """Train a byte-level BPE tokenizer on the train split and report characters/bytes per token.
+
+    Example: lmforge tokenizer train --data builtin:peoples-daily --vocab-size 8192 --out runs/tok
+    """
+    from lmforge.data.sources import read_split, record_text
+    from lmforge.data.tokenizer import Tokenizer, tokenizer_stats
+
+    tokenizer = Tokenizer.train((record_text(r) for r in read_split(data, "train")), vocab_size)
+    tokenizer.save(out)
+    stats = tokenizer_stats(tokenizer, (record_text(r) for r in read_split(data, "valid")))
+    typer.echo(f"saved a {tokenizer.vocab_size}-token tokenizer to {out}")
+    for language, numbers in stats.items():
+        typer.echo(
+            f"  {language}: {numbers['chars_per_token']:.2f} characters/token, "
+            f"{numbers['bytes_per_token']:.2f} bytes/token on validation text ({numbers['characters']:,} characters)"
+        )
+
+
+def _recipe_help() -> str:
+    from lmforge.train.pretrain import PretrainRecipe
+
+    rows = "\n\n".join(f"--{key} (default {default!r}): {help}" for key, help, default in describe(PretrainRecipe))
+    return f"Any recipe key can be overridden as --section.key value:\n\n{rows}"
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=_recipe_help(),
+)
+def pretrain(
+    context: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML recipe, e.g. recipes/demo.yaml")] = None,
+    data: Annotated[str | None, typer.Option(help="data source (overrides data.source)")] = None,
+    out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/pretrain"),
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides train.max_steps)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Pretrain a decoder-only model (causal LM) from a recipe.
+
+    Example: lmforge pretrain --config recipes/demo.yaml --out runs/news --max-steps 2000
+    """
+    from lmforge.train.pretrain import load_recipe
+    from lmforge.train.pretrain import pretrain as run_pretrain
+
+    overrides = parse_overrides(context.args)
+    overrides.setdefault("device", device)
+    if data:
+        overrides.setdefault("data", {})["source"] = data
+    if max_steps is not None:
+        overrides.setdefault("train", {})["max_steps"] = max_steps
+    recipe = load_recipe(config, overrides)
+    result = run_pretrain(recipe, out, resume=resume)
+    typer.echo(
+        f"validation perplexity {result.before['perplexity']:.1f} -> {result.after['perplexity']:.1f}, "
+        f"bits/char {result.before['bits_per_char']:.3f} -> {result.after['bits_per_char']:.3f}; saved to {out}"
+    )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Argument(help="one or more prompts (several are decoded as one batch)")],
+    model: ModelOption,
+    max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    top_k: Annotated[int | None, typer.Option(help="sample among the k likeliest tokens (0 = all)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = all)")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help="1 = off")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    stream: Annotated[bool, typer.Option(help="print text as it is generated")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Continue prompts with a trained model. Defaults come from the model's generation_config.json.
+
+    Example: lmforge generate --model runs/demo "今天的天气" --max-new-tokens 50 --stream
+    """
+    import lmforge
+
+    lm = lmforge.load(model, device=device)
+    sampling = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    if stream:
+        for text in prompt:
+            typer.echo(text, nl=False)
+            for piece in lm.generate(text, stream=True, stop=stop, **sampling):
+                typer.echo(piece, nl=False)
+            typer.echo()
+        return
+    for text, completion in zip(prompt, lm.generate(prompt, stop=stop, **sampling)):
+        typer.echo(text + completion)
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelOption,
+    data: DataOption = "builtin:peoples-daily",
+    split: Annotated[str, typer.Option(help="train, valid or test")] = "valid",
+    max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many context windows")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Perplexity, bits per byte and bits per character of a model on a data split.
+
+    Example: lmforge eval --model runs/demo --data builtin:peoples-daily --split test
+    """
+    import lmforge
+    from lmforge.evaluate.perplexity import evaluate_source
+
+    lm = lmforge.load(model, device=device)
+    results = {"model": str(model), "data": data, "split": split, **evaluate_source(lm, data, split, max_windows)}
+    if as_json:
+        typer.echo(json.dumps(results, ensure_ascii=False))
+        return
+    typer.echo(
+        f"{data} [{split}]: perplexity {results['perplexity']:.2f}, bits/byte {results['bits_per_byte']:.4f}, "
+        f"bits/char {results['bits_per_char']:.4f} over {results['tokens']:,} tokens"
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

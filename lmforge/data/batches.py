@@ -1,0 +1,138 @@
+"""Token data for training: a memory-mapped token cache and language-model windows over it.
+
+A corpus split is encoded once into a flat array of token ids, documents written
+as `<bos> text <eos>`, and cached on disk keyed by (source, split, tokenizer), so
+a second run starts training at once. Training batches are non-overlapping
+windows drawn in a seeded order per epoch: the batch of step k depends only on
+(seed, k), which is what lets a resumed run replay the same data.
+This module knows token ids and arrays, not models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lmforge.data.sources import read_split, record_text, source_fingerprint
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.run_folder import atomic_write_text
+
+CACHE_FORMAT = 1
+ENCODE_BATCH = 512
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
+
+
+def token_cache(
+    source: str,
+    split: str,
+    tokenizer: Tokenizer,
+    valid_fraction: float = 0.01,
+    test_fraction: float = 0.01,
+    root: Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """All tokens of one split of `source` as a read-only memory-mapped array."""
+    description = {
+        "format": CACHE_FORMAT,
+        "source": source_fingerprint(source),
+        "split": split,
+        "valid_fraction": valid_fraction,
+        "test_fraction": test_fraction,
+        "tokenizer": tokenizer.fingerprint,
+    }
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+    folder = (root or cache_root()) / "tokens"
+    data_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    if not (data_path.is_file() and meta_path.is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        records = read_split(source, split, valid_fraction, test_fraction)
+        temp_path = folder / f".{key}.{os.getpid()}.tmp"
+        count, documents = 0, 0
+        with open(temp_path, "wb") as handle:
+            for ids in tqdm(
+                _encoded_documents(records, tokenizer),
+                desc=f"encode {split}",
+                unit=" docs",
+                disable=not progress,
+                leave=False,
+            ):
+                handle.write(np.asarray(ids, dtype=dtype).tobytes())
+                count, documents = count + len(ids), documents + 1
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, data_path)
+        atomic_write_text(meta_path, json.dumps({**description, "tokens": count, "documents": documents}))
+    if data_path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(data_path, dtype=dtype, mode="r")
+
+
+def _encoded_documents(records: Iterator[dict], tokenizer: Tokenizer) -> Iterator[list[int]]:
+    batch: list[str] = []
+    for record in records:
+        batch.append(record_text(record))
+        if len(batch) == ENCODE_BATCH:
+            yield from _encode(batch, tokenizer)
+            batch = []
+    if batch:
+        yield from _encode(batch, tokenizer)
+
+
+def _encode(texts: list[str], tokenizer: Tokenizer) -> Iterator[list[int]]:
+    for ids in tokenizer.encode_batch(texts):
+        yield [tokenizer.bos_id, *ids, tokenizer.eos_id]
+
+
+class LMWindows:
+    """Non-overlapping windows of `context + 1` tokens: inputs are the first `context`, targets the last."""
+
+    def __init__(self, tokens: np.ndarray, context: int, seed: int = 0) -> None:
+        self.tokens = tokens
+        self.context = context
+        self.seed = seed
+        self.num_windows = max(0, (len(tokens) - 1) // context)
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def window(self, index: int) -> np.ndarray:
+        start = index * self.context
+        return self.tokens[start : start + self.context + 1]
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.from_numpy(np.stack([self.window(int(i)).astype(np.int64) for i in indices]))
+        return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+    @lru_cache(maxsize=2)  # noqa: B019 - one object per run; the cache holds two permutations
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+
+    def training_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of step `step`: every window once per epoch, in a seeded order, a pure function of step."""
+        if self.num_windows == 0:
+            raise ValueError(f"the training data has fewer than {self.context + 1} tokens")
+        indices = []
+        for sample in range(step * batch_size, (step + 1) * batch_size):
+            epoch, position = divmod(sample, self.num_windows)
+            indices.append(self.epoch_order(epoch)[position])
+        return self.batch(indices)
+
+    def evaluation_batches(
+        self, batch_size: int, max_windows: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Windows in order from the start, so every run evaluates on exactly the same tokens."""
+        total = self.num_windows if max_windows is None else min(self.num_windows, max_windows)
+        for start in range(0, total, batch_size):
+            yield self.batch(range(start, min(start + batch_size, total)))

@@ -1,0 +1,83 @@
+"""The CLI end to end on a small local corpus: user errors are one line with exit code 2, never a traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import lmforge
+
+CORPUS = [
+    "新华社北京一月一日电，国家主席发表新年讲话，祝愿全国各族人民新年快乐。",
+    "今年经济工作的主要任务是稳定增长，深化改革，扩大开放，改善人民生活。",
+    "中国人民在新的一年里将继续努力，建设富强民主文明的现代化国家。",
+    "The People's Daily is a newspaper published in Beijing.",
+]
+
+
+def lmforge_cli(*arguments, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lmforge", *arguments], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run folder made through the CLI: a tiny tokenizer and a few pretraining steps on a local file."""
+    folder = tmp_path_factory.mktemp("cli")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(f"{line}（第{index}段）" for index in range(300) for line in CORPUS), encoding="utf-8")
+    result = lmforge_cli(
+        "pretrain", "--data", str(corpus), "--out", str(folder / "run"), "--max-steps", "30",
+        "--data.vocab_size", "400", "--data.context", "32", "--data.valid_fraction", "0.05",
+        "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads", "2",
+        "--model.intermediate_size", "64", "--model.max_position_embeddings", "32",
+        "--train.batch_size", "8", "--train.eval_every", "10", "--train.eval_windows", "8", "--train.warmup_steps", "5",
+        cwd=folder,
+    )
+    assert result.returncode == 0, result.stderr
+    return folder / "run", corpus
+
+
+def test_pretrain_writes_a_complete_run_folder(trained_run):
+    run, _ = trained_run
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["valid_loss"] for r in records if "valid_loss" in r]
+    assert valid[-1] < valid[0]
+
+
+def test_generate_and_python_api_agree(trained_run):
+    run, _ = trained_run
+    result = lmforge_cli("generate", "--model", str(run), "新华社", "--temperature", "0", "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    expected = lmforge.load(run).generate("新华社", temperature=0, max_new_tokens=12)
+    assert result.stdout.strip() == ("新华社" + expected).strip()
+
+
+def test_eval_prints_one_json_line(trained_run):
+    run, corpus = trained_run
+    result = lmforge_cli("eval", "--model", str(run), "--data", str(corpus), "--json")
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(result.stdout)
+    assert numbers["perplexity"] > 1 and 0 < numbers["bits_per_byte"] < numbers["bits_per_char"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["eval", "--model", "no-such-run"], "no-such-run"),
+        (["tokenizer", "train", "--data", "builtin:nope", "--out", "x"], "builtin:peoples-daily"),
+        (["tokenizer", "train", "--data", "missing.txt", "--out", "x"], "missing.txt"),
+        (["pretrain", "--train.nonsense", "1"], "train.nonsense"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(arguments, message, tmp_path):
+    result = lmforge_cli(*arguments, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert "Traceback" not in result.stderr

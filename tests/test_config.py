@@ -1,0 +1,42 @@
+"""Recipes and overrides: typed, and every mistake names the key."""
+
+import pytest
+
+from lmforge.config import parse_overrides
+from lmforge.errors import UserError
+from lmforge.train.pretrain import load_recipe
+
+
+def test_overrides_take_natural_types_and_both_spellings():
+    assert parse_overrides(["--train.lr", "0.001", "--model.num-layers=4", "--data.source", "x.txt"]) == {
+        "train": {"lr": 1e-3},
+        "model": {"num_layers": 4},
+        "data": {"source": "x.txt"},
+    }
+
+
+def test_recipe_file_plus_overrides(tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("model:\n  num_layers: 3\ntrain:\n  max_steps: 10\n")
+    recipe = load_recipe(recipe_file, parse_overrides(["--train.max_steps", "20", "--train.lr", "1e-3"]))
+    assert (recipe.model.num_layers, recipe.train.max_steps, recipe.train.lr) == (3, 20, 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--train.lrr", "1"], "unknown config key train.lrr"),
+        (["--train.max_steps", "many"], "train.max_steps must be int"),
+        (["--train.precision", "fp8"], "train.precision must be one of auto, fp32, bf16"),
+        (["--model.num_heads", "3"], "hidden_size 256 must be divisible by num_heads 3"),
+        (["--train.max_steps"], "needs a value"),
+    ],
+)
+def test_mistakes_name_the_key(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe(None, parse_overrides(overrides))
+
+
+def test_missing_recipe_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")

@@ -1,0 +1,86 @@
+"""The training loop: losses fall, a resumed run equals an uninterrupted one, damaged checkpoints are skipped."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.batches import LMWindows
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.trainer import TrainConfig, learning_rate, train
+
+
+def tiny_setup(steps: int = 12, **train_changes):
+    rng = np.random.default_rng(0)
+    # A corpus with structure to learn: a repeated random "sentence" with noise.
+    sentence = rng.integers(0, 64, size=37)
+    tokens = np.concatenate([np.where(rng.random(37) < 0.1, rng.integers(0, 64, 37), sentence) for _ in range(200)])
+    windows = LMWindows(tokens.astype(np.uint16), context=16, seed=1)
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                           max_position_embeddings=16)
+    model = Decoder(config)
+    values = dict(max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=0, save_every=4, precision="fp32")
+    values.update(train_changes)
+    return model, windows, TrainConfig(**values)
+
+
+def run(model, windows, config, run_dir, resume=False):
+    batch_for = lambda index: windows.training_batch(index, config.batch_size)  # noqa: E731
+    return train(model, causal_lm_loss, batch_for, config, run_dir, resume=resume, progress=False)
+
+
+def test_loss_falls(tmp_path):
+    model, windows, config = tiny_setup(steps=80, lr=1e-2)
+    records = run(model, windows, config, tmp_path)
+    losses = [r["loss"] for r in records]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_resumed_run_logs_the_same_losses_as_an_uninterrupted_one(tmp_path):
+    model, windows, config = tiny_setup(steps=12, grad_accum=2)
+    uninterrupted = [r["loss"] for r in run(model, windows, config, tmp_path / "full")]
+
+    # A run cut short after its first step (by its time budget) ...
+    model, windows, config = tiny_setup(steps=12, grad_accum=2, max_minutes=1e-9)
+    assert len(run(model, windows, config, tmp_path / "part")) == 1
+    # ... resumed by a fresh process with a freshly initialised model.
+    model, windows, config = tiny_setup(steps=12, grad_accum=2)
+    resumed = run(model, windows, config, tmp_path / "part", resume=True)
+    assert resumed[0]["step"] == 2
+    assert [r["loss"] for r in resumed] == uninterrupted[1:]
+
+
+def test_resume_discards_log_lines_after_the_last_checkpoint(tmp_path):
+    model, windows, config = tiny_setup(steps=12)
+    uninterrupted = [r["loss"] for r in run(model, windows, config, tmp_path)]
+    # As if killed after step 11: the step-12 checkpoint never landed, but the log got ahead of step 8.
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000012")
+    model, windows, config = tiny_setup(steps=12)
+    run(model, windows, config, tmp_path, resume=True)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 13))
+    assert [r["loss"] for r in logged] == uninterrupted
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    model, windows, config = tiny_setup(steps=8)
+    run(model, windows, config, tmp_path)
+    newest = latest_checkpoint(tmp_path)
+    assert newest.name == "step_00000008"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.warns(UserWarning, match="damaged"):
+        assert latest_checkpoint(tmp_path).name == "step_00000004"
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(0, config) == pytest.approx(0.1)
+    assert learning_rate(9, config) == pytest.approx(1.0)
+    assert learning_rate(55, config) == pytest.approx(0.55)
+    assert learning_rate(100, config) == pytest.approx(0.1)
