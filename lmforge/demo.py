@@ -56,7 +56,9 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 5.0, device: st
         ["script", "characters", "tokens", "characters/token", "bytes/token"],
         [
             [language, int(s["characters"]), int(s["tokens"]), s["chars_per_token"], s["bytes_per_token"]]
-            for language, s in stats.items()
+            if (s := stats.get(language))
+            else [language, 0, 0, "—", "— (no such text in the validation split)"]
+            for language in ("zh", "en")
         ],
     )
     sample_text = "\n\n".join(f"**{prompt}** → {prompt}{text}" for prompt, text in samples)
@@ -94,5 +96,5 @@ top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetitio
     print(f"\n{numbers}\n")
     for prompt, text in samples:
         print(f"{prompt} → {prompt}{text}\n")
-    print(f"report: {out_dir / 'report.md'}   (chat with it: lmforge generate --model {out_dir} \"{PROMPTS[0]}\")")
+    print(f'report: {out_dir / "report.md"}   (chat with it: lmforge generate --model {out_dir} "{PROMPTS[0]}")')
     return out_dir

@@ -29,11 +29,37 @@ def trained_run(tmp_path_factory):
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(f"{line}（第{index}段）" for index in range(300) for line in CORPUS), encoding="utf-8")
     result = lmforge_cli(
-        "pretrain", "--data", str(corpus), "--out", str(folder / "run"), "--max-steps", "30",
-        "--data.vocab_size", "400", "--data.context", "32", "--data.valid_fraction", "0.05",
-        "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads", "2",
-        "--model.intermediate_size", "64", "--model.max_position_embeddings", "32",
-        "--train.batch_size", "8", "--train.eval_every", "10", "--train.eval_windows", "8", "--train.warmup_steps", "5",
+        "pretrain",
+        "--data",
+        str(corpus),
+        "--out",
+        str(folder / "run"),
+        "--max-steps",
+        "30",
+        "--data.vocab_size",
+        "400",
+        "--data.context",
+        "32",
+        "--data.valid_fraction",
+        "0.05",
+        "--model.hidden_size",
+        "32",
+        "--model.num_layers",
+        "2",
+        "--model.num_heads",
+        "2",
+        "--model.intermediate_size",
+        "64",
+        "--model.max_position_embeddings",
+        "32",
+        "--train.batch_size",
+        "8",
+        "--train.eval_every",
+        "10",
+        "--train.eval_windows",
+        "8",
+        "--train.warmup_steps",
+        "5",
         cwd=folder,
     )
     assert result.returncode == 0, result.stderr
@@ -42,8 +68,15 @@ def trained_run(tmp_path_factory):
 
 def test_pretrain_writes_a_complete_run_folder(trained_run):
     run, _ = trained_run
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "metrics.jsonl", "loss.png"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "metrics.jsonl",
+        "loss.png",
+    ):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     valid = [r["valid_loss"] for r in records if "valid_loss" in r]

@@ -9,8 +9,15 @@ from lmforge.models.decoder import Decoder, DecoderConfig
 
 def tiny_model() -> Decoder:
     torch.manual_seed(0)
-    config = DecoderConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                           intermediate_size=64, max_position_embeddings=64)
+    config = DecoderConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return Decoder(config).eval()
 
 

@@ -10,8 +10,14 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_config(**changes) -> DecoderConfig:
     values = dict(
-        vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=96, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=97,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     values.update(changes)
     return DecoderConfig(**values)

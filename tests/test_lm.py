@@ -17,8 +17,16 @@ class ScriptedModel(nn.Module):
 
     def __init__(self, script: list[int], vocab_size: int) -> None:
         super().__init__()
-        self.inner = Decoder(DecoderConfig(vocab_size=vocab_size, hidden_size=8, num_layers=1, num_heads=1,
-                                           intermediate_size=8, max_position_embeddings=256))
+        self.inner = Decoder(
+            DecoderConfig(
+                vocab_size=vocab_size,
+                hidden_size=8,
+                num_layers=1,
+                num_heads=1,
+                intermediate_size=8,
+                max_position_embeddings=256,
+            )
+        )
         self.config = self.inner.config
         self.embed_tokens = self.inner.embed_tokens
         self.script = script

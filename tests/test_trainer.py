@@ -21,8 +21,9 @@ def tiny_setup(steps: int = 12, **train_changes):
     tokens = np.concatenate([np.where(rng.random(37) < 0.1, rng.integers(0, 64, 37), sentence) for _ in range(200)])
     windows = LMWindows(tokens.astype(np.uint16), context=16, seed=1)
     torch.manual_seed(0)
-    config = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                           max_position_embeddings=16)
+    config = DecoderConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=16
+    )
     model = Decoder(config)
     values = dict(max_steps=steps, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=0, save_every=4, precision="fp32")
     values.update(train_changes)

@@ -1,0 +1,25 @@
+"""`lmforge demo` end to end on the built-in corpus, with a short time budget (slow: `make test-all`)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_writes_a_report_with_falling_perplexity(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge", "demo", "--out", str(tmp_path / "demo"), "--minutes", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = (tmp_path / "demo" / "report.md").read_text(encoding="utf-8")
+    before, after = map(float, re.search(r"\| perplexity \| ([\d.]+) \| ([\d.]+) \|", report).groups())
+    assert after < before / 2
+    assert "bits per character" in report and "![loss](loss.png)" in report
+    assert report.count("**") >= 12  # three prompts, sampled and greedy
+    for name in ("loss.png", "model.safetensors", "tokenizer.json", "metrics.jsonl", "generation_config.json"):
+        assert (tmp_path / "demo" / name).is_file()
