@@ -85,3 +85,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert learning_rate(9, config) == pytest.approx(1.0)
     assert learning_rate(55, config) == pytest.approx(0.55)
     assert learning_rate(100, config) == pytest.approx(0.1)
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    model, windows, config = tiny_setup(steps=6, precision="bf16")
+    records = run(model, windows, config, tmp_path)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
