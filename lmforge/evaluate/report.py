@@ -26,7 +26,7 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str 
     if train:
         steps, losses = zip(*train)
         axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
-        axes.plot(steps, _smooth(losses), color="tab:blue", label="train (smoothed)")
+        axes.plot(steps, _smooth(losses, 0.9 if len(losses) > 200 else 0.6), color="tab:blue", label="train (smoothed)")
     if valid:
         steps, losses = zip(*valid)
         axes.plot(steps, losses, "o-", color="tab:orange", label="validation")

@@ -112,7 +112,6 @@ def pretrain(
         max_windows=config.eval_windows,
         autocast_dtype=autocast_dtype(device, config.precision),
     )
-    before = evaluate(model)
     records = train(
         model,
         causal_lm_loss,
@@ -127,14 +126,12 @@ def pretrain(
     save_generation_config(out_dir, recipe.generation, tokenizer)
     all_records = read_jsonl(out_dir / "metrics.jsonl")
     plot_losses(all_records, out_dir / "loss.png", title=f"pretraining on {data.source}")
-    after = next(
-        (
-            {k.removeprefix("valid_"): v for k, v in r.items() if k.startswith("valid_")}
-            for r in reversed(all_records)
-            if "valid_loss" in r
-        ),
-        evaluate(model),
-    )
+    validations = [
+        {name.removeprefix("valid_"): value for name, value in record.items() if name.startswith("valid_")}
+        for record in all_records
+        if "valid_loss" in record
+    ]
+    before, after = validations[0], validations[-1]
     return PretrainResult(model, tokenizer, records, before, after)
 
 

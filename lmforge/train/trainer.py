@@ -114,6 +114,8 @@ def train(
         append_jsonl(metrics_path, record)
         records.append(record)
 
+    if evaluate is not None and start_step == 0:
+        log({"step": 0, **{f"valid_{name}": value for name, value in evaluate(model).items()}})
     model.train()
     started = time.perf_counter()
     window_start, window_tokens = started, 0
