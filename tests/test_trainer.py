@@ -92,3 +92,12 @@ def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
     records = run(model, windows, config, tmp_path)
     assert all(np.isfinite(r["loss"]) for r in records)
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager(tmp_path):
+    model, windows, config = tiny_setup(steps=4)
+    eager = [r["loss"] for r in run(model, windows, config, tmp_path / "eager")]
+    model, windows, config = tiny_setup(steps=4, compile=True)
+    compiled = [r["loss"] for r in run(model, windows, config, tmp_path / "compiled")]
+    assert np.allclose(eager, compiled, rtol=1e-4)

@@ -1,0 +1,94 @@
+"""Greedy decoding tokens/s: lmforge's engine vs Hugging Face `generate` on the same weights.
+
+    python bench/decode.py [--rounds 7] [--new-tokens 256]
+
+A 32-token prompt, 256 new tokens, batch 1 and batch 8, fp32, the bench-small
+model shape. Both must produce the same tokens at batch 1 (checked and printed).
+"""
+
+import argparse
+import importlib.resources
+import time
+
+import torch
+from _common import interleaved, median_ratio, print_table
+from train_throughput import hf_model
+
+from lmforge.generate.decode import generate_ids
+from lmforge.generate.sampling import SamplingConfig
+from lmforge.models.decoder import Decoder
+from lmforge.train.pretrain import load_recipe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    arguments = parser.parse_args()
+
+    recipe = load_recipe(importlib.resources.files("lmforge.recipes") / "bench-small.yaml")
+    config = recipe.model
+    config.max_position_embeddings = 32 + arguments.new_tokens
+    torch.manual_seed(0)
+    ours = Decoder(config).eval()
+    reference = hf_model(config).eval()
+    reference.load_state_dict({f"model.{k}" if k != "lm_head.weight" else k: v for k, v in ours.state_dict().items()})
+    reference.generation_config.pad_token_id = 0
+    greedy = SamplingConfig(max_new_tokens=arguments.new_tokens, temperature=0, repetition_penalty=1.0)
+
+    def ours_rate(prompts):
+        def run() -> float:
+            start = time.perf_counter()
+            outputs = generate_ids(ours, prompts.tolist(), greedy)
+            return sum(len(output.token_ids) for output in outputs) / (time.perf_counter() - start)
+
+        return run
+
+    def hf_rate(prompts):
+        def run() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                output = reference.generate(
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    do_sample=False,
+                    max_new_tokens=arguments.new_tokens,
+                    min_new_tokens=arguments.new_tokens,
+                )
+            return (output.shape[1] - prompts.shape[1]) * prompts.shape[0] / (time.perf_counter() - start)
+
+        return run
+
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, config.vocab_size, (1, 32), generator=generator)
+    ours_tokens = generate_ids(ours, prompt.tolist(), greedy)[0].token_ids
+    with torch.inference_mode():
+        hf_tokens = reference.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=arguments.new_tokens,
+            min_new_tokens=arguments.new_tokens,
+        )[0, 32:].tolist()
+    same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+    print(f"batch 1: {same}/{len(hf_tokens)} greedy tokens identical to Hugging Face's")
+
+    rows = []
+    for batch_size in (1, 8):
+        prompts = torch.randint(1, config.vocab_size, (batch_size, 32), generator=generator)
+        print(f"batch {batch_size}:")
+        results = interleaved({"lmforge": ours_rate(prompts), "hf": hf_rate(prompts)}, rounds=arguments.rounds)
+        medians = {name: sorted(rates)[len(rates) // 2] for name, rates in results.items()}
+        rows.append(
+            [
+                batch_size,
+                f"{medians['lmforge']:,.0f}",
+                f"{medians['hf']:,.0f}",
+                f"{median_ratio(results, 'lmforge', 'hf'):.2f}x",
+            ]
+        )
+    print_table(["batch", "lmforge tokens/s", "hf tokens/s", "ratio (median)"], rows)
+
+
+if __name__ == "__main__":
+    main()

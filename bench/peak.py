@@ -1,0 +1,21 @@
+"""The machine's physical limits: fp32 / bf16 matmul GFLOP/s and memory copy bandwidth.
+
+    python bench/peak.py
+
+Every other benchmark states its figures as a fraction of these.
+"""
+
+import torch
+from _common import measure_peak, print_table
+
+if __name__ == "__main__":
+    peak = measure_peak()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print_table(
+        ["measure", "value"],
+        [
+            ["fp32 matmul", f"{peak['fp32_gflops']:.0f} GFLOP/s"],
+            ["bf16 matmul", f"{peak['bf16_gflops']:.0f} GFLOP/s"],
+            ["memory copy", f"{peak['copy_gbytes_per_second']:.1f} GB/s"],
+        ],
+    )
