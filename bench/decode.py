@@ -14,6 +14,7 @@ import torch
 from _common import interleaved, median_ratio, print_table
 from train_throughput import hf_model
 
+from lmforge.export.hf import to_llama_state
 from lmforge.generate.decode import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
@@ -32,7 +33,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = Decoder(config).eval()
     reference = hf_model(config).eval()
-    reference.load_state_dict({f"model.{k}" if k != "lm_head.weight" else k: v for k, v in ours.state_dict().items()})
+    reference.load_state_dict(to_llama_state(ours.state_dict()))
     reference.generation_config.pad_token_id = 0
     greedy = SamplingConfig(max_new_tokens=arguments.new_tokens, temperature=0, repetition_penalty=1.0)
 
@@ -44,32 +45,27 @@ def main() -> None:
 
         return run
 
+    def hf_generate(prompts):
+        with torch.inference_mode():
+            return reference.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=False,
+                max_new_tokens=arguments.new_tokens,
+                min_new_tokens=arguments.new_tokens,
+            )[:, prompts.shape[1] :]
+
     def hf_rate(prompts):
         def run() -> float:
             start = time.perf_counter()
-            with torch.inference_mode():
-                output = reference.generate(
-                    prompts,
-                    attention_mask=torch.ones_like(prompts),
-                    do_sample=False,
-                    max_new_tokens=arguments.new_tokens,
-                    min_new_tokens=arguments.new_tokens,
-                )
-            return (output.shape[1] - prompts.shape[1]) * prompts.shape[0] / (time.perf_counter() - start)
+            return hf_generate(prompts).numel() / (time.perf_counter() - start)
 
         return run
 
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, config.vocab_size, (1, 32), generator=generator)
     ours_tokens = generate_ids(ours, prompt.tolist(), greedy)[0].token_ids
-    with torch.inference_mode():
-        hf_tokens = reference.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=False,
-            max_new_tokens=arguments.new_tokens,
-            min_new_tokens=arguments.new_tokens,
-        )[0, 32:].tolist()
+    hf_tokens = hf_generate(prompt)[0].tolist()
     same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
     print(f"batch 1: {same}/{len(hf_tokens)} greedy tokens identical to Hugging Face's")
 

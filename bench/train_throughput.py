@@ -15,6 +15,7 @@ import torch
 import transformers
 from _common import interleaved, measure_peak, median_ratio, print_table
 
+from lmforge.export.hf import llama_config, to_llama_state
 from lmforge.models.decoder import Decoder
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.pretrain import load_recipe
@@ -22,19 +23,7 @@ from lmforge.train.trainer import build_optimizer
 
 
 def hf_model(config):
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=config.tie_word_embeddings,
-        attn_implementation="sdpa",
-    )
-    return transformers.LlamaForCausalLM(hf_config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config(config), attn_implementation="sdpa"))
 
 
 def flops_per_token(config, context: int) -> float:
@@ -93,7 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = Decoder(config)
     reference = hf_model(config)
-    reference.load_state_dict({f"model.{k}" if k != "lm_head.weight" else k: v for k, v in ours.state_dict().items()})
+    reference.load_state_dict(to_llama_state(ours.state_dict()))
     contenders = {
         "lmforge": stepper(ours, ours_loss, build_optimizer(ours, recipe.train), batches, arguments.steps),
         "hf": stepper(reference, hf_loss, torch.optim.AdamW(reference.parameters(), lr=1e-3), batches, arguments.steps),

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lmforge.export.hf import from_llama_state, llama_config
 from lmforge.models.decoder import Decoder, DecoderConfig
 
 transformers = pytest.importorskip("transformers")
@@ -24,21 +25,10 @@ def tiny_config(**changes) -> DecoderConfig:
 
 
 def hf_llama(config: DecoderConfig):
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=config.tie_word_embeddings,
-        attn_implementation="eager",
-    )
     torch.manual_seed(1)
-    return transformers.LlamaForCausalLM(hf_config).eval()
+    return transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**llama_config(config), attn_implementation="eager")
+    ).eval()
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -46,8 +36,7 @@ def test_logits_match_transformers_llama(tied):
     config = tiny_config(tie_word_embeddings=tied)
     reference = hf_llama(config)
     ours = Decoder(config).eval()
-    state = {name.removeprefix("model."): tensor for name, tensor in reference.state_dict().items()}
-    missing, unexpected = ours.load_state_dict(state, strict=False)
+    missing, unexpected = ours.load_state_dict(from_llama_state(reference.state_dict()), strict=False)
     assert not unexpected and not missing
     input_ids = torch.randint(0, config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
