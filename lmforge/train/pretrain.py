@@ -59,7 +59,9 @@ def prepare_tokenizer(data: DataConfig, out_dir: Path, progress: bool = True) ->
     if data.tokenizer:
         return Tokenizer.load(data.tokenizer)
     if (out_dir / "tokenizer.json").is_file():
-        return Tokenizer.load(out_dir)
+        existing = Tokenizer.load(out_dir)
+        if existing.vocab_size == data.vocab_size:
+            return existing  # so a second run hits the token cache and starts training at once
     texts = (
         record_text(record) for record in read_split(data.source, "train", data.valid_fraction, data.test_fraction)
     )
