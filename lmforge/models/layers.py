@@ -37,23 +37,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         angles = torch.outer(torch.arange(max_positions, dtype=torch.float), inverse_frequency)
-        angles = torch.cat((angles, angles), dim=-1)  # (max_positions, head_dim)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # NOTE: sin carries the sign of Llama's rotate_half, so rotating is one roll instead of split, negate, concat.
+        self.register_buffer("cos", torch.cat((angles, angles), dim=-1).cos(), persistent=False)  # (positions, D)
+        self.register_buffer("sin", torch.cat((-angles, angles), dim=-1).sin(), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) or (T,) -> cos, sin: (B, T, 1, head_dim) broadcasting over heads
-        if position_ids.max() >= self.cos.shape[0]:
-            raise ValueError(f"position {int(position_ids.max())} is beyond the context of {self.cos.shape[0]}")
         cos = self.cos[position_ids].unsqueeze(-2).to(dtype)
         sin = self.sin[position_ids].unsqueeze(-2).to(dtype)
         return cos, sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, T, heads, head_dim); rotate pairs (i, i + head_dim/2) as Llama does.
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+    # x: (B, T, heads, head_dim); pairs (i, i + head_dim/2) rotate together, as in Llama.
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class KVCache:
