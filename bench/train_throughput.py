@@ -107,9 +107,16 @@ def main() -> None:
     for name, rates in results.items():
         median = sorted(rates)[len(rates) // 2]
         rows.append(
-            [name, f"{median:,.0f}", f"{median_ratio(results, name, 'hf'):.2f}x", f"{median * flops / 1e9 / peak:.0%}"]
+            [
+                name,
+                f"{median:,.0f}",
+                f"{median_ratio(results, name, 'hf'):.2f}x",
+                f"{median * flops / 1e9 / peak:.0%}",
+            ]
         )
     print_table(["model", "tokens/s (median)", "vs hf eager", f"MFU (peak {peak:.0f} GFLOP/s)"], rows)
+    if arguments.compile:
+        print(f"lmforge+compile vs hf+compile: {median_ratio(results, 'lmforge+compile', 'hf+compile'):.2f}x (median)")
 
 
 if __name__ == "__main__":
