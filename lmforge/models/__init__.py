@@ -15,10 +15,12 @@ from torch import nn
 from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
 
 MODEL_FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "decoder": (DecoderConfig, Decoder),
+    "encoder": (EncoderConfig, Encoder),
 }
 
 
@@ -32,8 +34,8 @@ def family_of(model: nn.Module) -> str:
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without duplicates of tied weights (safetensors stores each tensor once)."""
     state = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
+    for copy in model.tied_weights:
+        state.pop(copy, None)
     return state
 
 
@@ -45,8 +47,7 @@ def save_model(folder: str | Path, model: nn.Module) -> None:
 
 def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if getattr(model.config, "tie_word_embeddings", False):
-        missing = [name for name in missing if name != "lm_head.weight"]
+    missing = [name for name in missing if name not in model.tied_weights]
     if missing or unexpected:
         raise UserError(f"{where} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
 

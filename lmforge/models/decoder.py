@@ -93,6 +93,11 @@ class Decoder(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """Parameters stored once in a checkpoint: {copy name: source name}."""
+        return {"lm_head.weight": "embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
     def num_parameters(self) -> int:
         return sum(parameter.numel() for parameter in self.parameters())  # tied weights count once
 

@@ -100,12 +100,15 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention with optional grouped-query key/value heads (https://arxiv.org/abs/2305.13245).
 
-    Self-attention when `context` is None; the caller supplies the mask (causal,
-    padding or both) or `is_causal=True` for the unpadded training fast path.
+    Self-attention by default; cross-attention when `context_kv` (from
+    `project_context` on the encoder's output) is given. The caller supplies the
+    mask (causal, padding or both) or `is_causal=True` for the unpadded fast
+    path, and `rotary=None` for models with learned positions.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = False) -> None:
         super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if num_heads % num_kv_heads:
@@ -118,25 +121,38 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
 
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of an encoder output (B, S, hidden) -> 2 x (B, KV, S, D), computed once per input."""
+        batch, length, _ = context.shape
+        key = self.k_proj(context).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(context).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return key, value
+
     def forward(
         self,
         x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
         cache: KVCache | None = None,
         layer_index: int = 0,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         query = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, D)
-        key = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
-        value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        cos, sin = rotary
-        query = apply_rotary(query, cos, sin).transpose(1, 2)  # (B, H, T, D)
-        key = apply_rotary(key, cos, sin).transpose(1, 2)  # (B, KV, T, D)
-        value = value.transpose(1, 2)
-        if cache is not None:
-            key, value = cache.update(layer_index, key, value)  # (B, KV, S, D)
+        if rotary is not None:
+            query = apply_rotary(query, *rotary)
+        query = query.transpose(1, 2)  # (B, H, T, D)
+        if context_kv is not None:
+            key, value = context_kv  # (B, KV, S, D)
+        else:
+            key = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)  # (B, T, KV, D)
+            if rotary is not None:
+                key = apply_rotary(key, *rotary)
+            key = key.transpose(1, 2)  # (B, KV, T, D)
+            value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            if cache is not None:
+                key, value = cache.update(layer_index, key, value)  # (B, KV, S, D)
         out = F.scaled_dot_product_attention(
             query,
             key,
@@ -159,6 +175,25 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GELUFeedForward(nn.Module):
+    """BERT's and the original Transformer's feed-forward, down(gelu(up(x))), with biases."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def padding_mask_for(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) padding mask, 1 = real token -> a (B, 1, 1, S) boolean key mask for bidirectional or cross-attention."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, None, None, :].bool()
 
 
 def attention_mask_for(

@@ -1,0 +1,201 @@
+"""BERT-style encoder: bidirectional attention over a padded batch, post-LayerNorm blocks, GELU, one task head.
+
+The backbone is BERT's (https://arxiv.org/abs/1810.04805): word + position (+
+segment) embeddings, then blocks of x = norm(x + attention(x)), x = norm(x +
+mlp(x)). Positions are learned (BERT) or rotary. `config.head` picks what the
+forward pass returns: hidden states, masked-LM logits, class logits or answer
+span logits. Hugging Face BERT weights map onto these names one to one
+(`lmforge.export.bert`). This module knows the network, not tokenizers or training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lmforge.config import option
+from lmforge.models.layers import Attention, GELUFeedForward, RotaryEmbedding, padding_mask_for
+
+Head = Literal["none", "mlm", "classify", "span"]
+
+
+@dataclass
+class EncoderConfig:
+    vocab_size: int = option(8192, "tokens in the vocabulary (set from the tokenizer when training)")
+    hidden_size: int = option(256, "width of the residual stream")
+    num_layers: int = option(4, "transformer blocks")
+    num_heads: int = option(4, "attention heads")
+    intermediate_size: int = option(1024, "feed-forward hidden width")
+    max_position_embeddings: int = option(512, "longest sequence the model can see")
+    position: Literal["learned", "rotary"] = option("learned", "learned position embeddings (BERT) or rotary")
+    rope_theta: float = option(10000.0, "rotary base frequency")
+    type_vocab_size: int = option(2, "segment ids (sentence A / B); 0 = no segment embedding")
+    layer_norm_eps: float = option(1e-12, "LayerNorm epsilon")
+    dropout: float = option(0.1, "dropout on embeddings, attention output and feed-forward output")
+    initializer_range: float = option(0.02, "std of the normal weight init")
+    head: Head = option("none", "none (hidden states), mlm, classify or span (extractive QA)")
+    num_labels: int = option(2, "classes, for the classify head")
+    pooling: Literal["cls", "mean"] = option("cls", "classify from the first token or the mean of real tokens")
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_labels"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, not {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class Embeddings(nn.Module):
+    """Token + learned position (+ segment) embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.position == "learned" else None
+        )
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)  # (B, T, hidden)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings(
+                token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            )
+        return self.dropout(self.norm(x))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm block, as BERT and the original Transformer: norm(x + attn(x)), then norm(x + mlp(x))."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config.hidden_size, config.num_heads, bias=True)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = GELUFeedForward(config.hidden_size, config.intermediate_size)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rotary, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention_norm(x + self.dropout(self.self_attn(x, rotary, mask)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+class MaskedLMHead(nn.Module):
+    """BERT's prediction head: dense, GELU, LayerNorm, then the (tied) vocabulary projection with a bias."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(nn.functional.gelu(self.dense(hidden))))
+
+
+class ClassificationHead(nn.Module):
+    """Pool the sequence (first token through BERT's tanh pooler, or the mean of real tokens), then classify."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.pooling = config.pooling
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]  # (B, hidden)
+        elif attention_mask is None:
+            pooled = hidden.mean(dim=1)
+        else:
+            weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))  # (B, num_labels)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.rotary = (
+            RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+            if config.position == "rotary"
+            else None
+        )
+        self.mlm_head = MaskedLMHead(config) if config.head == "mlm" else None
+        self.classification_head = ClassificationHead(config) if config.head == "classify" else None
+        self.span_head = nn.Linear(config.hidden_size, 2) if config.head == "span" else None
+        self.apply(self._init_weights)
+        if self.mlm_head is not None:
+            self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """Parameters stored once in a checkpoint: {copy name: source name}."""
+        return {"mlm_head.decoder.weight": "embeddings.word_embeddings.weight"} if self.mlm_head is not None else {}
+
+    def num_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) with 1 = real token -> last hidden states (B, T, hidden).
+
+        Right padding is expected (positions count from the first column, as in BERT).
+        """
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        mask = padding_mask_for(attention_mask)
+        for layer in self.layers:
+            x = layer(x, rotary, mask)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ):
+        """What the head gives: hidden (B, T, hidden) | MLM logits (B, T, vocab) | class logits (B, labels) |
+        span logits (B, T, 2) with padding positions at -inf."""
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        if self.mlm_head is not None:
+            return self.mlm_head(hidden)
+        if self.classification_head is not None:
+            return self.classification_head(hidden, attention_mask)
+        if self.span_head is not None:
+            logits = self.span_head(hidden)
+            if attention_mask is not None:
+                logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), float("-inf"))
+            return logits
+        return hidden
