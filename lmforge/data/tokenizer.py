@@ -31,7 +31,19 @@ from tokenizers import Tokenizer as Backend
 from lmforge.errors import UserError
 from lmforge.run_folder import atomic_write_text, write_json
 
-SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0..5 in this order
+# ids 0..6 in this order; <mask> is for masked-LM pretraining of encoders.
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", "<mask>"]
+# The same roles in tokenizers we import: BERT's WordPiece folders say [CLS] for <bos> and [SEP] for <eos>.
+ROLE_TOKENS = {
+    "pad": ("<pad>", "[PAD]"),
+    "bos": ("<bos>", "[CLS]"),
+    "eos": ("<eos>", "[SEP]"),
+    "unk": ("<unk>", "[UNK]"),
+    "im_start": ("<|im_start|>",),
+    "im_end": ("<|im_end|>",),
+    "mask": ("<mask>", "[MASK]"),
+}
+REQUIRED_ROLES = ("pad", "bos", "eos", "unk")
 QWEN2_SPLIT_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -40,6 +52,10 @@ QWEN2_SPLIT_PATTERN = (
 LLAMA_CPP_PRE_TOKENIZER = "qwen2"
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
+
+
+def _first_id(backend: Backend, names: Sequence[str]) -> int | None:
+    return next((backend.token_to_id(name) for name in names if backend.token_to_id(name) is not None), None)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -60,7 +76,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer whose first six ids are `SPECIAL_TOKENS`.
+    """A byte-level BPE tokenizer whose first ids are `SPECIAL_TOKENS` (or an imported BERT WordPiece one).
 
     NOTE: like every Hugging Face tokenizer, `encode` turns the literal text of a
     special token ("<eos>", "<|im_end|>") into that special id rather than into
@@ -72,11 +88,15 @@ class Tokenizer:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
-        missing = [token for token, token_id in zip(SPECIAL_TOKENS, ids) if token_id is None]
+        ids = {role: _first_id(backend, names) for role, names in ROLE_TOKENS.items()}
+        missing = [ROLE_TOKENS[role][0] for role in REQUIRED_ROLES if ids[role] is None]
         if missing:
             raise UserError(f"tokenizer lacks the special tokens {missing}; train one with lmforge")
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.im_start_id, self.im_end_id = ids
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[role] for role in REQUIRED_ROLES)
+        # None where the tokenizer has no such token (an imported BERT one has no chat markers).
+        self.im_start_id: int | None = ids["im_start"]
+        self.im_end_id: int | None = ids["im_end"]
+        self.mask_id: int | None = ids["mask"]
         self._token_bytes: list[bytes] | None = None
         self._fingerprint: str | None = None
 
@@ -136,6 +156,7 @@ class Tokenizer:
             "eos_token": "<eos>",
             "pad_token": "<pad>",
             "unk_token": "<unk>",
+            "mask_token": "<mask>",
             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
             "clean_up_tokenization_spaces": False,
             "add_bos_token": False,
@@ -164,6 +185,11 @@ class Tokenizer:
         """Encode many texts on all cores (the backend's Rust thread pool)."""
         encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
         return [self._wrap(encoding.ids, add_bos, add_eos) for encoding in encodings]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) character span in `text`, for mapping answer spans onto tokens."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
