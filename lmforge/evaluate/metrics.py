@@ -1,0 +1,300 @@
+"""Task metrics: BLEU/chrF, Chinese-aware ROUGE, classification, extractive QA and multiple-choice scoring.
+
+sacrebleu and rouge-score live behind this module and nowhere else. What this
+module adds is what they get wrong for Chinese: rouge-score's default tokenizer
+keeps only [a-z0-9] and so scores any pure-Chinese pair as zero, and SQuAD-style
+QA scoring splits on whitespace, which Chinese does not have. Both are replaced
+here by one segmenter (`chinese_rouge_tokens`): a CJK character per token, an
+alphanumeric run per word.
+
+Scales follow each metric's own convention: BLEU, chrF, ROUGE and QA EM/F1 are
+0..100 (as sacrebleu and the CMRC 2018 script print them); classification and
+multiple-choice accuracies are fractions 0..1 (as scikit-learn and
+lm-evaluation-harness report them).
+
+Knows strings, labels, token ids and a model that maps (input_ids,
+attention_mask) to logits; does not know tokenizers, datasets or task prompts.
+"""
+
+from __future__ import annotations
+
+import io
+import unicodedata
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import UserError
+from lmforge.run_folder import atomic_write_bytes
+
+
+def _check_pairs(hypotheses: Sequence[str], references: Sequence[str], what: str) -> None:
+    if len(hypotheses) != len(references):
+        raise UserError(f"{what}: {len(hypotheses)} hypotheses but {len(references)} references")
+    if not references:
+        raise UserError(f"{what}: no examples to score")
+    for index, reference in enumerate(references):
+        if not reference.strip():
+            raise UserError(f"{what}: reference {index} is empty")
+
+
+def bleu_chrf(hypotheses: list[str], references: list[str], target_lang: str) -> dict[str, float | str]:
+    """Corpus BLEU and chrF (0..100) with one reference per hypothesis, plus sacrebleu's signature strings.
+
+    Returns {"bleu", "chrf", "bleu_signature", "chrf_signature"}. Chinese targets use sacrebleu's
+    'zh' tokenizer: with '13a' an unspaced Chinese sentence is a single "word" and BLEU is ~0.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+
+    _check_pairs(hypotheses, references, "BLEU/chrF")
+    bleu = BLEU(tokenize="zh" if target_lang == "zh" else "13a")
+    chrf = CHRF()
+    return {
+        "bleu": float(bleu.corpus_score(hypotheses, [references]).score),
+        "chrf": float(chrf.corpus_score(hypotheses, [references]).score),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+def _is_cjk_ideograph(char: str) -> bool:
+    code = ord(char)
+    return (
+        0x4E00 <= code <= 0x9FFF  # CJK Unified Ideographs
+        or 0x3400 <= code <= 0x4DBF  # extension A
+        or 0xF900 <= code <= 0xFAFF  # compatibility ideographs
+        or 0x20000 <= code <= 0x323AF  # extensions B-H and the compatibility supplement
+    )
+
+
+def chinese_rouge_tokens(text: str) -> list[str]:
+    """Each CJK ideograph is a token; each run of other letters/digits is one lower-cased word token.
+
+    Punctuation, symbols and whitespace separate tokens and are dropped. Full-width forms are
+    NFKC-normalised first, so "ＧＰＴ４" is "gpt4". QA scoring uses the same segmentation.
+    """
+    tokens: list[str] = []
+    word: list[str] = []
+    for char in unicodedata.normalize("NFKC", text).lower():
+        if char.isalnum() and not _is_cjk_ideograph(char):
+            word.append(char)
+            continue
+        if word:
+            tokens.append("".join(word))
+            word = []
+        if _is_cjk_ideograph(char):
+            tokens.append(char)
+    if word:
+        tokens.append("".join(word))
+    return tokens
+
+
+def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (0..100) averaged over examples, on `chinese_rouge_tokens`. Keys: rouge1, rouge2, rougeL."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    _check_pairs(hypotheses, references, "ROUGE")
+    # rouge-score only calls .tokenize(text); a duck-typed object avoids subclassing its Tokenizer.
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=SimpleNamespace(tokenize=chinese_rouge_tokens))
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for hypothesis, reference in zip(hypotheses, references):
+        scores = scorer.score(reference, hypothesis)  # NOTE: rouge-score takes (target, prediction)
+        for name in totals:
+            totals[name] += scores[name].fmeasure
+    return {name: 100 * total / len(references) for name, total in totals.items()}
+
+
+def _label_order(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> list[Hashable]:
+    present = set(labels) | set(predictions)
+    try:
+        return sorted(present)
+    except TypeError:  # mixed label types (say 1 and "1") have no natural order
+        return sorted(present, key=repr)
+
+
+def classification_metrics(
+    predictions: Sequence[Hashable], labels: Sequence[Hashable], label_names: Sequence[Hashable] | None = None
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix, all fractions 0..1.
+
+    Returns {"accuracy", "macro_f1", "per_class": [{"label", "precision", "recall", "f1", "support"}, ...],
+    "confusion_matrix": rows = true label, columns = predicted, "labels": the row/column order}. The order
+    is `label_names`, or the sorted union of labels and predictions. Macro-F1 leaves out classes with
+    neither true nor predicted examples (they have no F1 to speak of); a class with zero precision and
+    recall counts as F1 0.
+    """
+    if len(predictions) != len(labels):
+        raise UserError(f"classification: {len(predictions)} predictions but {len(labels)} labels")
+    if not labels:
+        raise UserError("classification: no examples to score")
+    order = list(label_names) if label_names is not None else _label_order(predictions, labels)
+    position = {label: index for index, label in enumerate(order)}
+    if len(position) != len(order):
+        raise UserError("classification: label_names holds a label twice")
+    unknown = [value for value in (*labels, *predictions) if value not in position]
+    if unknown:
+        raise UserError(f"classification: label {unknown[0]!r} is not in label_names {order}")
+
+    matrix = [[0] * len(order) for _ in order]
+    for predicted, true in zip(predictions, labels):
+        matrix[position[true]][position[predicted]] += 1
+    per_class, f1_scores = [], []
+    for index, label in enumerate(order):
+        correct = matrix[index][index]
+        support = sum(matrix[index])
+        predicted_count = sum(row[index] for row in matrix)
+        precision = correct / predicted_count if predicted_count else 0.0
+        recall = correct / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"label": label, "precision": precision, "recall": recall, "f1": f1, "support": support})
+        if support or predicted_count:
+            f1_scores.append(f1)
+    return {
+        "accuracy": sum(matrix[index][index] for index in range(len(order))) / len(labels),
+        "macro_f1": sum(f1_scores) / len(f1_scores),
+        "per_class": per_class,
+        "confusion_matrix": matrix,
+        "labels": order,
+    }
+
+
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], label_names: Sequence[Any], path: str | Path, title: str = "confusion matrix"
+) -> None:
+    """The confusion matrix (rows true, columns predicted) as an annotated heat map with a colour bar, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; safe in servers and CI
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.6 * len(label_names) + 2)
+    figure, axes = plt.subplots(figsize=(size + 1, size), dpi=110)
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    names = [str(name) for name in label_names]
+    axes.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    largest = max((max(row) for row in matrix), default=0)
+    for row_index, row in enumerate(matrix):
+        for column_index, count in enumerate(row):
+            # white text on dark cells, so counts stay readable at both ends of the colour map
+            colour = "white" if count > largest / 2 else "black"
+            axes.text(column_index, row_index, str(count), ha="center", va="center", color=colour)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _longest_common_substring(first: Sequence[str], second: Sequence[str]) -> int:
+    best = 0
+    previous = [0] * (len(second) + 1)
+    for item in first:
+        current = [0] * (len(second) + 1)
+        for index, other in enumerate(second, start=1):
+            if item == other:
+                current[index] = previous[index - 1] + 1
+                best = max(best, current[index])
+        previous = current
+    return best
+
+
+def qa_exact_match_f1(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """Extractive-QA exact match and F1 (0..100), each prediction against its best reference, as CMRC 2018 scores.
+
+    Text is segmented by `chinese_rouge_tokens` (lower-cased; punctuation and whitespace removed; a Chinese
+    character or an English word per unit). EM compares the joined units. Returns {"exact_match", "f1"}.
+    NOTE: F1 follows the CMRC 2018 evaluation script (https://github.com/ymcui/cmrc2018), which counts the
+    longest common *contiguous* run of units, not SQuAD's bag-of-tokens overlap: "大学北京" against
+    "北京大学" scores 50, not 100.
+    """
+    if len(predictions) != len(references):
+        raise UserError(f"QA: {len(predictions)} predictions but {len(references)} reference lists")
+    if not references:
+        raise UserError("QA: no examples to score")
+    for index, answers in enumerate(references):
+        if not answers or not all(answer.strip() for answer in answers):
+            raise UserError(f"QA: reference list {index} is empty or holds an empty answer")
+
+    exact_total, f1_total = 0.0, 0.0
+    for prediction, answers in zip(predictions, references):
+        predicted = chinese_rouge_tokens(prediction)
+        exact, f1 = 0.0, 0.0
+        for answer in answers:
+            expected = chinese_rouge_tokens(answer)
+            if "".join(predicted) == "".join(expected):
+                exact = 1.0
+            common = _longest_common_substring(expected, predicted)
+            if common:
+                precision, recall = common / len(predicted), common / len(expected)
+                f1 = max(f1, 2 * precision * recall / (precision + recall))
+        exact_total += exact
+        f1_total += f1
+    return {"exact_match": 100 * exact_total / len(predictions), "f1": 100 * f1_total / len(predictions)}
+
+
+@torch.no_grad()
+def choice_logprobs(model: nn.Module, context_ids: list[int], choices: list[list[int]]) -> list[float]:
+    """Sum of log P(choice tokens | context) for each choice, all choices in one right-padded batch.
+
+    The lm-evaluation-harness way of scoring multiple choice with a decoder LM; the highest sum wins.
+    `model(input_ids, attention_mask)` must return logits (B, T, vocab). Takes token ids, not text, so
+    no tokenizer is needed: tokenize the context and each choice (with its leading space, if the
+    tokenizer has one) at the edge. The caller keeps context + choice within the model's context length.
+    """
+    if not context_ids:
+        raise UserError("choice_logprobs: context_ids is empty; start it with at least one token (a BOS token)")
+    if not choices:
+        raise UserError("choice_logprobs: no choices to score")
+    for index, choice in enumerate(choices):
+        if not choice:
+            raise UserError(f"choice_logprobs: choice {index} has no tokens")
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # The last token predicts nothing we score, so each row is context + choice minus its final token.
+    rows = [context_ids + choice[:-1] for choice in choices]
+    length = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)  # pad id is arbitrary: padding is masked
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    targets = torch.zeros(len(rows), length, dtype=torch.long)
+    scored = torch.zeros(len(rows), length, dtype=torch.bool)
+    start = len(context_ids) - 1  # the position whose logits predict the first choice token
+    for index, (row, choice) in enumerate(zip(rows, choices)):
+        input_ids[index, : len(row)] = torch.tensor(row)
+        attention_mask[index, : len(row)] = 1
+        targets[index, start : start + len(choice)] = torch.tensor(choice)
+        scored[index, start : start + len(choice)] = True
+
+    logits = model(input_ids.to(device), attention_mask.to(device))  # (B, T, vocab)
+    # Only positions from `start` on are scored; skip the log-softmax over the context.
+    log_probs = F.log_softmax(logits[:, start:].float(), dim=-1)  # (B, T - start, vocab)
+    token_log_probs = log_probs.gather(-1, targets[:, start:, None].to(device)).squeeze(-1)  # (B, T - start)
+    sums = (token_log_probs * scored[:, start:].to(device)).sum(-1)  # (B,)
+    model.train(was_training)
+    return sums.tolist()
+
+
+def mcq_accuracy(correct: list[bool], num_choices: int = 4) -> dict[str, float]:
+    """Accuracy, chance (1 / num_choices) and chance-centred accuracy (acc - chance) / (1 - chance), as fractions.
+
+    Chance-centred accuracy is 0 for random guessing and 1 for a perfect score, so benchmarks with
+    different numbers of choices can be compared. Keys: accuracy, chance, centred_accuracy.
+    """
+    if not correct:
+        raise UserError("multiple choice: no examples to score")
+    if num_choices < 2:
+        raise UserError(f"multiple choice: num_choices must be at least 2, not {num_choices}")
+    accuracy = sum(bool(value) for value in correct) / len(correct)
+    chance = 1 / num_choices
+    return {"accuracy": accuracy, "chance": chance, "centred_accuracy": (accuracy - chance) / (1 - chance)}
