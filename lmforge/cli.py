@@ -15,6 +15,7 @@ import typer
 
 from lmforge.config import describe, parse_overrides
 from lmforge.errors import UserError
+from lmforge.tasks import TASKS
 
 app = typer.Typer(
     help="lmforge: build a language model end to end — data, tokenizer, model, training, generation, evaluation.",
@@ -150,22 +151,81 @@ def generate(
         typer.echo(text + completion)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Tasks: " + "; ".join(f"{name}: {what}" for name, what in TASKS.items()),
+)
+def finetune(
+    context: typer.Context,
+    task: Annotated[str, typer.Option(help="what to train: " + ", ".join(TASKS))],
+    out: Annotated[Path, typer.Option(help="run folder")],
+    data: Annotated[str | None, typer.Option(help="folder of train/valid/test.jsonl, builtin:NAME or a file")] = None,
+    base: Annotated[str | None, typer.Option(help="model to start from: run folder, HF folder, builtin:minilm")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML recipe, e.g. recipes/sentiment.yaml")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides train.max_steps)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Train a model for a task, then evaluate it on the test split and write report.md and metrics.json.
+
+    Any recipe key can be overridden as --section.key value (e.g. --train.lr 3e-4).
+
+    Example: lmforge finetune --task sentiment --data builtin:reviews --base builtin:minilm --out runs/sentiment
+    """
+    from lmforge.config import from_dict, load_yaml, merge
+    from lmforge.tasks import task_module
+
+    module = task_module(task)
+    if not hasattr(module, "finetune"):
+        raise UserError(f"task '{task}' is evaluation-only: use lmforge eval --task {task}")
+    overrides = parse_overrides(context.args)
+    overrides.setdefault("device", device)
+    if data:
+        overrides.setdefault("data", {})["source"] = data
+    if base:
+        overrides["base"] = base
+    if max_steps is not None:
+        overrides.setdefault("train", {})["max_steps"] = max_steps
+    recipe = from_dict(module.Recipe, merge(load_yaml(config) if config else {}, overrides))
+    metrics = module.finetune(recipe, out, resume=resume)
+    _print_task_metrics(metrics)
+    typer.echo(f"saved to {out} (report.md, metrics.json)")
+
+
 @app.command("eval")
 def evaluate(
     model: ModelOption,
-    data: DataOption = "builtin:peoples-daily",
+    task: Annotated[str | None, typer.Option(help="score a task (see finetune --help); default: perplexity")] = None,
+    data: Annotated[str | None, typer.Option(help="data source; default: the built-in news for perplexity")] = None,
     split: Annotated[str, typer.Option(help="train, valid or test")] = "valid",
+    out: Annotated[Path | None, typer.Option(help="folder for report.md and metrics.json (default: --model)")] = None,
     max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many context windows")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
     device: DeviceOption = "auto",
 ) -> None:
-    """Perplexity, bits per byte and bits per character of a model on a data split.
+    """Perplexity, bits per byte and bits per character of a model on a data split, or a task's metrics.
 
-    Example: lmforge eval --model runs/demo --data builtin:peoples-daily --split test
+    Examples: lmforge eval --model runs/demo --data builtin:peoples-daily --split test
+              lmforge eval --task sentiment --model runs/sentiment --data ../shared/data/sentiment --split test
     """
+    if task is not None:
+        from lmforge.tasks import task_module
+        from lmforge.tasks.examples import TaskData
+
+        module = task_module(task)
+        source = data or module.Recipe().data.source
+        metrics = module.evaluate_run(model, TaskData(source=source), split, out)
+        if as_json:
+            typer.echo(json.dumps(metrics, ensure_ascii=False))
+            return
+        _print_task_metrics(metrics)
+        typer.echo(f"report: {out or model}/report.md")
+        return
+
     import lmforge
     from lmforge.evaluate.perplexity import evaluate_source
 
+    data = data or "builtin:peoples-daily"
     lm = lmforge.load(model, device=device)
     results = {"model": str(model), "data": data, "split": split, **evaluate_source(lm, data, split, max_windows)}
     if as_json:
@@ -175,6 +235,13 @@ def evaluate(
         f"{data} [{split}]: perplexity {results['perplexity']:.2f}, bits/byte {results['bits_per_byte']:.4f}, "
         f"bits/char {results['bits_per_char']:.4f} over {results['tokens']:,} tokens"
     )
+
+
+def _print_task_metrics(metrics: dict) -> None:
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "training_minutes"}
+    typer.echo(", ".join(f"{name} {value:.4g}" for name, value in numbers.items()))
+    for name, values in metrics.get("baselines", {}).items():
+        typer.echo(f"  baseline {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
 def main() -> None:

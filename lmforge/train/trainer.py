@@ -27,6 +27,7 @@ from lmforge.run_folder import append_jsonl, atomic_write_text, read_jsonl
 from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
+COUNT_KEYS = ("tokens", "bytes", "characters", "bits_per_byte")  # logged, too detailed for the progress line
 
 
 @dataclass
@@ -170,9 +171,7 @@ def train(
             log({"step": step + 1, **{f"valid_{name}": value for name, value in results.items()}})
             bar.write(
                 f"step {step + 1}: "
-                + ", ".join(
-                    f"valid {k} {v:.4g}" for k, v in results.items() if k in ("loss", "perplexity", "bits_per_char")
-                )
+                + ", ".join(f"valid {k} {v:.4g}" for k, v in results.items() if k not in COUNT_KEYS)
             )
         if last or (step + 1) % config.save_every == 0:
             save_checkpoint(run_dir, step + 1, model, optimizer, {"tokens_seen": tokens_seen}, config.keep_last)

@@ -1,0 +1,29 @@
+"""Applications as tasks: each is a data format, an input layout, a model family and its metrics.
+
+`TASKS` maps a task name to its module; every module has a `Recipe` dataclass,
+`finetune(recipe, out_dir, resume, progress)` (except evaluation-only tasks) and
+`evaluate_run(model_dir, data, split, out_dir, progress)`. Modules are imported
+on use, so `lmforge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from lmforge.errors import UserError
+
+TASKS = {
+    "mlm": "masked-LM pretraining of an encoder on plain text",
+    "sentiment": "text classification with an encoder ({text, label})",
+    "translate": "zh->en or en->zh translation with an encoder-decoder ({src, tgt})",
+    "summarize": "summarization with an encoder-decoder ({document, summary})",
+    "qa": "extractive question answering with an encoder ({context, question, answers})",
+    "mcq": "multiple choice scored by a decoder's log-likelihood ({question, choices, answer}); evaluation only",
+}
+
+
+def task_module(name: str) -> ModuleType:
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}'; valid tasks: {', '.join(TASKS)}")
+    return importlib.import_module(f"lmforge.tasks.{name}")

