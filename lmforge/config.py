@@ -89,11 +89,21 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in values.items():
         key = f"{where}.{name}" if where else name
+        default = _default_of(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A section overrides the recipe's own default section key by key, not the section class's defaults.
+            value = merge(dataclasses.asdict(default), value)
         kwargs[name] = _coerce(hints[name], value, key)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise UserError(str(error)) from None
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _coerce(annotation: Any, value: Any, key: str) -> Any:

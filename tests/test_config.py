@@ -1,8 +1,10 @@
 """Recipes and overrides: typed, and every mistake names the key."""
 
+import dataclasses
+
 import pytest
 
-from lmforge.config import parse_overrides
+from lmforge.config import from_dict, option, parse_overrides
 from lmforge.errors import UserError
 from lmforge.train.pretrain import load_recipe
 
@@ -40,3 +42,16 @@ def test_mistakes_name_the_key(overrides, message):
 def test_missing_recipe_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such recipe file"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_a_partial_section_keeps_the_recipes_own_defaults_for_that_section():
+    @dataclasses.dataclass
+    class Data:
+        source: str = "builtin:reviews"
+        limit: int = 0
+
+    @dataclasses.dataclass
+    class Recipe:
+        data: Data = option(Data(source="qa.jsonl"), "data")
+
+    assert from_dict(Recipe, {"data": {"limit": 5}}).data == Data(source="qa.jsonl", limit=5)

@@ -1,0 +1,265 @@
+"""Extractive question answering: an encoder points at the answer's first and last token in the context.
+
+The input is BERT's `<bos> question <eos> context <eos>` with segment ids 0/1.
+A context longer than the window is read in overlapping windows; training uses
+the windows that hold the whole answer, and prediction takes the best-scoring
+span (start logit + end logit, at most `max_answer_tokens` long) over all
+windows. Token offsets map the span back to the exact characters of the
+context. Scores are exact match and F1 over characters, CMRC 2018 style.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmforge.config import from_dict, option, to_dict
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.device import pick_device
+from lmforge.errors import UserError
+from lmforge.evaluate.metrics import qa_exact_match_f1
+from lmforge.export.bert import load_encoder
+from lmforge.models import load_model, save_model
+from lmforge.models.encoder import Encoder, EncoderConfig
+from lmforge.run_folder import read_json, write_json
+from lmforge.tasks.encoding import model_folder
+from lmforge.tasks.examples import ExampleBatches, TaskData, describe_split, in_batches, task_records, write_task_report
+from lmforge.train.trainer import TrainConfig, train
+
+FIELDS = ("context", "question", "answers")
+
+
+@dataclass
+class Recipe:
+    data: TaskData = option(TaskData(source="../shared/data/qa"), "SQuAD-style records")
+    base: str | None = option(None, "encoder to start from: run folder, BERT folder or builtin:minilm (none = scratch)")
+    vocab_size: int = option(8192, "tokenizer size when training from scratch")
+    model: EncoderConfig = option(EncoderConfig(head="span", num_layers=4), "encoder shape (scratch)")
+    max_length: int = option(256, "tokens per window, question and markers included")
+    stride: int = option(96, "context tokens between the starts of two windows")
+    max_question_tokens: int = option(48, "longer questions are cut")
+    max_answer_tokens: int = option(32, "longest span considered at prediction")
+    train: TrainConfig = option(
+        TrainConfig(max_steps=800, batch_size=16, lr=3e-4, warmup_steps=80, eval_every=200, save_every=200),
+        "optimisation",
+    )
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class Window:
+    input_ids: list[int]
+    token_type_ids: list[int]
+    context_start: int  # index of the first context token in input_ids
+    offsets: list[tuple[int, int]]  # character span in the context of each context token
+
+
+def windows_of(tokenizer: Tokenizer, question: str, context: str, recipe: Recipe) -> list[Window]:
+    question_ids = tokenizer.encode(question)[: recipe.max_question_tokens]
+    context_ids, offsets = tokenizer.encode_with_offsets(context)
+    budget = recipe.max_length - len(question_ids) - 3
+    if budget < 8:
+        raise UserError(f"max_length {recipe.max_length} leaves no room for the context after the question")
+    prefix = [tokenizer.bos_id, *question_ids, tokenizer.eos_id]
+    windows = []
+    for start in range(0, max(len(context_ids), 1), min(recipe.stride, budget)):
+        chunk = context_ids[start : start + budget]
+        windows.append(
+            Window(
+                input_ids=[*prefix, *chunk, tokenizer.eos_id],
+                token_type_ids=[0] * len(prefix) + [1] * (len(chunk) + 1),
+                context_start=len(prefix),
+                offsets=offsets[start : start + budget],
+            )
+        )
+        if start + budget >= len(context_ids):
+            break
+    return windows
+
+
+def answer_tokens(window: Window, answer_start: int, answer_end: int) -> tuple[int, int] | None:
+    """Input positions of the first and last token of the answer's characters, or None if not all inside."""
+    first = last = None
+    for index, (start, end) in enumerate(window.offsets):
+        if first is None and end > answer_start:
+            first = index
+        if start < answer_end:
+            last = index
+    if first is None or last is None or window.offsets[first][0] > answer_start or window.offsets[last][1] < answer_end:
+        return None
+    return window.context_start + first, window.context_start + last
+
+
+def training_examples(tokenizer: Tokenizer, records: list[dict], recipe: Recipe) -> list[tuple[Window, int, int]]:
+    examples = []
+    for number, record in enumerate(records, start=1):
+        answer = record["answers"][0] if isinstance(record["answers"], list) and record["answers"] else None
+        if not isinstance(answer, dict) or "text" not in answer or "answer_start" not in answer:
+            raise UserError(f"record {number}: field 'answers' must be a list of {{text, answer_start}} objects")
+        start = int(answer["answer_start"])
+        end = start + len(answer["text"])
+        if record["context"][start:end] != answer["text"]:
+            raise UserError(f"record {number}: the answer text is not at answer_start {start} of its context")
+        for window in windows_of(tokenizer, record["question"], record["context"], recipe):
+            span = answer_tokens(window, start, end)
+            if span is not None:
+                examples.append((window, *span))
+    return examples
+
+
+def _pad(tokenizer: Tokenizer, windows: list[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    input_ids, attention_mask = tokenizer.pad([w.input_ids for w in windows], side="right")
+    token_type_ids = torch.zeros_like(input_ids)
+    for row, window in enumerate(windows):
+        token_type_ids[row, : len(window.token_type_ids)] = torch.tensor(window.token_type_ids)
+    return input_ids, attention_mask, token_type_ids
+
+
+def _collate(tokenizer: Tokenizer, examples: list, rng) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask, token_type_ids = _pad(tokenizer, [window for window, _, _ in examples])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "starts": torch.tensor([start for _, start, _ in examples]),
+        "ends": torch.tensor([end for _, _, end in examples]),
+    }
+
+
+def span_loss(model: Encoder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()  # (B, T, 2)
+    loss = (F.cross_entropy(logits[..., 0], batch["starts"]) + F.cross_entropy(logits[..., 1], batch["ends"])) / 2
+    return loss, int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def predict(
+    model: Encoder,
+    tokenizer: Tokenizer,
+    questions: list[str],
+    contexts: list[str],
+    recipe: Recipe,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[str]:
+    """The best span of each context: argmax of start + end logits over context tokens in every window."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    best: list[tuple[float, str]] = [(float("-inf"), "")] * len(questions)
+    flat = [
+        (index, window)
+        for index, (question, context) in enumerate(zip(questions, contexts))
+        for window in windows_of(tokenizer, question, context, recipe)
+    ]
+    for chunk in tqdm(list(in_batches(flat, batch_size)), desc="qa", disable=not progress, leave=False):
+        input_ids, attention_mask, token_type_ids = _pad(tokenizer, [window for _, window in chunk])
+        logits = model(input_ids.to(device), attention_mask.to(device), token_type_ids.to(device)).float().cpu()
+        for row, (index, window) in enumerate(chunk):
+            first, count = window.context_start, len(window.offsets)
+            if count == 0:
+                continue
+            starts = logits[row, first : first + count, 0]  # (C,)
+            ends = logits[row, first : first + count, 1]
+            scores = starts[:, None] + ends[None, :]  # (C, C): start i, end j
+            allowed = torch.ones(count, count, dtype=torch.bool).triu().tril(recipe.max_answer_tokens - 1)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            flat_index = int(scores.argmax())
+            i, j = divmod(flat_index, count)
+            score = float(scores[i, j])
+            if score > best[index][0]:
+                best[index] = (score, contexts[index][window.offsets[i][0] : window.offsets[j][1]])
+    model.train(was_training)
+    return [text for _, text in best]
+
+
+def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(recipe.device)
+    train_records = task_records(recipe.data, "train", FIELDS, key_field="question")
+    valid_records = task_records(recipe.data, "valid", FIELDS, key_field="question")[:200]
+    if recipe.base:
+        folder = model_folder(recipe.base)
+        tokenizer = Tokenizer.load(folder)
+        model = load_encoder(folder, head="span")
+    else:
+        texts = (text for record in train_records for text in (record["question"], record["context"]))
+        tokenizer = Tokenizer.train(texts, recipe.vocab_size, show_progress=progress)
+        recipe.model.vocab_size = tokenizer.vocab_size
+        recipe.model.head = "span"
+        recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
+        torch.manual_seed(recipe.train.seed)
+        model = Encoder(recipe.model)
+    model.to(device)
+    recipe.max_length = min(recipe.max_length, model.config.max_position_embeddings)
+    examples = training_examples(tokenizer, train_records, recipe)
+    print(f"span QA encoder: {model.num_parameters():,} parameters on {device}; {len(examples):,} training windows")
+    batches = ExampleBatches(
+        examples, recipe.train.batch_size, functools.partial(_collate, tokenizer), recipe.train.seed
+    )
+
+    def evaluate(model: Encoder) -> dict[str, float]:
+        predictions = predict(
+            model, tokenizer, [r["question"] for r in valid_records], [r["context"] for r in valid_records], recipe
+        )
+        return qa_exact_match_f1(predictions, [answer_texts(r) for r in valid_records])
+
+    started = time.perf_counter()
+    train(model, span_loss, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
+    minutes = (time.perf_counter() - started) / 60
+    save_model(out_dir, model)
+    tokenizer.save(out_dir, model_max_length=recipe.max_length)
+    write_json(out_dir / "recipe.json", to_dict(recipe))
+    write_json(out_dir / "task.json", {"task": "qa"})
+    return evaluate_run(out_dir, recipe.data, "test", out_dir, training_minutes=minutes, progress=progress)
+
+
+def answer_texts(record: dict) -> list[str]:
+    return [answer["text"] for answer in record["answers"] if isinstance(answer, dict) and answer.get("text")]
+
+
+def evaluate_run(
+    model_dir: str | Path,
+    data: TaskData,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    training_minutes: float | None = None,
+    progress: bool = True,
+) -> dict:
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir or model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = (
+        from_dict(Recipe, read_json(model_dir / "recipe.json")) if (model_dir / "recipe.json").is_file() else Recipe()
+    )
+    model = load_model(model_dir, pick_device("auto"))
+    tokenizer = Tokenizer.load(model_dir)
+    records = task_records(data, split, FIELDS, key_field="question")
+    references = [answer_texts(r) for r in records]
+    predictions = predict(
+        model, tokenizer, [r["question"] for r in records], [r["context"] for r in records], recipe, progress=progress
+    )
+    scores = qa_exact_match_f1(predictions, references)
+    metrics = {"task": "qa", "split": split, "examples": len(records), **scores, "training_minutes": training_minutes}
+    notes = [f"Fine-tuning took {training_minutes:.1f} minutes."] if training_minutes is not None else []
+    write_task_report(
+        out_dir,
+        f"extractive QA — {model_dir}",
+        metrics,
+        [("lmforge encoder", scores)],
+        [("exact_match", "exact match"), ("f1", "F1 (characters)")],
+        [
+            {"question": r["question"][:40], "reference": " / ".join(refs), "output": p}
+            for r, refs, p in list(zip(records, references, predictions))[:8]
+        ],
+        describe_split(data, split, "question"),
+        notes,
+    )
+    return metrics
