@@ -16,11 +16,13 @@ from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder, EncoderConfig
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
 
 MODEL_FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "decoder": (DecoderConfig, Decoder),
     "encoder": (EncoderConfig, Encoder),
+    "seq2seq": (Seq2SeqConfig, Seq2Seq),
 }
 
 
