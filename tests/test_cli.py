@@ -114,3 +114,43 @@ def test_user_errors_are_one_line_with_exit_code_2(arguments, message, tmp_path)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_finetune_and_eval_a_task_through_the_cli(tmp_path):
+    data = tmp_path / "reviews"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        rows = [{"text": f"{line}很好", "label": 1} for line in CORPUS] + [
+            {"text": f"{line}太差", "label": 0} for line in CORPUS
+        ]
+        (data / f"{split}.jsonl").write_text(
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows * 5), encoding="utf-8"
+        )
+    tiny = ["--vocab_size", "300", "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2"]
+    run = str(tmp_path / "run")
+    result = lmforge_cli("finetune", "--task", "sentiment", "--data", str(data), "--out", run, "--max-steps=2", *tiny)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "baseline majority class" in result.stdout
+    result = lmforge_cli(
+        "eval", "--task", "sentiment", "--model", str(tmp_path / "run"), "--data", str(data), "--split", "valid",
+        "--json", "--out", str(tmp_path / "eval"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["examples"] == 40
+    assert (tmp_path / "eval" / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["finetune", "--task", "sentimnet", "--out", "x"], "unknown task 'sentimnet'"),
+        (["finetune", "--task", "mcq", "--out", "x"], "evaluation-only"),
+        (["finetune", "--task", "sentiment", "--out", "x", "--data", "nowhere.jsonl"], "no such data file"),
+        (["eval", "--task", "sentiment", "--model", "nowhere"], "nowhere"),
+        (["finetune", "--task", "sentiment", "--out", "x", "--base", "builtin:gpt5"], "unknown built-in model"),
+    ],
+)
+def test_task_mistakes_are_one_line_errors(arguments, message, tmp_path):
+    result = lmforge_cli(*arguments, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
