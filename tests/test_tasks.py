@@ -142,7 +142,8 @@ def test_masked_lm_pretraining_lowers_the_validation_loss(tmp_path):
         },
     )
     result = mlm.finetune(recipe, tmp_path / "run", progress=False)
-    assert result["after"]["valid_loss"] < result["before"]["valid_loss"] - 1.0
+    assert result["masked_loss"] < result["masked_loss_before"] - 1.0
+    assert "masked-token loss" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     # The masked-LM run becomes a classifier's starting point with its backbone intact.
     from lmforge.export.bert import load_encoder
 

@@ -26,7 +26,7 @@ from lmforge.models import save_model
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import read_jsonl, write_json
 from lmforge.tasks.encoding import pad_right
-from lmforge.tasks.examples import ExampleBatches, TaskData, in_batches, task_records
+from lmforge.tasks.examples import ExampleBatches, TaskData, describe_split, in_batches, task_records, write_task_report
 from lmforge.train.trainer import TrainConfig, train
 
 IGNORE = -100  # F.cross_entropy's ignore_index
@@ -147,4 +147,23 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
     records = read_jsonl(out_dir / "metrics.jsonl")
     plot_losses(records, out_dir / "loss.png", title=f"masked-LM pretraining on {recipe.data.source}")
     validations = [r for r in records if "valid_loss" in r]
-    return {"before": validations[0], "after": validations[-1]}
+    before, after = validations[0], validations[-1]
+    metrics = {
+        "task": "mlm",
+        "steps": after["step"],
+        "masked_loss": after["valid_loss"],
+        "masked_accuracy": after["valid_accuracy"],
+        "masked_loss_before": before["valid_loss"],
+        "training_minutes": max((r["elapsed"] for r in records if "elapsed" in r), default=0.0) / 60,
+    }
+    write_task_report(
+        out_dir,
+        f"masked-LM pretraining — {out_dir}",
+        metrics,
+        [(f"step {r['step']}", r) for r in (before, after)],
+        [("valid_loss", "masked-token loss"), ("valid_perplexity", "perplexity"), ("valid_accuracy", "accuracy")],
+        [],
+        describe_split(recipe.data, "valid", "text"),
+        ["Validation on the same masked positions at every evaluation. ![loss](loss.png)"],
+    )
+    return metrics
