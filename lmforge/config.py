@@ -92,7 +92,11 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
         default = _default_of(fields[name])
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
             # A section overrides the recipe's own default section key by key, not the section class's defaults.
-            value = merge(dataclasses.asdict(default), value)
+            # Only keys the recipe changed are carried over: derived values (num_kv_heads = num_heads) must
+            # follow the user's overrides, not the defaults they were derived from.
+            plain = type(default)()
+            changed = {k: v for k, v in dataclasses.asdict(default).items() if v != getattr(plain, k)}
+            value = merge(changed, value)
         kwargs[name] = _coerce(hints[name], value, key)
     try:
         return cls(**kwargs)

@@ -1,0 +1,75 @@
+"""Summarization: an encoder-decoder writes a headline for a short text (`{document, summary}`), scored by ROUGE.
+
+The default data is LCSTS (`../shared/data/summarization`): Weibo news posts of
+77-152 characters and their headlines of at most 30. ROUGE-1/2/L F1 are
+computed on Chinese characters and alphanumeric words
+(`lmforge.evaluate.metrics.rouge`). The report sets greedy and beam-search
+decoding beside the "lead" baseline: the document's first sentence, cut to 30
+characters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.config import option
+from lmforge.evaluate.metrics import rouge
+from lmforge.tasks.examples import TaskData
+from lmforge.tasks.text_to_text import TextToTextRecipe, evaluate_text_to_text, finetune_text_to_text
+
+TASK = {"task": "summarize", "source_field": "document", "target_field": "summary"}
+COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")]
+LEAD_CHARACTERS = 30  # the longest LCSTS headline
+SENTENCE_END = re.compile(r"[。！？!?]")
+
+
+@dataclass
+class Recipe(TextToTextRecipe):
+    data: TaskData = option(TaskData(source="../shared/data/summarization"), "{document, summary} pairs")
+    max_source_length: int = option(160, "document tokens, <bos> and <eos> included; longer documents are cut")
+    max_target_length: int = option(40, "summary tokens plus one (<bos> or <eos>); also the generation limit")
+
+
+def lead(document: str, max_characters: int = LEAD_CHARACTERS) -> str:
+    """The document's first sentence (through the first 。！？!?), cut to `max_characters`."""
+    end = SENTENCE_END.search(document)
+    return document[: end.end() if end else len(document)][:max_characters]
+
+
+def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    return finetune_text_to_text(recipe, out_dir, TASK, rouge, evaluate_run, resume, progress)
+
+
+def evaluate_run(
+    model_dir: str | Path,
+    data: TaskData,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    training_minutes: float | None = None,
+    progress: bool = True,
+    num_beams: int | None = None,
+    length_penalty: float | None = None,
+) -> dict:
+    """ROUGE-1/2/L of greedy and beam-search summaries of a split, beside the lead baseline."""
+    notes = [
+        "ROUGE F1 on Chinese characters and alphanumeric words (punctuation dropped), averaged over examples.",
+        f"Baseline 'lead' is the document's first sentence (up to the first 。！？!?), cut to {LEAD_CHARACTERS} "
+        "characters.",
+    ]
+    return evaluate_text_to_text(
+        "summarize",
+        model_dir,
+        data,
+        split,
+        out_dir,
+        score=rouge,
+        columns=COLUMNS,
+        baselines={"lead": lambda documents: [lead(document) for document in documents]},
+        notes=notes,
+        training_minutes=training_minutes,
+        progress=progress,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+    )
