@@ -200,6 +200,8 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train, valid or test")] = "valid",
     out: Annotated[Path | None, typer.Option(help="folder for report.md and metrics.json (default: --model)")] = None,
     max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many context windows")] = None,
+    num_beams: Annotated[int | None, typer.Option(help="beam width (translate, summarize)")] = None,
+    length_penalty: Annotated[float | None, typer.Option(help="beam length penalty (translate, summarize)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -214,7 +216,10 @@ def evaluate(
 
         module = task_module(task)
         source = data or module.Recipe().data.source
-        metrics = module.evaluate_run(model, TaskData(source=source), split, out)
+        decoding = {k: v for k, v in (("num_beams", num_beams), ("length_penalty", length_penalty)) if v is not None}
+        if decoding and task not in ("translate", "summarize"):
+            raise UserError(f"--num-beams and --length-penalty apply to translate and summarize, not {task}")
+        metrics = module.evaluate_run(model, TaskData(source=source), split, out, **decoding)
         if as_json:
             typer.echo(json.dumps(metrics, ensure_ascii=False))
             return
