@@ -157,7 +157,8 @@ def snownlp_bayes(
         classifier = Sentiment()
         negative = [r["text"] for r in train_records if label_name(r["label"]) == "0"]
         positive = [r["text"] for r in train_records if label_name(r["label"]) == "1"]
-        classifier.train(tqdm(negative, desc="training snownlp Bayes (negative)", disable=not progress), positive)
+        bar = functools.partial(tqdm, desc="retraining snownlp Bayes", disable=not progress, leave=False)
+        classifier.train(bar(negative), bar(positive))
     return [
         "1" if classifier.classify(text) > 0.5 else "0"
         for text in tqdm(texts, desc="snownlp baseline", disable=not progress, leave=False)
