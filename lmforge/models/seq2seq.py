@@ -46,6 +46,7 @@ class Seq2SeqConfig:
     layer_norm_eps: float = option(1e-5, "LayerNorm epsilon")
     dropout: float = option(0.1, "dropout on embeddings, attention outputs and feed-forward outputs")
     initializer_range: float = option(0.02, "std of the normal weight init")
+    norm: Literal["post", "pre"] = option("pre", "pre-norm blocks (trains fast from scratch) or post-norm (original)")
 
     def __post_init__(self) -> None:
         for name in (
@@ -84,14 +85,19 @@ class Seq2SeqConfig:
             dropout=self.dropout,
             initializer_range=self.initializer_range,
             head="none",
+            norm=self.norm,
         )
 
 
 class Seq2SeqDecoderLayer(nn.Module):
-    """Post-norm block: norm(x + causal self-attn(x)), norm(x + cross-attn(x, memory)), norm(x + mlp(x))."""
+    """Post-norm block: norm(x + causal self-attn(x)), norm(x + cross-attn(x, memory)), norm(x + mlp(x)).
+
+    Pre-norm (`norm="pre"`, the default): x + sublayer(norm(x)) for each of the three sublayers.
+    """
 
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
+        self.pre_norm = config.norm == "pre"
         self.self_attn = Attention(config.hidden_size, config.num_heads, bias=True)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.cross_attn = Attention(config.hidden_size, config.num_heads, bias=True)
@@ -101,8 +107,14 @@ class Seq2SeqDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotary, mask, is_causal, cache, layer_index, context_kv, source_mask) -> torch.Tensor:
-        x = self.attention_norm(x + self.dropout(self.self_attn(x, rotary, mask, is_causal, cache, layer_index)))
         # NOTE: no rotation in cross-attention: a target position relative to a source position means nothing.
+        if self.pre_norm:
+            x = x + self.dropout(self.self_attn(self.attention_norm(x), rotary, mask, is_causal, cache, layer_index))
+            x = x + self.dropout(
+                self.cross_attn(self.cross_attention_norm(x), None, source_mask, context_kv=context_kv)
+            )
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attention_norm(x + self.dropout(self.self_attn(x, rotary, mask, is_causal, cache, layer_index)))
         cross = self.cross_attn(x, None, source_mask, context_kv=context_kv)
         x = self.cross_attention_norm(x + self.dropout(cross))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
@@ -117,6 +129,9 @@ class Seq2Seq(nn.Module):
         # NOTE: as in BART, the decoder has its own position table and embedding LayerNorm; only tokens are shared.
         self.decoder_embeddings = Embeddings(encoder_config)
         self.decoder_layers = nn.ModuleList(Seq2SeqDecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.decoder_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm == "pre" else None
+        )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
@@ -200,7 +215,7 @@ class Seq2Seq(nn.Module):
             x = layer(x, rotary, mask, is_causal, cache, index, memory_kv[index], cross_mask)
         if cache is not None:
             cache.advance(length)
-        return self.lm_head(x)
+        return self.lm_head(self.decoder_norm(x) if self.decoder_norm is not None else x)
 
     def forward(
         self,
