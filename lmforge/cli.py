@@ -198,7 +198,9 @@ def evaluate(
     task: Annotated[str | None, typer.Option(help="score a task (see finetune --help); default: perplexity")] = None,
     data: Annotated[str | None, typer.Option(help="data source; default: the built-in news for perplexity")] = None,
     split: Annotated[str, typer.Option(help="train, valid or test")] = "valid",
-    out: Annotated[Path | None, typer.Option(help="folder for report.md and metrics.json (default: --model)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for report.md and metrics.json (default: MODEL/eval-TASK-SPLIT)")
+    ] = None,
     max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many context windows")] = None,
     num_beams: Annotated[int | None, typer.Option(help="beam width (translate, summarize)")] = None,
     length_penalty: Annotated[float | None, typer.Option(help="beam length penalty (translate, summarize)")] = None,
@@ -219,12 +221,14 @@ def evaluate(
         decoding = {k: v for k, v in (("num_beams", num_beams), ("length_penalty", length_penalty)) if v is not None}
         if decoding and task not in ("translate", "summarize"):
             raise UserError(f"--num-beams and --length-penalty apply to translate and summarize, not {task}")
+        # A folder of its own, so evaluating never overwrites the run's own report (the demo's, a fine-tune's).
+        out = out or model / f"eval-{task}-{split}"
         metrics = module.evaluate_run(model, TaskData(source=source), split, out, **decoding)
         if as_json:
             typer.echo(json.dumps(metrics, ensure_ascii=False))
             return
         _print_task_metrics(metrics)
-        typer.echo(f"report: {out or model}/report.md")
+        typer.echo(f"report: {out}/report.md")
         return
 
     import lmforge

@@ -138,6 +138,12 @@ def test_finetune_and_eval_a_task_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["examples"] == 40
     assert (tmp_path / "eval" / "report.md").is_file()
+    # Without --out the report goes to a folder of its own: the run's own report.md is never overwritten.
+    own_report = (tmp_path / "run" / "report.md").read_bytes()
+    result = lmforge_cli("eval", "--task", "sentiment", "--model", run, "--data", str(data), "--split", "valid")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "eval-sentiment-valid" / "report.md").is_file()
+    assert (tmp_path / "run" / "report.md").read_bytes() == own_report
 
 
 @pytest.mark.parametrize(
