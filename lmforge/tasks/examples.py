@@ -118,6 +118,14 @@ def in_batches(items: Sequence[Any], size: int):
         yield items[start : start + size]
 
 
+def report_folders(model_dir: str | Path, out_dir: str | Path | None) -> tuple[Path, Path]:
+    """(model folder, report folder): the report goes to `out_dir`, or next to the model, created if needed."""
+    model_dir = Path(model_dir)
+    out_dir = Path(out_dir or model_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return model_dir, out_dir
+
+
 def write_task_report(
     folder: str | Path,
     title: str,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from lmforge.config import option
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import choice_logprobs, mcq_accuracy
-from lmforge.tasks.examples import TaskData, describe_split, task_records, write_task_report
+from lmforge.tasks.examples import TaskData, describe_split, report_folders, task_records, write_task_report
 
 FIELDS = ("question", "choices", "answer")
 LETTERS = "ABCDEFGH"
@@ -44,9 +44,7 @@ def evaluate_run(
 ) -> dict:
     import lmforge
 
-    model_dir = Path(model_dir)
-    out_dir = Path(out_dir or model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, out_dir = report_folders(model_dir, out_dir)
     lm = lmforge.load(model_dir)
     if not hasattr(lm.model, "lm_head") or not hasattr(lm.model, "new_cache"):
         raise UserError(f"{model_dir} is not a decoder-only language model; mcq scores decoders")

@@ -29,7 +29,15 @@ from lmforge.models import load_model, save_model
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import read_json, write_json
 from lmforge.tasks.encoding import model_folder
-from lmforge.tasks.examples import ExampleBatches, TaskData, describe_split, in_batches, task_records, write_task_report
+from lmforge.tasks.examples import (
+    ExampleBatches,
+    TaskData,
+    describe_split,
+    in_batches,
+    report_folders,
+    task_records,
+    write_task_report,
+)
 from lmforge.train.trainer import TrainConfig, train
 
 FIELDS = ("context", "question", "answers")
@@ -233,9 +241,7 @@ def evaluate_run(
     training_minutes: float | None = None,
     progress: bool = True,
 ) -> dict:
-    model_dir = Path(model_dir)
-    out_dir = Path(out_dir or model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, out_dir = report_folders(model_dir, out_dir)
     recipe = (
         from_dict(Recipe, read_json(model_dir / "recipe.json")) if (model_dir / "recipe.json").is_file() else Recipe()
     )

@@ -29,7 +29,15 @@ from lmforge.models import load_model, save_model
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import read_json, write_json
 from lmforge.tasks.encoding import encode_single, model_folder, pad_right
-from lmforge.tasks.examples import ExampleBatches, TaskData, describe_split, in_batches, task_records, write_task_report
+from lmforge.tasks.examples import (
+    ExampleBatches,
+    TaskData,
+    describe_split,
+    in_batches,
+    report_folders,
+    task_records,
+    write_task_report,
+)
 from lmforge.train.trainer import TrainConfig, train
 
 FIELDS = ("text", "label")
@@ -174,9 +182,7 @@ def evaluate_run(
     progress: bool = True,
 ) -> dict:
     """Accuracy, macro-F1 and the confusion matrix of a fine-tuned classifier, beside the baselines."""
-    model_dir = Path(model_dir)
-    out_dir = Path(out_dir or model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, out_dir = report_folders(model_dir, out_dir)
     task = read_json(model_dir / "task.json")
     labels = task["labels"]
     model = load_model(model_dir, pick_device("auto"))

@@ -30,7 +30,15 @@ from lmforge.models import load_model, save_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import read_json, read_jsonl, write_json
 from lmforge.tasks.encoding import encode_single, pad_right
-from lmforge.tasks.examples import ExampleBatches, TaskData, describe_split, in_batches, task_records, write_task_report
+from lmforge.tasks.examples import (
+    ExampleBatches,
+    TaskData,
+    describe_split,
+    in_batches,
+    report_folders,
+    task_records,
+    write_task_report,
+)
 from lmforge.train.trainer import TrainConfig, train
 
 IGNORE = -100  # F.cross_entropy's ignore_index
@@ -280,9 +288,7 @@ def evaluate_text_to_text(
     to the run's task.json. The top-level scores in metrics.json are those of the beam search (greedy's when
     num_beams is 1).
     """
-    model_dir = Path(model_dir)
-    out_dir = Path(out_dir or model_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, out_dir = report_folders(model_dir, out_dir)
     task = read_json(model_dir / "task.json")
     if task.get("task") != task_name:
         raise UserError(f"{model_dir} was fine-tuned for task '{task.get('task')}', not '{task_name}'")
