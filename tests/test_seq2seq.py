@@ -236,3 +236,35 @@ def test_too_long_inputs_are_refused():
     memory_kv = model.cross_kv(model.encode(torch.ones(1, 4, dtype=torch.long)))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.decode(torch.ones(1, 9, dtype=torch.long), memory_kv, None)
+
+
+def test_the_pointer_gives_a_distribution_that_only_copies_real_source_tokens():
+    model = tiny_model(copy=True)
+    sources = random_sequences([7, 3], 29, seed=4)
+    source, source_mask = right_pad(sources, value=28)  # the pad id is an ordinary token: only the mask hides it
+    decoder_input_ids = torch.randint(3, 29, (2, 6))
+    with torch.no_grad():
+        log_probs = model(source, source_mask, decoder_input_ids)
+        assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(2, 6), atol=1e-5)
+        # With the generator switched off, all mass sits on the ids of the real source tokens.
+        model.copy_gate.bias.fill_(-1e4)
+        copied = model(source, source_mask, decoder_input_ids).exp()
+    for row, ids in enumerate(sources):
+        assert torch.allclose(copied[row][:, sorted(set(ids))].sum(-1), torch.ones(6), atol=1e-5)
+        others = sorted(set(range(29)) - set(ids))
+        assert copied[row][:, others].max() < 1e-6
+
+
+def test_a_copying_model_decodes_with_the_cache_as_it_trains():
+    model = tiny_model(copy=True)
+    source, source_mask = right_pad(random_sequences([7, 4], 29, seed=5))
+    decoder_input_ids = torch.randint(3, 29, (2, 8))
+    with torch.no_grad():
+        full = model(source, source_mask, decoder_input_ids)
+        memory_kv = model.cross_kv(model.encode(source, source_mask), source)
+        cache = model.new_cache(batch_size=2, max_length=8)
+        steps = [model.decode(decoder_input_ids[:, i : i + 1], memory_kv, source_mask, cache=cache) for i in range(8)]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    greedy = greedy_search(model, source, source_mask, BOS, EOS, max_new_tokens=6)
+    beam = beam_search(model, source, source_mask, BOS, EOS, max_new_tokens=6, num_beams=1, length_penalty=0.0)
+    assert greedy == beam

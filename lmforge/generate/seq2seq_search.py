@@ -39,7 +39,7 @@ def greedy_search(
     batch = input_ids.shape[0]
     max_new_tokens = _room(model, max_new_tokens)
     outputs: list[list[int]] = [[] for _ in range(batch)]
-    memory_kv = model.cross_kv(model.encode(input_ids, attention_mask))
+    memory_kv = model.cross_kv(model.encode(input_ids, attention_mask), input_ids)
     source_mask = attention_mask
     cache = model.new_cache(batch, max_new_tokens)
     sources = list(range(batch))  # which source each live row decodes
@@ -92,7 +92,7 @@ def beam_search(
         raise ValueError(f"num_beams must be in [1, vocab_size / 2 = {vocab_size // 2}], not {num_beams}")
     max_new_tokens = _room(model, max_new_tokens)
     device = input_ids.device
-    memory_kv = model.cross_kv(model.encode(input_ids, attention_mask))
+    memory_kv = model.cross_kv(model.encode(input_ids, attention_mask), input_ids)
     # Row s * K + k holds beam k of source s; beams never move to another source, so cross K/V rows stay put.
     rows = torch.arange(batch, device=device).repeat_interleave(beams)
     memory_kv, source_mask = _keep_rows(rows, memory_kv, attention_mask)

@@ -29,7 +29,9 @@ from lmforge.models.layers import (
     padding_mask_for,
 )
 
-CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: key, value (B, H, S, head_dim)
+# Per decoder layer: key, value (B, H, S, head_dim); with `copy`, one more pair last: the pointer's keys (B, S, hidden)
+# and the source ids (B, S). Every entry is indexed by batch row, so search code reorders them all alike.
+CrossKV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Seq2SeqConfig:
     dropout: float = option(0.1, "dropout on embeddings, attention outputs and feed-forward outputs")
     initializer_range: float = option(0.02, "std of the normal weight init")
     norm: Literal["post", "pre"] = option("pre", "pre-norm blocks (trains fast from scratch) or post-norm (original)")
+    copy: bool = option(False, "pointer-generator: mix the vocabulary with attention over the source tokens")
 
     def __post_init__(self) -> None:
         for name in (
@@ -133,6 +136,10 @@ class Seq2Seq(nn.Module):
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm == "pre" else None
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Pointer-generator (See et al., https://arxiv.org/abs/1704.04368): a summary copies most of its words
+        # from the source, which a small model trained briefly cannot learn to spell through the vocabulary.
+        self.copy_keys = nn.Linear(config.hidden_size, config.hidden_size) if config.copy else None
+        self.copy_gate = nn.Linear(config.hidden_size, 1) if config.copy else None
         self.rotary = (
             RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
             if config.position == "rotary"
@@ -181,9 +188,14 @@ class Seq2Seq(nn.Module):
             )
         return self.encoder(input_ids, attention_mask)
 
-    def cross_kv(self, memory: torch.Tensor) -> CrossKV:
+    def cross_kv(self, memory: torch.Tensor, source_ids: torch.Tensor | None = None) -> CrossKV:
         """Each decoder layer's cross-attention keys and values of `memory`, computed once per source."""
-        return [layer.cross_attn.project_context(memory) for layer in self.decoder_layers]
+        memory_kv = [layer.cross_attn.project_context(memory) for layer in self.decoder_layers]
+        if self.copy_keys is not None:
+            if source_ids is None:
+                raise ValueError("a copying model needs the source ids: cross_kv(memory, source_ids)")
+            memory_kv.append((self.copy_keys(memory), source_ids))
+        return memory_kv
 
     def decode(
         self,
@@ -215,7 +227,27 @@ class Seq2Seq(nn.Module):
             x = layer(x, rotary, mask, is_causal, cache, index, memory_kv[index], cross_mask)
         if cache is not None:
             cache.advance(length)
-        return self.lm_head(self.decoder_norm(x) if self.decoder_norm is not None else x)
+        hidden = self.decoder_norm(x) if self.decoder_norm is not None else x
+        logits = self.lm_head(hidden)
+        if self.copy_keys is None:
+            return logits
+        return self._copy_log_probs(hidden, logits, memory_kv[-1], source_mask)
+
+    def _copy_log_probs(self, hidden, logits, pointer, source_mask) -> torch.Tensor:
+        """log(g * P_vocab + (1 - g) * attention mass on each source token's id): (B, T, vocab).
+
+        Log-probabilities are valid logits (their log-softmax is themselves), so losses and search are unchanged.
+        """
+        keys, source_ids = pointer  # (B, S, hidden), (B, S)
+        scores = hidden @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5  # (B, T, S)
+        if source_mask is not None:
+            scores = scores.masked_fill(~source_mask[:, None, :].bool(), float("-inf"))
+        attention = scores.float().softmax(dim=-1)
+        generate = torch.sigmoid(self.copy_gate(hidden).float())  # (B, T, 1)
+        probabilities = logits.float().softmax(dim=-1) * generate
+        ids = source_ids[:, None, :].expand(-1, hidden.shape[1], -1)  # (B, T, S)
+        probabilities = probabilities.scatter_add(-1, ids, attention * (1 - generate))
+        return probabilities.clamp_min(1e-20).log()
 
     def forward(
         self,
@@ -225,5 +257,5 @@ class Seq2Seq(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Teacher forcing: source (B, S) and decoder input [bos] + target (B, T) -> logits (B, T, vocab)."""
-        memory_kv = self.cross_kv(self.encode(input_ids, attention_mask))
+        memory_kv = self.cross_kv(self.encode(input_ids, attention_mask), input_ids)
         return self.decode(decoder_input_ids, memory_kv, attention_mask, decoder_attention_mask)
