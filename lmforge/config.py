@@ -28,6 +28,18 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def require_positive(config: Any, names: tuple[str, ...], section: str = "model") -> None:
+    """ValueError naming `section.name` for the first of `names` that is not > 0."""
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"{section}.{name} must be positive, not {getattr(config, name)}")
+
+
+def require_divisible(config: Any, name: str, by: str, section: str = "model") -> None:
+    if getattr(config, name) % getattr(config, by):
+        raise ValueError(f"{section}.{name} {getattr(config, name)} must be divisible by {by} {getattr(config, by)}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lmforge.config import option
+from lmforge.config import option, require_divisible, require_positive
 from lmforge.models.layers import (
     Attention,
     KVCache,
@@ -41,13 +41,11 @@ class DecoderConfig:
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, not {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+        require_positive(
+            self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+        )
+        require_divisible(self, "hidden_size", "num_heads")
+        require_divisible(self, "num_heads", "num_kv_heads")
 
     @property
     def head_dim(self) -> int:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmforge.config import option
+from lmforge.config import option, require_divisible, require_positive
 from lmforge.models.layers import Attention, GELUFeedForward, RotaryEmbedding, padding_mask_for
 
 Head = Literal["none", "mlm", "classify", "span"]
@@ -42,11 +42,10 @@ class EncoderConfig:
     norm: Literal["post", "pre"] = option("post", "post-norm blocks (BERT) or pre-norm (easier to train from scratch)")
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_labels"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, not {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        require_positive(
+            self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_labels")
+        )
+        require_divisible(self, "hidden_size", "num_heads")
 
     @property
     def head_dim(self) -> int:

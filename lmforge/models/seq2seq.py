@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmforge.config import option
+from lmforge.config import option, require_divisible, require_positive
 from lmforge.models.encoder import Embeddings, Encoder, EncoderConfig
 from lmforge.models.layers import (
     Attention,
@@ -52,19 +52,19 @@ class Seq2SeqConfig:
     copy: bool = option(False, "pointer-generator: mix the vocabulary with attention over the source tokens")
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_encoder_layers",
-            "num_decoder_layers",
-            "num_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, not {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        require_positive(
+            self,
+            (
+                "vocab_size",
+                "hidden_size",
+                "num_encoder_layers",
+                "num_decoder_layers",
+                "num_heads",
+                "intermediate_size",
+                "max_position_embeddings",
+            ),
+        )
+        require_divisible(self, "hidden_size", "num_heads")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), not {self.dropout}")
 
