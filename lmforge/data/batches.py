@@ -95,6 +95,21 @@ def _encode(texts: list[str], tokenizer: Tokenizer) -> Iterator[list[int]]:
         yield [tokenizer.bos_id, *ids, tokenizer.eos_id]
 
 
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, size: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def shuffled_indices(seed: int, size: int, first: int, count: int) -> list[int]:
+    """The items of samples first .. first + count - 1 when every one of `size` items is drawn once per epoch,
+    each epoch in its own seeded order: a pure function of its arguments, so resumed runs replay it exactly."""
+    indices = []
+    for sample in range(first, first + count):
+        epoch, position = divmod(sample, size)
+        indices.append(int(_epoch_order(seed, size, epoch)[position]))
+    return indices
+
+
 class LMWindows:
     """Non-overlapping windows of `context + 1` tokens: inputs are the first `context`, targets the last."""
 
@@ -115,19 +130,11 @@ class LMWindows:
         windows = torch.from_numpy(np.stack([self.window(int(i)).astype(np.int64) for i in indices]))
         return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
 
-    @lru_cache(maxsize=2)  # noqa: B019 - one object per run; the cache holds two permutations
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-
     def training_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch of step `step`: every window once per epoch, in a seeded order, a pure function of step."""
         if self.num_windows == 0:
             raise ValueError(f"the training data has fewer than {self.context + 1} tokens")
-        indices = []
-        for sample in range(step * batch_size, (step + 1) * batch_size):
-            epoch, position = divmod(sample, self.num_windows)
-            indices.append(self.epoch_order(epoch)[position])
-        return self.batch(indices)
+        return self.batch(shuffled_indices(self.seed, self.num_windows, step * batch_size, batch_size))
 
     def evaluation_batches(
         self, batch_size: int, max_windows: int | None = None

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmforge.config import option
+from lmforge.data.batches import shuffled_indices
 from lmforge.data.sources import SPLITS, read_records, read_split
 from lmforge.errors import UserError
 from lmforge.evaluate.report import markdown_table
@@ -101,15 +101,9 @@ class ExampleBatches:
         self.collate = collate
         self.seed = seed
 
-    @lru_cache(maxsize=2)  # noqa: B019 - one object per run; the cache holds two permutations
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-
     def batch(self, index: int) -> Any:
-        picked = []
-        for sample in range(index * self.batch_size, (index + 1) * self.batch_size):
-            epoch, position = divmod(sample, len(self.examples))
-            picked.append(self.examples[self.epoch_order(epoch)[position]])
+        positions = shuffled_indices(self.seed, len(self.examples), index * self.batch_size, self.batch_size)
+        picked = [self.examples[position] for position in positions]
         return self.collate(picked, np.random.default_rng([self.seed, index, 1]))
 
 
