@@ -10,9 +10,10 @@ Any Unicode string round-trips exactly: there is no normalizer (NFC/NFKC would
 rewrite the text) and decoding never cleans up spaces. The saved folder is one
 `transformers.AutoTokenizer` loads as-is.
 
-It deliberately does not know about models, chat templates or datasets: it maps
-text to ids and back. Where the special tokens go in a conversation is decided
-elsewhere.
+It deliberately does not know about models or datasets: it maps text to ids and
+back. It carries a chat template (a Jinja string saved in `tokenizer_config.json`)
+but does not render it; `data/chat.py` decides where the special tokens go in a
+conversation.
 """
 
 from __future__ import annotations
@@ -29,10 +30,19 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from lmforge.errors import UserError
-from lmforge.run_folder import atomic_write_text, write_json
+from lmforge.run_folder import atomic_write_text, read_json, write_json
 
 # ids 0..6 in this order; <mask> is for masked-LM pretraining of encoders.
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", "<mask>"]
+# ChatML (https://github.com/openai/openai-python/blob/v0.28.1/chatml.md), as Qwen uses it, after our <bos>:
+# every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; a reply starts with "<|im_start|>assistant\n".
+CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 # The same roles in tokenizers we import: BERT's WordPiece folders say [CLS] for <bos> and [SEP] for <eos>.
 ROLE_TOKENS = {
     "pad": ("<pad>", "[PAD]"),
@@ -97,6 +107,8 @@ class Tokenizer:
         self.im_start_id: int | None = ids["im_start"]
         self.im_end_id: int | None = ids["im_end"]
         self.mask_id: int | None = ids["mask"]
+        # Jinja source saved beside the vocabulary (None: `data/chat.py` falls back to ChatML).
+        self.chat_template: str | None = None
         self._token_bytes: list[bytes] | None = None
         self._fingerprint: str | None = None
 
@@ -129,7 +141,9 @@ class Tokenizer:
         )
         length = len(texts) if isinstance(texts, Sized) else None
         backend.train_from_iterator(texts, trainer=trainer, length=length)
-        return cls(backend)
+        tokenizer = cls(backend)
+        tokenizer.chat_template = CHATML_TEMPLATE
+        return tokenizer
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
@@ -140,10 +154,19 @@ class Tokenizer:
             backend = Backend.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception for malformed files
             raise UserError(f"cannot read {path}: {error}") from None
-        return cls(backend)
+        tokenizer = cls(backend)
+        config_path = Path(directory) / "tokenizer_config.json"
+        if config_path.is_file():
+            template = read_json(config_path).get("chat_template")
+            tokenizer.chat_template = template if isinstance(template, str) else None
+        return tokenizer
 
-    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
+    def save(
+        self, directory: str | Path, model_max_length: int | None = None, chat_template: str | None = None
+    ) -> None:
         """Write `tokenizer.json` and `tokenizer_config.json`, a folder `AutoTokenizer` can load.
+
+        `chat_template` (Jinja) is stored for `apply_chat_template`; default: the tokenizer's own, if any.
 
         `model_max_length` is the model's context length; the tokenizer does not
         know it, so it is written only when the caller passes it.
@@ -164,6 +187,8 @@ class Tokenizer:
         }
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
+        if chat_template or self.chat_template:
+            config["chat_template"] = chat_template or self.chat_template
         write_json(directory / "tokenizer_config.json", config)
 
     @property
