@@ -20,6 +20,7 @@ from lmforge.models.layers import (
     RotaryEmbedding,
     SwiGLU,
     attention_mask_for,
+    packed_attention,
     position_ids_for,
 )
 
@@ -116,15 +117,21 @@ class Decoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> final-norm hidden states (B, T, hidden).
 
         attention_mask, if given, covers the cached positions too: (B, past + T), 1 = real token.
+        segment_ids (B, T), for training on packed rows: attention stays within each document.
         """
         past_length = cache.length if cache is not None else 0
         length = input_ids.shape[1]
-        mask, is_causal = attention_mask_for(attention_mask, length, past_length)
-        position_ids = position_ids_for(attention_mask, length, past_length, input_ids.device)
+        if segment_ids is not None:
+            mask, position_ids = packed_attention(segment_ids)
+            is_causal = False
+        else:
+            mask, is_causal = attention_mask_for(attention_mask, length, past_length)
+            position_ids = position_ids_for(attention_mask, length, past_length, input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         rotary = self.rotary(position_ids, x.dtype)
         for index, layer in enumerate(self.layers):
@@ -139,9 +146,10 @@ class Decoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill needs only the last position)."""
-        hidden = self.hidden_states(input_ids, attention_mask, cache)
+        hidden = self.hidden_states(input_ids, attention_mask, cache, segment_ids)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)

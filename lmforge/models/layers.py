@@ -228,3 +228,21 @@ def position_ids_for(attention_mask: torch.Tensor | None, query_length: int, pas
         return torch.arange(past_length, past_length + query_length, device=device)
     positions = attention_mask.long().cumsum(-1) - 1  # (B, S)
     return positions[:, past_length:].clamp(min=0)
+
+
+def packed_attention(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several documents packed in one row: (causal mask that never crosses a document, positions per document).
+
+    segment_ids: (B, T), equal ids mark one document, consecutive; 0 marks padding.
+    Returns a (B, 1, T, T) boolean mask and (B, T) position ids restarting at 0 in each document,
+    so every document is computed exactly as if it were alone.
+    """
+    length = segment_ids.shape[1]
+    index = torch.arange(length, device=segment_ids.device)
+    causal = index[None, :] <= index[:, None]  # (T, T)
+    same_document = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    mask = (same_document & causal)[:, None]  # (B, 1, T, T); a padding query still sees itself
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first_index = torch.cummax(torch.where(starts, index, 0), dim=1).values  # (B, T)
+    return mask, index - first_index

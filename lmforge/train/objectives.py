@@ -16,3 +16,14 @@ def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
     inputs, targets = batch
     hidden = model.hidden_states(inputs)  # (B, T, hidden)
     return linear_cross_entropy(hidden, model.lm_head.weight, targets), targets.numel()
+
+
+def chat_sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy on assistant tokens only, over rows that pack several conversations.
+
+    batch: input_ids, targets (B, T) with -100 wherever the next token is not an assistant's,
+    segment_ids (B, T) keeping attention inside each conversation.
+    """
+    hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])  # (B, T, hidden)
+    targets = batch["targets"]
+    return linear_cross_entropy(hidden, model.lm_head.weight, targets), int((targets != -100).sum())
