@@ -29,6 +29,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
+from lmforge.data.instructions import instruction_records, preference_records
 from lmforge.errors import UserError
 
 # Longer .txt lines are yielded as consecutive pieces of this size, so a 10 MB line
@@ -95,6 +96,9 @@ def _reviews() -> Iterator[dict]:
 BUILTIN_SOURCES: dict[str, Callable[[], Iterator[dict]]] = {
     "peoples-daily": _peoples_daily,
     "reviews": _reviews,
+    # Chat data generated from the two corpora above (see data/instructions.py).
+    "instructions": lambda: instruction_records(_peoples_daily, _reviews),
+    "preferences": lambda: preference_records(_peoples_daily, _reviews),
 }
 _BUILTIN_NAMES = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
 _VALID_FORMS = f"a {'/'.join(FILE_FORMATS)} path or {_BUILTIN_NAMES}"
