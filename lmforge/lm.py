@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.config import from_dict
+from lmforge.data.chat import Message, check_messages, truncate_chat
 from lmforge.data.tokenizer import StreamDecoder, Tokenizer
 from lmforge.device import pick_device
 from lmforge.errors import UserError
@@ -99,7 +100,8 @@ class LM:
         if stream:
             if not single:
                 raise UserError("stream=True takes one prompt, not a list")
-            return (pieces[0] for pieces in self._pieces(prompts, stop, sampling, []))
+            config = self.sampling(**sampling)
+            return (pieces[0] for pieces in self._pieces(self._encode_prompts(prompts), stop, config, []))
         completions = self.complete(prompts, stop=stop, **sampling)
         texts = [completion.text for completion in completions]
         return texts[0] if single else texts
@@ -107,37 +109,82 @@ class LM:
     def complete(
         self, prompts: Sequence[str], *, stop: Sequence[str] | str | None = None, **sampling
     ) -> list[Completion]:
+        return self._collect(self._encode_prompts(prompts), stop, self.sampling(**sampling))
+
+    def chat(
+        self, messages: Sequence[Message], *, stream: bool = False, stop: Sequence[str] | str | None = None, **sampling
+    ) -> str | Iterator[str]:
+        """The assistant's reply to a conversation (a list of {role, content}), or an iterator of its pieces.
+
+        The oldest turns are dropped (never the system message) so that the history
+        plus `max_new_tokens` fits the model's context.
+        """
+        config = self.sampling(**sampling)
+        prompt_ids = [self.encode_chat_prompt(messages, config.max_new_tokens)]
+        stop_ids = [self.tokenizer.im_end_id]
+        if stream:
+            return (pieces[0] for pieces in self._pieces(prompt_ids, stop, config, [], stop_ids))
+        return self._collect(prompt_ids, stop, config, stop_ids)[0].text
+
+    def chat_complete(
+        self, conversations: Sequence[Sequence[Message]], *, stop: Sequence[str] | str | None = None, **sampling
+    ) -> list[Completion]:
+        """Replies to many conversations, decoded as one batch."""
+        config = self.sampling(**sampling)
+        prompt_ids = [self.encode_chat_prompt(messages, config.max_new_tokens) for messages in conversations]
+        return self._collect(prompt_ids, stop, config, [self.tokenizer.im_end_id])
+
+    def encode_chat_prompt(self, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
+        """The conversation with the assistant's turn opened, cut to leave `max_new_tokens` of context."""
+        messages = check_messages(list(messages))
+        context = self.model.config.max_position_embeddings
+        budget = context - min(max_new_tokens, context // 2)
+        return truncate_chat(self.tokenizer, messages, budget, add_generation_prompt=True)[1].ids
+
+    def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [self.encode_prompt(text) for text in prompts]
+
+    def _collect(self, prompt_ids, stop, config: SamplingConfig, stop_ids: Sequence[int] = ()) -> list[Completion]:
         completions: list[Completion] = []
-        texts = [""] * len(prompts)
-        for pieces in self._pieces(list(prompts), stop, sampling, completions):
+        texts = [""] * len(prompt_ids)
+        for pieces in self._pieces(prompt_ids, stop, config, completions, stop_ids):
             texts = [text + piece for text, piece in zip(texts, pieces)]
         return [dataclasses.replace(done, text=text) for done, text in zip(completions, texts)]
 
-    def _pieces(self, prompts: list[str], stop, sampling: dict, completions: list[Completion]) -> Iterator[list[str]]:
-        """Yield, per step, the new text of every row; fill `completions` (without text) at the end."""
-        if not prompts:
+    def _pieces(
+        self,
+        prompt_ids: list[list[int]],
+        stop,
+        config: SamplingConfig,
+        completions: list[Completion],
+        stop_ids: Sequence[int] = (),
+    ) -> Iterator[list[str]]:
+        """Yield, per step, the new text of every row; fill `completions` (without text) at the end.
+
+        A row ends at <eos>, at any of `stop_ids` (e.g. the chat end marker) or at a stop string.
+        """
+        if not prompt_ids:
             raise UserError("no prompt given")
         stop_strings = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        config = self.sampling(**sampling)
-        prompt_ids = [self.encode_prompt(text) for text in prompts]
+        end_ids = {self.tokenizer.eos_id, *stop_ids}
         context = self.model.config.max_position_embeddings
         for ids in prompt_ids:
             if len(ids) >= context:
                 raise UserError(f"the prompt has {len(ids)} tokens; this model's context holds {context}")
-        rows = len(prompts)
+        rows = len(prompt_ids)
         decoders = [StreamDecoder(self.tokenizer) for _ in range(rows)]
         pending = [""] * rows
         done = [False] * rows
         reasons = ["length"] * rows
         counts = [0] * rows
-        steps = stream_ids(self.model, prompt_ids, config, [self.tokenizer.eos_id], self.tokenizer.pad_id)
+        steps = stream_ids(self.model, prompt_ids, config, sorted(end_ids), self.tokenizer.pad_id)
         for step_tokens in steps:
             pieces = [""] * rows
             for row, token in enumerate(step_tokens):
                 if token is None or done[row]:
                     continue
                 counts[row] += 1
-                if token == self.tokenizer.eos_id:
+                if token in end_ids:
                     done[row], reasons[row] = True, "stop"
                     pieces[row] = pending[row] + decoders[row].flush()
                     continue

@@ -19,6 +19,7 @@ TASKS = {
     "translate": "zh->en or en->zh translation with an encoder-decoder ({src, tgt})",
     "summarize": "summarization with an encoder-decoder ({document, summary})",
     "qa": "extractive question answering with an encoder ({context, question, answers})",
+    "chat": "chat fine-tuning of a decoder on conversations ({messages}); --lora-rank for LoRA",
     "mcq": "multiple choice scored by a decoder's log-likelihood ({question, choices, answer}); evaluation only",
 }
 

@@ -1,0 +1,287 @@
+"""Chat: supervised fine-tuning of a pretrained decoder on conversations, with LoRA as an option.
+
+Conversations (`{messages: [{role, content}, ...]}`, ending with the assistant)
+are rendered with the chat template; only the assistant's tokens carry loss.
+Several conversations are packed into each training row, and attention never
+crosses from one to the next (`segment_ids`), so packing changes speed, not
+results. The report gives the loss on held-out assistant tokens and, for data
+with checkable answers (`builtin:instructions`), the exact-match accuracy of the
+model's greedy replies, per kind of instruction, beside the base model's.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import option, to_dict
+from lmforge.data.batches import pack_documents
+from lmforge.data.chat import chat_template, check_messages, truncate_chat
+from lmforge.data.instructions import CHECKABLE_KINDS
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.device import pick_device
+from lmforge.errors import UserError
+from lmforge.evaluate.report import plot_losses
+from lmforge.generate.sampling import SamplingConfig
+from lmforge.lm import LM, load, save_generation_config
+from lmforge.models import load_model, save_model
+from lmforge.models.decoder import Decoder
+from lmforge.run_folder import read_json, read_jsonl, write_json
+from lmforge.tasks.examples import (
+    ExampleBatches,
+    TaskData,
+    describe_split,
+    in_batches,
+    report_folders,
+    task_records,
+    write_task_report,
+)
+from lmforge.train.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
+from lmforge.train.objectives import chat_sft_loss
+from lmforge.train.trainer import TrainConfig, train
+
+FIELDS = ("messages",)
+KEY_FIELD = "prompt"  # what a single-file source is split by (builtin:instructions has it)
+VALID_ROWS = 32
+
+
+@dataclass
+class Recipe:
+    data: TaskData = option(
+        TaskData(source="builtin:instructions", valid_fraction=0.02, test_fraction=0.02, max_eval_examples=300),
+        "conversations: builtin:instructions, a folder of train/valid/test.jsonl ({messages}), or a file",
+    )
+    base: str | None = option(None, "the pretrained decoder (run folder) to fine-tune")
+    max_length: int = option(0, "tokens per packed training row (0 = the base model's context)")
+    lora: LoRAConfig = option(LoRAConfig(), "low-rank adapters; rank 0 trains every weight")
+    train: TrainConfig = option(
+        TrainConfig(max_steps=300, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=100, save_every=100),
+        "optimisation",
+    )
+    generation: SamplingConfig = option(SamplingConfig(), "sampling defaults saved with the chat model")
+    max_new_tokens: int = option(48, "reply length limit when scoring held-out instructions")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+def conversations(data: TaskData, split: str) -> list[dict]:
+    """The split's records, each checked to be a conversation that ends with an assistant reply."""
+    records = task_records(data, split, FIELDS, key_field=KEY_FIELD)
+    for number, record in enumerate(records, start=1):
+        messages = check_messages(record["messages"], f"record {number} of {data.source} ({split})")
+        if messages[-1]["role"] != "assistant":
+            raise UserError(f"record {number} of {data.source} ({split}) does not end with an assistant message")
+    return records
+
+
+def encode_conversations(tokenizer: Tokenizer, records: list[dict], length: int) -> list[tuple[list[int], list[bool]]]:
+    """(ids, loss_mask) per conversation, oldest turns dropped to fit; ones whose last turn cannot fit are left out."""
+    documents = []
+    for record in records:
+        try:
+            _, tokens = truncate_chat(tokenizer, record["messages"], length)
+        except UserError:
+            continue
+        if any(tokens.loss_mask):
+            documents.append((tokens.ids, tokens.loss_mask))
+    return documents
+
+
+def packed_rows(tokenizer: Tokenizer, records: list[dict], length: int, seed: int) -> dict[str, torch.Tensor]:
+    documents = encode_conversations(tokenizer, records, length)
+    if not documents:
+        raise UserError(f"no conversation fits in {length} tokens")
+    # Shuffled before packing, so a row mixes kinds of conversation instead of following the file order.
+    order = np.random.default_rng(seed).permutation(len(documents))
+    return pack_documents([documents[i] for i in order], length, tokenizer.pad_id)
+
+
+@torch.no_grad()
+def assistant_loss(model: Decoder, rows: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
+    """Mean cross-entropy (and perplexity) over the assistant tokens of packed rows."""
+    was_training = model.training
+    model.eval()
+    device = model.embed_tokens.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(rows["input_ids"]), batch_size):
+        batch = {name: tensor[start : start + batch_size].to(device) for name, tensor in rows.items()}
+        loss, tokens = chat_sft_loss(model, batch)
+        total += float(loss) * tokens
+        count += tokens
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "perplexity": float(np.exp(mean))}
+
+
+def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune `recipe.base` on conversations, save the chat model (and adapters), report on the test split."""
+    if not recipe.base:
+        raise UserError("chat fine-tuning needs a pretrained decoder: --base RUN_FOLDER (e.g. runs/demo)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(recipe.device)
+    model = load_model(recipe.base, device)
+    if not isinstance(model, Decoder):
+        raise UserError(f"{recipe.base} is not a decoder; chat fine-tuning needs one (e.g. lmforge demo's run)")
+    tokenizer = Tokenizer.load(recipe.base)
+    template = chat_template(tokenizer)
+    context = model.config.max_position_embeddings
+    length = min(recipe.max_length or context, context)
+    seed = recipe.train.seed
+    train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed)
+    valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed)
+    valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
+    if recipe.lora.enabled:
+        apply_lora(model, recipe.lora)
+    trainable, total = lora_parameters(model)
+    print(
+        f"chat fine-tuning: {trainable:,} of {total:,} parameters trainable ({trainable / total:.1%}) on {device}; "
+        f"{len(train_rows['input_ids']):,} packed rows of {length} tokens"
+    )
+    batches = ExampleBatches(range(len(train_rows["input_ids"])), recipe.train.batch_size, _stack(train_rows), seed)
+    started = time.perf_counter()
+    train(
+        model,
+        chat_sft_loss,
+        batches.batch,
+        recipe.train,
+        out_dir,
+        functools.partial(assistant_loss, rows=valid_rows),
+        resume=resume,
+        progress=progress,
+    )
+    minutes = (time.perf_counter() - started) / 60
+    if recipe.lora.enabled:
+        save_adapter(out_dir, model, recipe.lora, base=str(recipe.base))
+        merge_lora(model)  # the run folder also holds the merged model, so every command can use it as is
+    save_model(out_dir, model)
+    tokenizer.save(out_dir, model_max_length=context, chat_template=template)
+    save_generation_config(out_dir, recipe.generation, tokenizer)
+    write_json(
+        out_dir / "task.json",
+        {"task": "chat", "base": str(recipe.base), "trainable_parameters": trainable, "parameters": total},
+    )
+    write_json(out_dir / "recipe.json", to_dict(recipe))
+    plot_losses(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "loss.png", title=f"chat SFT on {recipe.data.source}")
+    return evaluate_run(
+        out_dir, recipe.data, "test", out_dir, training_minutes=minutes, progress=progress,
+        max_new_tokens=recipe.max_new_tokens,
+    )  # fmt: skip
+
+
+def _stack(rows: dict[str, torch.Tensor]):
+    def collate(indices: list[int], rng) -> dict[str, torch.Tensor]:
+        picked = torch.as_tensor(indices)
+        return {name: tensor[picked] for name, tensor in rows.items()}
+
+    return collate
+
+
+def _normalize(answer: str) -> str:
+    return answer.strip().rstrip("。.！!")
+
+
+def instruction_accuracy(
+    lm: LM, records: list[dict], max_new_tokens: int = 48, batch_size: int = 32
+) -> tuple[dict[str, float], list[str]]:
+    """Exact-match accuracy of greedy replies to each record's last turn: overall and per kind; and the replies."""
+    order = sorted(range(len(records)), key=lambda i: len(str(records[i]["messages"])))
+    replies = [""] * len(records)
+    for chunk in in_batches(order, batch_size):
+        completions = lm.chat_complete(
+            [records[i]["messages"][:-1] for i in chunk],
+            temperature=0.0,
+            repetition_penalty=1.0,
+            max_new_tokens=max_new_tokens,
+        )
+        for index, completion in zip(chunk, completions):
+            replies[index] = completion.text
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for record, reply in zip(records, replies):
+        correct = _normalize(reply) == _normalize(record["answer"])
+        hits["accuracy"].append(correct)
+        hits[f"accuracy_{record['kind']}"].append(correct)
+    return {name: float(np.mean(values)) for name, values in sorted(hits.items())}, replies
+
+
+def evaluate_run(
+    model_dir: str | Path,
+    data: TaskData,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    training_minutes: float | None = None,
+    progress: bool = True,
+    max_new_tokens: int = 48,
+) -> dict:
+    """Held-out assistant-token loss, and exact-match accuracy where the data has checkable answers."""
+    model_dir, out_dir = report_folders(model_dir, out_dir)
+    lm = load(model_dir)
+    records = conversations(data, split)
+    length = lm.model.config.max_position_embeddings
+    rows = packed_rows(lm.tokenizer, records, length, seed=0)
+    scores = {f"assistant_{k}": v for k, v in assistant_loss(lm.model, rows).items()}
+    checkable = [
+        r
+        for r in records
+        if r.get("answer") and r.get("kind") in CHECKABLE_KINDS and _fits(lm, r["messages"][:-1], max_new_tokens)
+    ]
+    shown = checkable or records
+    systems = []
+    if checkable:
+        accuracy, replies = instruction_accuracy(lm, checkable, max_new_tokens)
+        scores.update(accuracy)
+        base = _base_of(model_dir)
+        if base is not None:
+            base_accuracy, _ = instruction_accuracy(load(base), checkable, max_new_tokens)
+            systems.append((f"base model before fine-tuning ({base})", base_accuracy))
+    else:
+        replies = [c.text for c in lm.chat_complete([r["messages"][:-1] for r in records[:8]], temperature=0.0)]
+    systems.insert(0, ("lmforge chat model (greedy)", scores))
+    kinds = sorted(k for k in scores if k.startswith("accuracy_"))
+    columns = [("assistant_loss", "held-out assistant loss"), ("accuracy", "exact match")]
+    columns += [(k, k.removeprefix("accuracy_")) for k in kinds]
+    examples = [
+        {"conversation": _last_turn(r["messages"]), "reference": r["messages"][-1]["content"], "output": reply}
+        for r, reply in zip(shown[:8], replies[:8])
+    ]
+    metrics = {**scores, "examples_scored": len(checkable), "baselines": dict(systems[1:])}
+    notes = [
+        "Exact match: the greedy reply equals the reference answer (whitespace and a final full stop ignored), "
+        "scored on the records with a checkable answer whose prompt fits the context; "
+        "per-kind columns are that accuracy for one kind of instruction.",
+    ]
+    if training_minutes is not None:
+        metrics["training_minutes"] = training_minutes
+        notes.append(f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+    write_task_report(
+        out_dir, f"chat — {model_dir}", metrics, systems, columns, examples, describe_split(data, split, KEY_FIELD),
+        notes,
+    )  # fmt: skip
+    return metrics
+
+
+def _fits(lm: LM, messages: list[dict], max_new_tokens: int) -> bool:
+    try:
+        lm.encode_chat_prompt(messages, max_new_tokens)
+    except UserError:
+        return False
+    return True
+
+
+def _base_of(model_dir: Path) -> str | None:
+    task_file = model_dir / "task.json"
+    base = read_json(task_file).get("base") if task_file.is_file() else None
+    return base if base and (Path(base) / "config.json").is_file() else None
+
+
+def _last_turn(messages: list[dict]) -> str:
+    """The user's last message, shortened, with the turn number when there is history."""
+    users = [m["content"] for m in messages[:-1] if m["role"] == "user"]
+    text = users[-1].replace("\n", " ") if users else ""
+    text = text if len(text) <= 80 else text[:80] + "…"
+    return f"(turn {len(users)}) {text}" if len(users) > 1 else text

@@ -1,0 +1,251 @@
+"""Chat: the template matches transformers' apply_chat_template, loss only on the assistant, packing never leaks."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from lmforge.config import from_dict
+from lmforge.data.batches import IGNORE_INDEX, pack_documents
+from lmforge.data.chat import encode_chat, render_chat, truncate_chat
+from lmforge.data.instructions import CHECKABLE_KINDS
+from lmforge.data.sources import read_records
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.models import load_model, save_model
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.tasks import chat
+from lmforge.tasks.examples import TaskData
+from lmforge.train.lora import load_adapter
+from lmforge.train.objectives import chat_sft_loss
+
+CONVERSATION = [
+    {"role": "system", "content": "你是一个乐于助人的助手。"},
+    {"role": "user", "content": "今天天气怎么样？\n\n请简短回答"},
+    {"role": "assistant", "content": "今天天气很好。"},
+    {"role": "user", "content": "hello, 明天呢?"},
+    {"role": "assistant", "content": "明天下雨 rain"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    texts = ["今天天气很好，明天下雨。你是一个乐于助人的助手。", "hello rain, what about tomorrow?"] * 20
+    folder = tmp_path_factory.mktemp("tokenizer")
+    Tokenizer.train(texts, vocab_size=320, show_progress=False).save(folder)
+    return Tokenizer.load(folder)  # as a run folder gives it: the template read back from tokenizer_config.json
+
+
+def test_template_renders_the_same_ids_as_transformers_apply_chat_template(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    for messages, prompt in [(CONVERSATION, False), (CONVERSATION[:4], True), (CONVERSATION[1:2], True)]:
+        expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt)["input_ids"]
+        assert encode_chat(tokenizer, messages, prompt).ids == expected
+        assert reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == render_chat(
+            tokenizer, messages, prompt
+        )
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == tokenizer.chat_template
+
+
+def test_markers_are_single_special_tokens(tokenizer):
+    ids = encode_chat(tokenizer, CONVERSATION[1:2], add_generation_prompt=True).ids
+    assert ids[:2] == [tokenizer.bos_id, tokenizer.im_start_id]
+    assert ids.count(tokenizer.im_start_id) == 2 and ids.count(tokenizer.im_end_id) == 1
+
+
+def test_only_assistant_replies_and_their_end_markers_carry_loss(tokenizer):
+    tokens = encode_chat(tokenizer, CONVERSATION)
+    learned = [token for token, weight in zip(tokens.ids, tokens.loss_mask) if weight]
+    expected = []
+    for reply in ("今天天气很好。", "明天下雨 rain"):
+        expected += [*tokenizer.encode(reply), tokenizer.im_end_id]
+    assert learned == expected
+    # Everything the system and the user said has zero weight.
+    for message in CONVERSATION:
+        if message["role"] != "assistant":
+            spoken = tokenizer.encode(message["content"])
+            starts = [i for i in range(len(tokens.ids)) if tokens.ids[i : i + len(spoken)] == spoken]
+            assert starts and not any(tokens.loss_mask[starts[0] : starts[0] + len(spoken)])
+
+
+def test_truncation_drops_the_oldest_turns_and_keeps_the_system_prompt(tokenizer):
+    full = len(encode_chat(tokenizer, CONVERSATION).ids)
+    kept, tokens = truncate_chat(tokenizer, CONVERSATION, full - 1)
+    assert kept == [CONVERSATION[0], *CONVERSATION[3:]]
+    assert len(tokens.ids) <= full - 1
+    assert truncate_chat(tokenizer, CONVERSATION, full)[0] == CONVERSATION
+    with pytest.raises(UserError, match="last message needs"):
+        truncate_chat(tokenizer, CONVERSATION, 10)
+
+
+def test_templates_render_in_a_sandbox(tokenizer):
+    tokenizer.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    try:
+        with pytest.raises(UserError, match="chat template"):
+            render_chat(tokenizer, CONVERSATION)
+    finally:
+        tokenizer.chat_template = None
+
+
+def test_bad_messages_are_named():
+    with pytest.raises(UserError, match="role 'bot'"):
+        chat.check_messages([{"role": "bot", "content": "hi"}])
+    with pytest.raises(UserError, match="only the first"):
+        chat.check_messages([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+
+
+def tiny_decoder(vocab_size: int, context: int = 64, initializer_range: float = 0.02) -> Decoder:
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+        max_position_embeddings=context, initializer_range=initializer_range,
+    )  # fmt: skip
+    return Decoder(config).eval()
+
+
+def test_packed_conversations_compute_exactly_as_if_each_were_alone(tokenizer):
+    model = tiny_decoder(tokenizer.vocab_size, context=256)
+    documents = [encode_chat(tokenizer, CONVERSATION[i:j]) for i, j in ((1, 3), (3, 5), (0, 3))]
+    length = len(documents[0].ids) + len(documents[1].ids) + 3
+    rows = pack_documents([(d.ids, d.loss_mask) for d in documents], length, tokenizer.pad_id)
+    assert rows["input_ids"].shape[0] == 2  # the first two share a row, the third does not fit beside them
+    packed = model(rows["input_ids"][:1], segment_ids=rows["segment_ids"][:1])
+    start = 0
+    for document in documents[:2]:
+        alone = model(torch.tensor([document.ids]))
+        end = start + len(document.ids)
+        torch.testing.assert_close(packed[0, start:end], alone[0], atol=1e-5, rtol=1e-5)
+        start = end
+    # Targets: next assistant token within a conversation, never across the boundary or on padding.
+    targets, ids = rows["targets"][0], rows["input_ids"][0]
+    first = documents[0]
+    boundary = len(first.ids) - 1
+    assert targets[boundary] == IGNORE_INDEX
+    for t in range(boundary):
+        expected = first.ids[t + 1] if first.loss_mask[t + 1] else IGNORE_INDEX
+        assert targets[t] == expected
+    assert (targets[start:] == IGNORE_INDEX).all() and (ids[start:] == tokenizer.pad_id).all()
+
+
+def test_sft_loss_ignores_user_and_system_tokens(tokenizer):
+    model = tiny_decoder(tokenizer.vocab_size, context=256)
+    tokens = encode_chat(tokenizer, CONVERSATION)
+    rows = pack_documents([(tokens.ids, tokens.loss_mask)], 256, tokenizer.pad_id)
+    loss, count = chat_sft_loss(model, rows)
+    assert count == sum(tokens.loss_mask[1:])
+    # Changing what the user said changes the inputs but not which tokens are scored.
+    logits = model(rows["input_ids"], segment_ids=rows["segment_ids"])
+    reference = torch.nn.functional.cross_entropy(logits[0], rows["targets"][0], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_builtin_instructions_are_deterministic_and_their_answers_check_out():
+    first = list(itertools.islice(read_records("builtin:instructions"), 0, 30000, 97))
+    again = list(itertools.islice(read_records("builtin:instructions"), 0, 30000, 97))
+    assert first == again
+    records = list(itertools.islice(read_records("builtin:instructions"), 28000, 40000))
+    kinds = {r["kind"] for r in records}
+    assert {"sentiment", "repeat", "first_char", "count", "follow_up", "continue"} <= kinds
+    for record in records:
+        chat.check_messages(record["messages"])
+        assert record["messages"][-1] == {"role": "assistant", "content": record["answer"]}
+        user = record["messages"][-2]["content"] if record["kind"] != "follow_up" else record["messages"][1]["content"]
+        if record["kind"] == "repeat":
+            assert user.endswith(record["answer"])
+        if record["kind"] == "count":
+            phrase = user[1 : user.rindex("”有几个字")]
+            assert record["answer"] == f"{len(phrase)}个字"
+        if record["kind"] == "first_char":
+            assert user[1] == record["answer"]
+    preferences = list(itertools.islice(read_records("builtin:preferences"), 0, 2000))
+    assert all(p["chosen"] != p["rejected"] and p["messages"][-1]["role"] == "user" for p in preferences)
+    assert all(p["kind"] in CHECKABLE_KINDS for p in preferences)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    """A checkable task a tiny model learns in seconds: answer the colour word the user's sentence ends with."""
+    folder = tmp_path_factory.mktemp("chat-data")
+    words = ["红", "绿", "蓝", "黄"]
+    for split, count in (("train", 200), ("valid", 16), ("test", 16)):
+        records = []
+        for index in range(count):
+            word = words[(index * 7 + len(split)) % 4]
+            prompt = f"第{index}句的颜色是{word}"
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": word}]
+            records.append({"prompt": prompt, "kind": "first_char", "messages": messages, "answer": word})
+        write_jsonl(folder / f"{split}.jsonl", records)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, chat_data):
+    folder = tmp_path_factory.mktemp("base")
+    texts = [json.loads(line)["prompt"] for line in (chat_data / "train.jsonl").read_text().splitlines()]
+    tokenizer = Tokenizer.train(texts, vocab_size=300, show_progress=False)
+    tokenizer.save(folder)
+    # A wide init stands in for pretraining: a frozen output layer near zero would leave LoRA nothing to steer.
+    save_model(folder, tiny_decoder(tokenizer.vocab_size, context=64, initializer_range=0.2))
+    return folder
+
+
+def sft_overrides(chat_data, base_run, **extra) -> dict:
+    values = {
+        "data": {"source": str(chat_data)},
+        "base": str(base_run),
+        "train": {"max_steps": 120, "batch_size": 8, "lr": 1e-2, "warmup_steps": 10, "eval_every": 120},
+        "max_new_tokens": 4,
+        "device": "cpu",
+    }
+    return values | extra
+
+
+def test_sft_learns_the_task_and_reports_accuracy_beside_the_base(chat_data, base_run, tmp_path):
+    recipe = from_dict(chat.Recipe, sft_overrides(chat_data, base_run))
+    metrics = chat.finetune(recipe, tmp_path, progress=False)
+    losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["valid_loss"] for r in losses if "valid_loss" in r]
+    assert valid[-1] < valid[0] * 0.5
+    base_accuracy = metrics["baselines"][f"base model before fine-tuning ({base_run})"]["accuracy"]
+    assert metrics["accuracy"] >= 0.75 > base_accuracy
+    report = (tmp_path / "report.md").read_text()
+    assert "exact match" in report and "before fine-tuning" in report
+    assert (tmp_path / "tokenizer_config.json").is_file() and (tmp_path / "model.safetensors").is_file()
+
+
+def test_lora_sft_trains_few_parameters_and_saves_the_adapter_beside_the_merged_model(chat_data, base_run, tmp_path):
+    values = sft_overrides(chat_data, base_run, lora={"rank": 2, "alpha": 8.0, "targets": "q,v"})
+    values["train"]["weight_decay"] = 0.0
+    chat.finetune(from_dict(chat.Recipe, values), tmp_path, progress=False)
+    task = json.loads((tmp_path / "task.json").read_text())
+    assert task["trainable_parameters"] == 2 * 2 * (2 * 32 + 32 * 2) < 0.05 * task["parameters"]
+    losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    valid = [r["valid_loss"] for r in losses if "valid_loss" in r]
+    assert valid[-1] < valid[0] - 0.5
+    # The adapter, loaded onto the base on its own, gives what the saved merged model gives.
+    base = load_model(base_run)
+    load_adapter(tmp_path, base)
+    merged = load_model(tmp_path)
+    question = [{"role": "user", "content": "第1句的颜色是红"}]
+    ids = torch.tensor([encode_chat(Tokenizer.load(tmp_path), question, add_generation_prompt=True).ids])
+    torch.testing.assert_close(base(ids), merged(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_sft_needs_a_decoder_base(chat_data, tmp_path):
+    recipe = from_dict(chat.Recipe, {"data": {"source": str(chat_data)}})
+    with pytest.raises(UserError, match="--base"):
+        chat.finetune(recipe, tmp_path, progress=False)
+
+
+def test_conversations_must_end_with_the_assistant(tmp_path):
+    for split in ("train", "valid", "test"):
+        write_jsonl(tmp_path / f"{split}.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(UserError, match="record 1 .* does not end with an assistant"):
+        chat.conversations(TaskData(source=str(tmp_path)), "train")
