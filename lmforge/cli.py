@@ -151,6 +151,29 @@ def generate(
         typer.echo(text + completion)
 
 
+@app.command()
+def chat(
+    model: ModelOption,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="longest answer, in tokens")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    top_k: Annotated[int | None, typer.Option(help="sample among the k likeliest tokens (0 = all)")] = None,
+    top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = all)")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Chat with a chat model in the terminal: streamed answers, /reset, /system TEXT, /save FILE, /exit.
+
+    Example: lmforge chat --model runs/demo/chat --system "你是一个乐于助人的中文助手。"
+    """
+    import lmforge
+    from lmforge.chat_terminal import run_chat
+
+    lm = lmforge.load(model, device=device)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    run_chat(lm, system, **{key: value for key, value in sampling.items() if value is not None})
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     epilog="Tasks: " + "; ".join(f"{name}: {what}" for name, what in TASKS.items()),
@@ -163,6 +186,10 @@ def finetune(
     base: Annotated[str | None, typer.Option(help="model to start from: run folder, HF folder, builtin:minilm")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML recipe, e.g. recipes/sentiment.yaml")] = None,
     max_steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides train.max_steps)")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="train LoRA adapters of this rank (chat, dpo)")] = None,
+    lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale: updates times alpha/rank")] = None,
+    lora_targets: Annotated[str | None, typer.Option(help="LoRA targets: q,k,v,o,gate,up,down")] = None,
+    teacher: Annotated[str | None, typer.Option(help="teacher run folder (distill)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -170,7 +197,8 @@ def finetune(
 
     Any recipe key can be overridden as --section.key value (e.g. --train.lr 3e-4).
 
-    Example: lmforge finetune --task sentiment --data builtin:reviews --base builtin:minilm --out runs/sentiment
+    Examples: lmforge finetune --task sentiment --data builtin:reviews --base builtin:minilm --out runs/sentiment
+              lmforge finetune --task chat --base runs/demo --data builtin:instructions --lora-rank 8 --out runs/chat
     """
     from lmforge.config import from_dict, load_yaml, merge
     from lmforge.tasks import task_module
@@ -186,6 +214,12 @@ def finetune(
         overrides["base"] = base
     if max_steps is not None:
         overrides.setdefault("train", {})["max_steps"] = max_steps
+    lora = {"rank": lora_rank, "alpha": lora_alpha, "targets": lora_targets}
+    overrides.setdefault("lora", {}).update({key: value for key, value in lora.items() if value is not None})
+    if not overrides["lora"]:
+        del overrides["lora"]
+    if teacher:
+        overrides["teacher"] = teacher
     recipe = from_dict(module.Recipe, merge(load_yaml(config) if config else {}, overrides))
     metrics = module.finetune(recipe, out, resume=resume)
     _print_task_metrics(metrics)

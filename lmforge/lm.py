@@ -136,10 +136,15 @@ class LM:
 
     def encode_chat_prompt(self, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
         """The conversation with the assistant's turn opened, cut to leave `max_new_tokens` of context."""
+        return self.fit_chat(messages, max_new_tokens)[1]
+
+    def fit_chat(self, messages: Sequence[Message], max_new_tokens: int) -> tuple[list[Message], list[int]]:
+        """(the messages kept, their prompt ids): oldest turns dropped so `max_new_tokens` still fit the context."""
         messages = check_messages(list(messages))
         context = self.model.config.max_position_embeddings
         budget = context - min(max_new_tokens, context // 2)
-        return truncate_chat(self.tokenizer, messages, budget, add_generation_prompt=True)[1].ids
+        kept, tokens = truncate_chat(self.tokenizer, messages, budget, add_generation_prompt=True)
+        return kept, tokens.ids
 
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.encode_prompt(text) for text in prompts]
