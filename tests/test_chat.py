@@ -14,7 +14,7 @@ from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.sources import read_records
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.models import load_model, save_model
+from lmforge.models import load_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.tasks import chat
 from lmforge.tasks.examples import TaskData
@@ -135,7 +135,8 @@ def test_sft_loss_ignores_user_and_system_tokens(tokenizer):
     tokens = encode_chat(tokenizer, CONVERSATION)
     rows = pack_documents([(tokens.ids, tokens.loss_mask)], 256, tokenizer.pad_id)
     loss, count = chat_sft_loss(model, rows)
-    assert count == sum(tokens.loss_mask[1:])
+    assert count == len(tokens.ids)
+    assert int((rows["targets"] != IGNORE_INDEX).sum()) == sum(tokens.loss_mask[1:])
     # Changing what the user said changes the inputs but not which tokens are scored.
     logits = model(rows["input_ids"], segment_ids=rows["segment_ids"])
     reference = torch.nn.functional.cross_entropy(logits[0], rows["targets"][0], ignore_index=IGNORE_INDEX)
@@ -163,37 +164,6 @@ def test_builtin_instructions_are_deterministic_and_their_answers_check_out():
     preferences = list(itertools.islice(read_records("builtin:preferences"), 0, 2000))
     assert all(p["chosen"] != p["rejected"] and p["messages"][-1]["role"] == "user" for p in preferences)
     assert all(p["kind"] in CHECKABLE_KINDS for p in preferences)
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory):
-    """A checkable task a tiny model learns in seconds: answer the colour word the user's sentence ends with."""
-    folder = tmp_path_factory.mktemp("chat-data")
-    words = ["红", "绿", "蓝", "黄"]
-    for split, count in (("train", 200), ("valid", 16), ("test", 16)):
-        records = []
-        for index in range(count):
-            word = words[(index * 7 + len(split)) % 4]
-            prompt = f"第{index}句的颜色是{word}"
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": word}]
-            records.append({"prompt": prompt, "kind": "first_char", "messages": messages, "answer": word})
-        write_jsonl(folder / f"{split}.jsonl", records)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, chat_data):
-    folder = tmp_path_factory.mktemp("base")
-    texts = [json.loads(line)["prompt"] for line in (chat_data / "train.jsonl").read_text().splitlines()]
-    tokenizer = Tokenizer.train(texts, vocab_size=300, show_progress=False)
-    tokenizer.save(folder)
-    # A wide init stands in for pretraining: a frozen output layer near zero would leave LoRA nothing to steer.
-    save_model(folder, tiny_decoder(tokenizer.vocab_size, context=64, initializer_range=0.2))
-    return folder
 
 
 def sft_overrides(chat_data, base_run, **extra) -> dict:
@@ -244,7 +214,7 @@ def test_sft_needs_a_decoder_base(chat_data, tmp_path):
         chat.finetune(recipe, tmp_path, progress=False)
 
 
-def test_conversations_must_end_with_the_assistant(tmp_path):
+def test_conversations_must_end_with_the_assistant(tmp_path, write_jsonl):
     for split in ("train", "valid", "test"):
         write_jsonl(tmp_path / f"{split}.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(UserError, match="record 1 .* does not end with an assistant"):

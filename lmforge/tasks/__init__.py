@@ -20,6 +20,7 @@ TASKS = {
     "summarize": "summarization with an encoder-decoder ({document, summary})",
     "qa": "extractive question answering with an encoder ({context, question, answers})",
     "chat": "chat fine-tuning of a decoder on conversations ({messages}); --lora-rank for LoRA",
+    "dpo": "preference tuning of a chat model with DPO ({messages, chosen, rejected})",
     "mcq": "multiple choice scored by a decoder's log-likelihood ({question, choices, answer}); evaluation only",
 }
 

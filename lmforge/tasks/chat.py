@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.config import option, to_dict
-from lmforge.data.batches import pack_documents
+from lmforge.data.batches import IGNORE_INDEX, pack_documents
 from lmforge.data.chat import chat_template, check_messages, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.tokenizer import Tokenizer
@@ -110,7 +110,8 @@ def assistant_loss(model: Decoder, rows: dict[str, torch.Tensor], batch_size: in
     total, count = 0.0, 0
     for start in range(0, len(rows["input_ids"]), batch_size):
         batch = {name: tensor[start : start + batch_size].to(device) for name, tensor in rows.items()}
-        loss, tokens = chat_sft_loss(model, batch)
+        loss, _ = chat_sft_loss(model, batch)
+        tokens = int((batch["targets"] != IGNORE_INDEX).sum())
         total += float(loss) * tokens
         count += tokens
     model.train(was_training)
@@ -118,18 +119,40 @@ def assistant_loss(model: Decoder, rows: dict[str, torch.Tensor], batch_size: in
     return {"loss": mean, "perplexity": float(np.exp(mean))}
 
 
+def load_decoder_base(base: str | None, device: str, task: str) -> tuple[Decoder, Tokenizer]:
+    """The decoder and tokenizer a fine-tuning task starts from; its tokenizer must have a chat template."""
+    if not base:
+        raise UserError(f"{task} needs a decoder to start from: --base RUN_FOLDER (e.g. runs/demo)")
+    model = load_model(base, pick_device(device))
+    if not isinstance(model, Decoder):
+        raise UserError(f"{base} is not a decoder; {task} needs one (e.g. lmforge demo's run)")
+    tokenizer = Tokenizer.load(base)
+    tokenizer.chat_template = chat_template(tokenizer)
+    return model, tokenizer
+
+
+def save_tuned_decoder(
+    out_dir: Path, model: Decoder, tokenizer: Tokenizer, recipe, task: dict, trainable: int, title: str
+) -> None:
+    """A run folder any command can use: the (merged) model, adapters when LoRA was used, tokenizer, report inputs."""
+    if recipe.lora.enabled:
+        save_adapter(out_dir, model, recipe.lora, base=str(recipe.base))
+        merge_lora(model)  # the run folder also holds the merged model, so every command can use it as is
+    save_model(out_dir, model)
+    tokenizer.save(out_dir, model_max_length=model.config.max_position_embeddings)
+    save_generation_config(out_dir, recipe.generation, tokenizer)
+    parameters = model.num_parameters()
+    write_json(out_dir / "task.json", {**task, "trainable_parameters": trainable, "parameters": parameters})
+    write_json(out_dir / "recipe.json", to_dict(recipe))
+    plot_losses(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "loss.png", title=title)
+
+
 def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Fine-tune `recipe.base` on conversations, save the chat model (and adapters), report on the test split."""
-    if not recipe.base:
-        raise UserError("chat fine-tuning needs a pretrained decoder: --base RUN_FOLDER (e.g. runs/demo)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(recipe.device)
-    model = load_model(recipe.base, device)
-    if not isinstance(model, Decoder):
-        raise UserError(f"{recipe.base} is not a decoder; chat fine-tuning needs one (e.g. lmforge demo's run)")
-    tokenizer = Tokenizer.load(recipe.base)
-    template = chat_template(tokenizer)
+    model, tokenizer = load_decoder_base(recipe.base, recipe.device, "chat fine-tuning")
+    device = model.embed_tokens.weight.device
     context = model.config.max_position_embeddings
     length = min(recipe.max_length or context, context)
     seed = recipe.train.seed
@@ -156,18 +179,8 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
         progress=progress,
     )
     minutes = (time.perf_counter() - started) / 60
-    if recipe.lora.enabled:
-        save_adapter(out_dir, model, recipe.lora, base=str(recipe.base))
-        merge_lora(model)  # the run folder also holds the merged model, so every command can use it as is
-    save_model(out_dir, model)
-    tokenizer.save(out_dir, model_max_length=context, chat_template=template)
-    save_generation_config(out_dir, recipe.generation, tokenizer)
-    write_json(
-        out_dir / "task.json",
-        {"task": "chat", "base": str(recipe.base), "trainable_parameters": trainable, "parameters": total},
-    )
-    write_json(out_dir / "recipe.json", to_dict(recipe))
-    plot_losses(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "loss.png", title=f"chat SFT on {recipe.data.source}")
+    task = {"task": "chat", "base": str(recipe.base)}
+    save_tuned_decoder(out_dir, model, tokenizer, recipe, task, trainable, f"chat SFT on {recipe.data.source}")
     return evaluate_run(
         out_dir, recipe.data, "test", out_dir, training_minutes=minutes, progress=progress,
         max_new_tokens=recipe.max_new_tokens,

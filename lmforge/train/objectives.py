@@ -25,5 +25,5 @@ def chat_sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     segment_ids (B, T) keeping attention inside each conversation.
     """
     hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])  # (B, T, hidden)
-    targets = batch["targets"]
-    return linear_cross_entropy(hidden, model.lm_head.weight, targets), int((targets != -100).sum())
+    # Tokens processed (for tokens/s), not only the ones scored.
+    return linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"]), int((batch["segment_ids"] > 0).sum())
