@@ -1,0 +1,201 @@
+"""Knowledge distillation (https://arxiv.org/abs/1503.02531): a smaller decoder learns from a teacher's logits.
+
+The student shares the teacher's tokenizer and trains on the same text with
+loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy,
+where _T is a softmax at temperature T (the T^2 keeps the gradient scale of the
+soft term independent of T). The report sets student and teacher side by side:
+parameters, validation perplexity and bits per character, and greedy decoding
+speed measured in interleaved rounds on this machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import option, to_dict
+from lmforge.data.batches import LMWindows, token_cache
+from lmforge.device import autocast_dtype, pick_device
+from lmforge.errors import UserError
+from lmforge.evaluate.perplexity import evaluate_lm, evaluate_source
+from lmforge.evaluate.report import plot_losses
+from lmforge.generate.decode import generate_ids
+from lmforge.generate.sampling import SamplingConfig
+from lmforge.lm import LM, load, read_generation_config, save_generation_config
+from lmforge.models import load_model, save_model
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.run_folder import read_json, read_jsonl, write_json
+from lmforge.tasks.examples import TaskData, report_folders, write_task_report
+from lmforge.train.trainer import TrainConfig, train
+
+SPLIT_FRACTIONS = (0.01, 0.01)  # pretraining's validation and test shares, so the teacher never saw them
+
+
+@dataclass
+class Recipe:
+    data: TaskData = option(TaskData(source="builtin:peoples-daily"), "text to distil on (split as in pretraining)")
+    teacher: str | None = option(None, "the teacher decoder (run folder)")
+    context: int = option(256, "tokens per training window")
+    model: DecoderConfig = option(
+        DecoderConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352), "the student's shape"
+    )
+    temperature: float = option(2.0, "softmax temperature of the soft targets")
+    alpha: float = option(0.5, "weight of the distillation term; 1 - alpha goes to the ordinary LM loss")
+    train: TrainConfig = option(
+        TrainConfig(max_steps=300, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=100, save_every=100),
+        "optimisation",
+    )
+    eval_windows: int = option(64, "validation windows for perplexity")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, not {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], not {self.alpha}")
+
+
+def distillation_loss(
+    model: Decoder, batch: tuple[torch.Tensor, torch.Tensor], teacher: Decoder, temperature: float, alpha: float
+) -> tuple[torch.Tensor, int]:
+    inputs, targets = batch
+    logits = model(inputs).float()  # (B, T, V)
+    with torch.no_grad():
+        soft_targets = F.log_softmax(teacher(inputs).float() / temperature, dim=-1)
+    student = F.log_softmax(logits / temperature, dim=-1)
+    # KL(teacher || student) per token, averaged over tokens.
+    kl = F.kl_div(student.flatten(0, 1), soft_targets.flatten(0, 1), log_target=True, reduction="batchmean")
+    lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return alpha * temperature**2 * kl + (1 - alpha) * lm, targets.numel()
+
+
+@torch.inference_mode()
+def decoding_speed(lms: dict[str, LM], new_tokens: int = 64, rounds: int = 5) -> dict[str, float]:
+    """Greedy tokens/s of each model on the same prompt, in interleaved rounds; the median per model."""
+    timings: dict[str, list[float]] = {name: [] for name in lms}
+    config = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0, repetition_penalty=1.0)
+    for _ in range(rounds):
+        for name, lm in lms.items():
+            prompt = [lm.encode_prompt("中国人民")]
+            started = time.perf_counter()
+            generated = generate_ids(lm.model, prompt, config, pad_id=lm.tokenizer.pad_id)[0].token_ids
+            timings[name].append(len(generated) / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Distil `recipe.teacher` into a student of shape `recipe.model`; report student beside teacher."""
+    if not recipe.teacher:
+        raise UserError("distillation needs a teacher: --teacher RUN_FOLDER (e.g. runs/demo)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(recipe.device)
+    teacher = load_model(recipe.teacher, device)
+    if not isinstance(teacher, Decoder):
+        raise UserError(f"{recipe.teacher} is not a decoder; distillation here is for decoders")
+    teacher.requires_grad_(False)
+    lm = load(recipe.teacher, device=str(device))
+    tokenizer = lm.tokenizer
+    recipe.model.vocab_size = teacher.config.vocab_size
+    recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.context)
+    source, seed = recipe.data.source, recipe.train.seed
+    train_windows = LMWindows(token_cache(source, "train", tokenizer, *SPLIT_FRACTIONS), recipe.context, seed=seed)
+    valid_windows = LMWindows(token_cache(source, "valid", tokenizer, *SPLIT_FRACTIONS), recipe.context)
+    if len(train_windows) == 0 or len(valid_windows) == 0:
+        raise UserError(f"{source} is too small: each split needs more than {recipe.context} tokens")
+    torch.manual_seed(seed)
+    student = Decoder(recipe.model).to(device)
+    print(
+        f"distilling a {teacher.num_parameters():,}-parameter teacher into a "
+        f"{student.num_parameters():,}-parameter student on {device}"
+    )
+    objective = functools.partial(
+        distillation_loss, teacher=teacher, temperature=recipe.temperature, alpha=recipe.alpha
+    )
+    evaluate = functools.partial(
+        evaluate_lm,
+        windows=valid_windows,
+        token_bytes=tokenizer.token_bytes(),
+        batch_size=recipe.train.batch_size,
+        max_windows=recipe.eval_windows,
+        autocast_dtype=autocast_dtype(device, recipe.train.precision),
+    )
+    batches = functools.partial(train_windows.training_batch, batch_size=recipe.train.batch_size)
+    started = time.perf_counter()
+    train(student, objective, batches, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
+    minutes = (time.perf_counter() - started) / 60
+    save_model(out_dir, student)
+    tokenizer.save(out_dir, model_max_length=recipe.model.max_position_embeddings)
+    save_generation_config(out_dir, read_generation_config(recipe.teacher), tokenizer)
+    write_json(out_dir / "recipe.json", to_dict(recipe))
+    write_json(out_dir / "task.json", {"task": "distill", "teacher": str(recipe.teacher)})
+    plot_losses(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "loss.png", title=f"distillation on {source}")
+    return evaluate_run(out_dir, recipe.data, "valid", out_dir, training_minutes=minutes, progress=progress)
+
+
+def evaluate_run(
+    model_dir: str | Path,
+    data: TaskData,
+    split: str = "valid",
+    out_dir: str | Path | None = None,
+    training_minutes: float | None = None,
+    progress: bool = True,
+    max_windows: int = 64,
+) -> dict:
+    """Student beside teacher: parameters, perplexity and bits per character on `split`, greedy decoding speed."""
+    model_dir, out_dir = report_folders(model_dir, out_dir)
+    task_file = model_dir / "task.json"
+    teacher_dir = read_json(task_file).get("teacher") if task_file.is_file() else None
+    if not teacher_dir or not (Path(teacher_dir) / "config.json").is_file():
+        raise UserError(f"{model_dir} names no teacher folder that exists (task.json 'teacher')")
+    lms = {"student": load(model_dir), "teacher": load(teacher_dir)}
+    rows = []
+    speeds = decoding_speed(lms)
+    for name, lm in lms.items():
+        scores = evaluate_source(lm, data.source, split, max_windows)
+        rows.append(
+            (
+                f"{name} ({model_dir if name == 'student' else teacher_dir})",
+                {**scores, "parameters": lm.model.num_parameters(), "tokens_per_second": speeds[name]},
+            )
+        )
+    student, teacher = rows[0][1], rows[1][1]
+    metrics = {
+        "perplexity": student["perplexity"],
+        "bits_per_char": student["bits_per_char"],
+        "parameters": student["parameters"],
+        "size_ratio": student["parameters"] / teacher["parameters"],
+        "speedup": student["tokens_per_second"] / teacher["tokens_per_second"],
+        "baselines": {"teacher": {k: teacher[k] for k in ("perplexity", "bits_per_char", "parameters")}},
+    }
+    columns = [
+        ("parameters", "parameters"),
+        ("perplexity", "perplexity"),
+        ("bits_per_char", "bits per character"),
+        ("tokens_per_second", "greedy tokens/s (median of 5 interleaved rounds)"),
+    ]
+    notes = [
+        f"Student: {metrics['size_ratio']:.0%} of the teacher's parameters, {metrics['speedup']:.2f}x its decoding "
+        f"speed; perplexity on the {split} split of {data.source} (split as in pretraining, first {max_windows} "
+        "windows of the model's context)."
+    ]
+    if training_minutes is not None:
+        metrics["training_minutes"] = training_minutes
+        notes.append(f"Distillation took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+    samples = [
+        {
+            "prompt": prompt,
+            **{name: lm.generate(prompt, temperature=0.0, max_new_tokens=30) for name, lm in lms.items()},
+        }
+        for prompt in ("中国人民", "今年经济工作的")
+    ]
+    write_task_report(
+        out_dir, f"distill — {model_dir}", metrics, rows, columns, samples, f"{data.source} ({split} split)", notes
+    )
+    return metrics
