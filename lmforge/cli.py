@@ -35,15 +35,16 @@ DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA, then MP
 def demo(
     out: Annotated[Path, typer.Option(help="run folder to write")] = Path("runs/demo"),
     minutes: Annotated[float, typer.Option(help="wall-time budget for pretraining")] = 5.0,
+    chat_minutes: Annotated[float, typer.Option(help="wall-time budget for chat fine-tuning (0 = skip it)")] = 1.5,
     device: DeviceOption = "auto",
 ) -> None:
-    """The main job on the built-in corpus: tokenizer, pretraining, evaluation, samples, report.
+    """The main job on the built-in corpus: tokenizer, pretraining, chat fine-tuning, evaluation, samples, report.
 
     Example: lmforge demo --out runs/demo
     """
     from lmforge.demo import run_demo
 
-    run_demo(out, minutes=minutes, device=device)
+    run_demo(out, minutes=minutes, device=device, chat_minutes=chat_minutes)
 
 
 @tokenizer_app.command("train")

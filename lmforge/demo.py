@@ -1,9 +1,12 @@
-"""`lmforge demo`: the whole pipeline on the built-in corpus in about five minutes on two CPU cores.
+"""`lmforge demo`: the whole pipeline on the built-in corpus in about seven minutes on two CPU cores.
 
 Trains a tokenizer on People's Daily (January 1998), pretrains a small decoder
 with the packaged `demo.yaml` recipe, measures validation perplexity and bits
-per character before and after, continues three Chinese prompts, and writes
-`report.md` beside the run folder's weights, metrics and loss plot.
+per character before and after, and continues three Chinese prompts. Then it
+fine-tunes the decoder into a chat model on `builtin:instructions`
+(`demo-chat.yaml`, in `runs/demo/chat`), scores it on held-out instructions and
+holds a scripted two-turn conversation. `report.md` gathers all of it beside the
+run folder's weights, metrics and loss plot.
 """
 
 from __future__ import annotations
@@ -20,18 +23,66 @@ from lmforge.run_folder import atomic_write_text
 from lmforge.train.pretrain import load_recipe, pretrain
 
 PROMPTS = ["中国人民", "新华社北京１月１日电", "今年经济工作的"]
+CONVERSATION = [
+    "这条商品评论是正面还是负面？\n房间很干净，服务员也很热情，早餐种类很多，下次还会再来。",
+    "这位顾客满意吗？只回答是或否。",
+]
 
 
-def demo_recipe_path() -> Path:
-    return Path(str(importlib.resources.files("lmforge.recipes") / "demo.yaml"))
+def demo_recipe_path(name: str = "demo.yaml") -> Path:
+    return Path(str(importlib.resources.files("lmforge.recipes") / name))
 
 
-def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 5.0, device: str = "auto") -> Path:
+def chat_step(base_dir: Path, minutes: float, device: str) -> tuple[dict, list[tuple[str, str]]]:
+    """Chat fine-tuning of the pretrained demo model; (its held-out metrics, a scripted two-turn conversation)."""
+    from lmforge import load
+    from lmforge.config import from_dict, load_yaml, merge
+    from lmforge.tasks import chat
+
+    overrides = {"base": str(base_dir), "device": device, "train": {"max_minutes": minutes}}
+    recipe = from_dict(chat.Recipe, merge(load_yaml(demo_recipe_path("demo-chat.yaml")), overrides))
+    metrics = chat.finetune(recipe, base_dir / "chat")
+    lm = load(base_dir / "chat", device=device)
+    messages, turns = [], []
+    for question in CONVERSATION:
+        messages.append({"role": "user", "content": question})
+        answer = lm.chat(messages, temperature=0.0)
+        messages.append({"role": "assistant", "content": answer})
+        turns.append((question, answer))
+    return metrics, turns
+
+
+def chat_section(metrics: dict, turns: list[tuple[str, str]], chat_dir: Path) -> str:
+    kinds = sorted(k.removeprefix("accuracy_") for k in metrics if k.startswith("accuracy_"))
+    base = next(iter(metrics["baselines"].values()), {})
+    table = markdown_table(
+        ["held-out instructions (exact match)", "all", *kinds],
+        [
+            [name, values.get("accuracy", 0.0), *(values.get(f"accuracy_{kind}", 0.0) for kind in kinds)]
+            for name, values in (("pretrained model", base), ("after chat fine-tuning", metrics))
+        ],
+    )
+    conversation = "\n\n".join(f"**用户**：{q.replace(chr(10), ' ')}\n\n**助手**：{a}" for q, a in turns)
+    return f"""## Chat fine-tuning (`builtin:instructions`, {metrics.get("training_minutes", 0):.1f} minutes)
+
+{table}
+
+Scored on {metrics["examples_scored"]} held-out instructions; details in `chat/report.md`. \
+Talk to it: `lmforge chat --model {chat_dir}`
+
+### A scripted two-turn conversation (greedy)
+
+{conversation}
+"""
+
+
+def run_demo(
+    out_dir: str | Path = "runs/demo", minutes: float = 5.0, device: str = "auto", chat_minutes: float = 1.5
+) -> Path:
     out_dir = Path(out_dir)
     recipe = load_recipe(demo_recipe_path(), {"device": device, "train": {"max_minutes": minutes}})
     started = time.perf_counter()
     result = pretrain(recipe, out_dir)
-    elapsed = time.perf_counter() - started
     data = recipe.data
     valid_texts = [record_text(r) for r in read_split(data.source, "valid", data.valid_fraction, data.test_fraction)]
     stats = tokenizer_stats(result.tokenizer, valid_texts)
@@ -42,6 +93,11 @@ def run_demo(out_dir: str | Path = "runs/demo", minutes: float = 5.0, device: st
     steps = train_records[-1]["step"] if train_records else 0
     tokens = train_records[-1]["tokens"] if train_records else 0
     training_seconds = train_records[-1]["elapsed"] if train_records else 0.0
+    chat_text = ""
+    if chat_minutes > 0:
+        chat_metrics, turns = chat_step(out_dir, chat_minutes, device)
+        chat_text = chat_section(chat_metrics, turns, out_dir / "chat")
+    elapsed = time.perf_counter() - started
 
     numbers = markdown_table(
         ["validation", "before training", "after training"],
@@ -91,10 +147,16 @@ top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetitio
 ## Loss
 
 ![loss](loss.png)
-"""
+
+{chat_text}"""
     atomic_write_text(out_dir / "report.md", report)
     print(f"\n{numbers}\n")
     for prompt, text in samples:
         print(f"{prompt} → {prompt}{text}\n")
-    print(f'report: {out_dir / "report.md"}   (chat with it: lmforge generate --model {out_dir} "{PROMPTS[0]}")')
+    if chat_text:
+        print(chat_text)
+    print(f"report: {out_dir / 'report.md'}")
+    print(f'continue text: lmforge generate --model {out_dir} "{PROMPTS[0]}"')
+    if chat_minutes > 0:
+        print(f"chat with it:  lmforge chat --model {out_dir / 'chat'}")
     return out_dir

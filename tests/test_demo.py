@@ -8,9 +8,10 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_writes_a_report_with_falling_perplexity(tmp_path):
+def test_demo_writes_a_report_with_falling_perplexity_and_a_chat_model(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lmforge", "demo", "--out", str(tmp_path / "demo"), "--minutes", "0.5"],
+        [sys.executable, "-m", "lmforge", "demo", "--out", str(tmp_path / "demo")]
+        + ["--minutes", "0.5", "--chat-minutes", "0.3"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -23,3 +24,8 @@ def test_demo_writes_a_report_with_falling_perplexity(tmp_path):
     assert report.count("**") >= 12  # three prompts, sampled and greedy
     for name in ("loss.png", "model.safetensors", "tokenizer.json", "metrics.jsonl", "generation_config.json"):
         assert (tmp_path / "demo" / name).is_file()
+    # The chat step: held-out accuracy beside the pretrained model, and a two-turn conversation.
+    assert "## Chat fine-tuning" in report and "after chat fine-tuning" in report
+    assert report.count("**助手**") == 2
+    chat_config = (tmp_path / "demo" / "chat" / "tokenizer_config.json").read_text(encoding="utf-8")
+    assert "chat_template" in chat_config
