@@ -127,12 +127,15 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
         num_beams=2,
         valid_examples=10,
         train=tiny_train(100),
+        lead_pretraining_steps=5,
         device="cpu",
     )
     run = tmp_path / "run"
     metrics = summarize.finetune(recipe, run, progress=False)
 
     assert (run / "model.safetensors").is_file() and (run / "loss.png").is_file()
+    # The lead-bias phase ran first, in its own folder, for its own number of steps.
+    assert [r["step"] for r in read_jsonl(run / "warm-up" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert {"rouge1", "rouge2", "rougeL"} <= set(metrics) and {"rouge1", "rouge2", "rougeL"} <= set(metrics["greedy"])
     assert "lead" in metrics["baselines"] and "lead" in (run / "report.md").read_text(encoding="utf-8")
     losses = training_losses(run)
@@ -142,6 +145,16 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
         run, TaskData(source=data), "valid", tmp_path / "eval", progress=False, num_beams=1
     )
     assert greedy_only["decoding"]["num_beams"] == 1 and "beam" not in greedy_only
+
+
+def test_lead_bias_pairs_predict_the_lead_from_the_rest():
+    documents = [
+        "今天下雨了。明天晴，后天多云，大后天下雪。",
+        "只有一句话而已没有后文。",
+        "短。后面的内容足够长了吗是的",
+    ]
+    sources, targets = summarize.lead_bias_pairs(documents)
+    assert sources == ["明天晴，后天多云，大后天下雪。"] and targets == ["今天下雨了。"]
 
 
 def test_lead_is_the_first_sentence_cut_to_30_characters():

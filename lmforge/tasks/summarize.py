@@ -10,11 +10,13 @@ characters.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import option
+from lmforge.data.sources import read_split, record_text
 from lmforge.evaluate.metrics import rouge
 from lmforge.tasks.examples import TaskData
 from lmforge.tasks.text_to_text import TextToTextRecipe, evaluate_text_to_text, finetune_text_to_text
@@ -30,6 +32,10 @@ class Recipe(TextToTextRecipe):
     data: TaskData = option(TaskData(source="../shared/data/summarization"), "{document, summary} pairs")
     max_source_length: int = option(160, "document tokens, <bos> and <eos> included; longer documents are cut")
     max_target_length: int = option(40, "summary tokens plus one (<bos> or <eos>); also the generation limit")
+    lead_pretraining_steps: int = option(
+        0, "first phase: steps learning to write each training document's lead from the rest of it (0 = off)"
+    )
+    lead_pretraining_source: str = option("", "more unlabelled news for the first phase, e.g. builtin:peoples-daily")
 
 
 def lead(document: str, max_characters: int = LEAD_CHARACTERS) -> str:
@@ -38,8 +44,37 @@ def lead(document: str, max_characters: int = LEAD_CHARACTERS) -> str:
     return document[: end.end() if end else len(document)][:max_characters]
 
 
+def lead_bias_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
+    """(rest of the document, its lead sentence) for every training document with text after its lead.
+
+    News puts the gist first, so predicting the lead from the rest is free summarization practice on unlabelled
+    text (Zhu et al., "Leveraging Lead Bias for Zero-shot Abstractive News Summarization",
+    https://arxiv.org/abs/1912.11602). The lead is removed from the source, so copying it is impossible.
+    """
+    sources, targets = [], []
+    for document in documents:
+        first = lead(document, max_characters=len(document))
+        rest = document[len(first) :].strip()
+        if len(rest) >= 10 and len(first) >= 4:
+            sources.append(rest)
+            targets.append(first[:LEAD_CHARACTERS])
+    return sources, targets
+
+
 def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    return finetune_text_to_text(recipe, out_dir, TASK, rouge, evaluate_run, resume, progress)
+    # The first phase uses the main phase's optimisation settings, over its own number of steps.
+    steps = recipe.lead_pretraining_steps
+    warm_up = dataclasses.replace(recipe.train, max_steps=steps, eval_every=0, max_minutes=0.0) if steps else None
+    extra = recipe.lead_pretraining_source
+
+    def warm_up_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
+        # Only the training split of an extra source: its validation and test text stay unseen.
+        more = [record_text(r) for r in read_split(extra, "train")] if extra else []
+        return lead_bias_pairs(documents + more)
+
+    return finetune_text_to_text(
+        recipe, out_dir, TASK, rouge, evaluate_run, resume, progress, warm_up_pairs=warm_up_pairs, warm_up=warm_up
+    )
 
 
 def evaluate_run(

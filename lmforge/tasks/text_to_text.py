@@ -199,11 +199,15 @@ def finetune_text_to_text(
     evaluate_run: Callable[..., dict],
     resume: bool = False,
     progress: bool = True,
+    warm_up_pairs: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
+    warm_up: TrainConfig | None = None,
 ) -> dict:
     """Train a tokenizer and an encoder-decoder on a task's pairs, save the run folder, then score the test split.
 
     task: what task.json records about the task, at least {"task", "source_field", "target_field"}.
     score: the task's metric on decoded validation text, watched during training.
+    warm_up_pairs, warm_up: an optional first phase on self-supervised pairs made from the training sources
+    (e.g. summarization's lead-bias pretraining), trained with `warm_up` in `out_dir/warm-up` before the task's pairs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +232,12 @@ def finetune_text_to_text(
         return list(zip(source_rows, encode_targets(tokenizer, references, recipe.max_target_length)))
 
     batch_collate = functools.partial(collate, tokenizer)
+    if warm_up_pairs is not None and warm_up is not None:
+        warm_sources, warm_targets = warm_up_pairs(sources)
+        print(f"warm-up phase: {warm_up.max_steps} steps on {len(warm_sources):,} self-supervised pairs")
+        warm_batches = ExampleBatches(examples(warm_sources, warm_targets), warm_up.batch_size, batch_collate)
+        train(model, seq2seq_loss, warm_batches.batch, warm_up, out_dir / "warm-up", resume=resume, progress=progress)
+        model.train()
     batches = ExampleBatches(examples(sources, targets), recipe.train.batch_size, batch_collate, seed=recipe.train.seed)
     valid_batches = [
         batch_collate(chunk) for chunk in in_batches(examples(valid_sources, valid_targets), recipe.train.batch_size)
