@@ -237,6 +237,7 @@ def evaluate(
         Path | None, typer.Option(help="folder for report.md and metrics.json (default: MODEL/eval-TASK-SPLIT)")
     ] = None,
     max_windows: Annotated[int | None, typer.Option(help="evaluate at most this many context windows")] = None,
+    max_examples: Annotated[int, typer.Option(help="score at most this many examples of a task (0 = all)")] = 0,
     num_beams: Annotated[int | None, typer.Option(help="beam width (translate, summarize)")] = None,
     length_penalty: Annotated[float | None, typer.Option(help="beam length penalty (translate, summarize)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
@@ -258,7 +259,9 @@ def evaluate(
             raise UserError(f"--num-beams and --length-penalty apply to translate and summarize, not {task}")
         # A folder of its own, so evaluating never overwrites the run's own report (the demo's, a fine-tune's).
         out = out or model / f"eval-{task}-{split}"
-        metrics = module.evaluate_run(model, TaskData(source=source), split, out, **decoding)
+        metrics = module.evaluate_run(
+            model, TaskData(source=source, max_eval_examples=max_examples), split, out, **decoding
+        )
         if as_json:
             typer.echo(json.dumps(metrics, ensure_ascii=False))
             return

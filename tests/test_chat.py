@@ -2,6 +2,8 @@
 
 import itertools
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -219,3 +221,26 @@ def test_conversations_must_end_with_the_assistant(tmp_path, write_jsonl):
         write_jsonl(tmp_path / f"{split}.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(UserError, match="record 1 .* does not end with an assistant"):
         chat.conversations(TaskData(source=str(tmp_path)), "train")
+
+
+def test_lora_flags_and_chat_eval_through_the_cli(chat_data, base_run, tmp_path):
+    def cli(*arguments):
+        return subprocess.run(
+            [sys.executable, "-m", "lmforge", *arguments], capture_output=True, text=True, timeout=600
+        )
+
+    run = tmp_path / "run"
+    trained = cli(
+        "finetune", "--task", "chat", "--base", str(base_run), "--data", str(chat_data), "--out", str(run),
+        "--max-steps", "20", "--lora-rank", "2", "--lora-alpha", "4", "--lora-targets", "q,v", "--device", "cpu",
+        "--max_new_tokens", "4",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert json.loads((run / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    scored = cli("eval", "--task", "chat", "--model", str(run), "--data", str(chat_data), "--split", "test",
+                 "--max-examples", "8", "--json")  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    metrics = json.loads(scored.stdout)
+    assert metrics["examples_scored"] == 8 and 0 <= metrics["accuracy"] <= 1
+    refused = cli("finetune", "--task", "sentiment", "--out", str(tmp_path / "s"), "--lora-rank", "2")
+    assert refused.returncode == 2 and "lora" in refused.stderr

@@ -54,7 +54,7 @@ VALID_ROWS = 32
 @dataclass
 class Recipe:
     data: TaskData = option(
-        TaskData(source="builtin:instructions", valid_fraction=0.02, test_fraction=0.02, max_eval_examples=300),
+        TaskData(source="builtin:instructions", max_eval_examples=300),
         "conversations: builtin:instructions, a folder of train/valid/test.jsonl ({messages}), or a file",
     )
     base: str | None = option(None, "the pretrained decoder (run folder) to fine-tune")

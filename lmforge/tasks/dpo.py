@@ -52,7 +52,7 @@ KEY_FIELD = "prompt"
 @dataclass
 class Recipe:
     data: TaskData = option(
-        TaskData(source="builtin:preferences", valid_fraction=0.02, test_fraction=0.02, max_eval_examples=200),
+        TaskData(source="builtin:preferences", max_eval_examples=200),
         "preference pairs: builtin:preferences, a folder with preference_train/preference_test.jsonl, or a file",
     )
     base: str | None = option(None, "the chat model (run folder) to tune; it is also the frozen reference")
