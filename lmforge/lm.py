@@ -25,6 +25,7 @@ from lmforge.generate.decode import stream_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models import load_model
 from lmforge.run_folder import read_json, write_json
+from lmforge.train.lora import ADAPTER_CONFIG, load_adapter, merge_lora
 
 GENERATION_FILE = "generation_config.json"
 
@@ -228,8 +229,21 @@ def _split_at_stop(text: str, stop_strings: list[str], final: bool = False) -> t
 
 
 def load(run_dir: str | Path, device: str | None = None) -> LM:
-    """Load a run folder (config.json, model.safetensors, tokenizer.json, generation_config.json)."""
+    """Load a run folder (config.json, model.safetensors, tokenizer.json, generation_config.json).
+
+    A LoRA folder without a merged `model.safetensors` (adapter_config.json + adapter_model.safetensors)
+    loads its base model, named in adapter_config.json, and merges the adapters into it.
+    """
     run_dir = Path(run_dir)
+    if not (run_dir / "model.safetensors").is_file() and (run_dir / ADAPTER_CONFIG).is_file():
+        base = read_json(run_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if not base or not (Path(base) / "config.json").is_file():
+            raise UserError(f"{run_dir} holds LoRA adapters for {base!r}, which is not a model folder here")
+        model = load_model(base, pick_device(device))
+        load_adapter(run_dir, model)
+        merge_lora(model)
+        tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else Path(base)
+        return LM(model.eval(), Tokenizer.load(tokenizer_dir), read_generation_config(tokenizer_dir))
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a model folder: it has no config.json")
     model = load_model(run_dir, pick_device(device))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import lmforge
 from lmforge.config import from_dict
 from lmforge.data.batches import IGNORE_INDEX, pack_documents
 from lmforge.data.chat import encode_chat, render_chat, truncate_chat
@@ -208,6 +209,10 @@ def test_lora_sft_trains_few_parameters_and_saves_the_adapter_beside_the_merged_
     question = [{"role": "user", "content": "第1句的颜色是红"}]
     ids = torch.tensor([encode_chat(Tokenizer.load(tmp_path), question, add_generation_prompt=True).ids])
     torch.testing.assert_close(base(ids), merged(ids), atol=1e-5, rtol=1e-5)
+    # A folder with only the adapters loads as base + adapters.
+    (tmp_path / "model.safetensors").unlink()
+    adapter_only = lmforge.load(tmp_path)
+    torch.testing.assert_close(adapter_only.model(ids), merged(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_sft_needs_a_decoder_base(chat_data, tmp_path):
