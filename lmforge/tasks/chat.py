@@ -53,19 +53,21 @@ VALID_ROWS = 32
 
 @dataclass
 class Recipe:
+    """Chat SFT; also the keys every tuning of a chat model shares (DPO's recipe extends it)."""
+
     data: TaskData = option(
         TaskData(source="builtin:instructions", max_eval_examples=300),
         "conversations: builtin:instructions, a folder of train/valid/test.jsonl ({messages}), or a file",
     )
     base: str | None = option(None, "the pretrained decoder (run folder) to fine-tune")
-    max_length: int = option(0, "tokens per packed training row (0 = the base model's context)")
+    max_length: int = option(0, "tokens per training sequence (0 = the base model's context)")
     lora: LoRAConfig = option(LoRAConfig(), "low-rank adapters; rank 0 trains every weight")
     train: TrainConfig = option(
         TrainConfig(max_steps=300, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=100, save_every=100),
         "optimisation",
     )
-    generation: SamplingConfig = option(SamplingConfig(), "sampling defaults saved with the chat model")
-    max_new_tokens: int = option(48, "reply length limit when scoring held-out instructions")
+    generation: SamplingConfig = option(SamplingConfig(), "sampling defaults saved with the tuned model")
+    max_new_tokens: int = option(48, "reply length limit when scoring checkable answers")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -96,6 +98,9 @@ def packed_rows(tokenizer: Tokenizer, records: list[dict], length: int, seed: in
     documents = encode_conversations(tokenizer, records, length)
     if not documents:
         raise UserError(f"no conversation fits in {length} tokens")
+    if len(documents) < len(records):
+        print(f"left out {len(records) - len(documents):,} of {len(records):,} conversations: their last turn alone "
+              f"is longer than {length} tokens")  # fmt: skip
     # Shuffled before packing, so a row mixes kinds of conversation instead of following the file order.
     order = np.random.default_rng(seed).permutation(len(documents))
     return pack_documents([documents[i] for i in order], length, tokenizer.pad_id)

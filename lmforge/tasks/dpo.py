@@ -28,10 +28,10 @@ from lmforge.data.chat import check_messages, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import load
 from lmforge.models.decoder import Decoder
 from lmforge.run_folder import read_json, read_jsonl
+from lmforge.tasks.chat import Recipe as ChatRecipe
 from lmforge.tasks.chat import instruction_accuracy, load_decoder_base, save_tuned_decoder
 from lmforge.tasks.examples import (
     ExampleBatches,
@@ -42,7 +42,7 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.train.lora import LoRAConfig, apply_lora, lora_parameters
+from lmforge.train.lora import apply_lora, lora_parameters
 from lmforge.train.trainer import TrainConfig, train
 
 FIELDS = ("messages", "chosen", "rejected")
@@ -50,22 +50,17 @@ KEY_FIELD = "prompt"
 
 
 @dataclass
-class Recipe:
+class Recipe(ChatRecipe):
     data: TaskData = option(
         TaskData(source="builtin:preferences", max_eval_examples=200),
         "preference pairs: builtin:preferences, a folder with preference_train/preference_test.jsonl, or a file",
     )
     base: str | None = option(None, "the chat model (run folder) to tune; it is also the frozen reference")
-    beta: float = option(0.1, "DPO temperature: how far the policy may move from the reference")
-    max_length: int = option(0, "tokens per prompt + reply (0 = the model's context)")
-    lora: LoRAConfig = option(LoRAConfig(), "low-rank adapters; rank 0 trains every weight")
     train: TrainConfig = option(
-        TrainConfig(max_steps=150, batch_size=8, lr=2e-5, warmup_steps=10, eval_every=25, save_every=50),
+        TrainConfig(max_steps=150, batch_size=8, lr=5e-5, warmup_steps=10, eval_every=25, save_every=50),
         "optimisation",
     )
-    generation: SamplingConfig = option(SamplingConfig(), "sampling defaults saved with the tuned model")
-    max_new_tokens: int = option(48, "reply length limit when scoring checkable answers")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    beta: float = option(0.1, "DPO temperature: how far the policy may move from the reference")
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
