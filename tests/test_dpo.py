@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from lmforge.config import from_dict
 from lmforge.data.tokenizer import Tokenizer
@@ -25,6 +26,14 @@ def test_dpo_loss_is_log_two_while_the_policy_equals_the_reference(chat_data, ba
     assert batch["targets"][0][batch["targets"][0] >= 0].tolist() == chosen
     assert batch["targets"][len(pairs)][batch["targets"][len(pairs)] >= 0].tolist() == rejected
     assert chosen[-1] == rejected[-1] == tokenizer.im_end_id
+    # With sft_weight, the chosen replies' mean per-token negative log-likelihood is added (RPO).
+    with_sft, _ = dpo.dpo_loss(model, batch, reference=model, beta=0.1, sft_weight=0.5)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])[: len(pairs)]
+    targets = batch["targets"][: len(pairs)]
+    per_row = [
+        torch.nn.functional.cross_entropy(logits[row], targets[row], ignore_index=-100) for row in range(len(pairs))
+    ]
+    assert with_sft.item() == pytest.approx(math.log(2) + 0.5 * torch.stack(per_row).mean().item(), abs=1e-5)
 
 
 def test_dpo_raises_held_out_preference_accuracy(chat_data, base_run, tmp_path):

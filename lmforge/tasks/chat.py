@@ -246,7 +246,7 @@ def evaluate_run(
     checkable = [
         r
         for r in records
-        if r.get("answer") and r.get("kind") in CHECKABLE_KINDS and _fits(lm, r["messages"][:-1], max_new_tokens)
+        if r.get("answer") and r.get("kind") in CHECKABLE_KINDS and fits_context(lm, r["messages"][:-1], max_new_tokens)
     ]
     shown = checkable or records
     systems = []
@@ -283,7 +283,8 @@ def evaluate_run(
     return metrics
 
 
-def _fits(lm: LM, messages: list[dict], max_new_tokens: int) -> bool:
+def fits_context(lm: LM, messages: list[dict], max_new_tokens: int) -> bool:
+    """Whether the conversation's prompt leaves `max_new_tokens` of the context (no turn would be dropped)."""
     try:
         lm.encode_chat_prompt(messages, max_new_tokens)
     except UserError:

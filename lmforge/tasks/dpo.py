@@ -32,7 +32,7 @@ from lmforge.lm import load
 from lmforge.models.decoder import Decoder
 from lmforge.run_folder import read_json, read_jsonl
 from lmforge.tasks.chat import Recipe as ChatRecipe
-from lmforge.tasks.chat import instruction_accuracy, load_decoder_base, save_tuned_decoder
+from lmforge.tasks.chat import fits_context, instruction_accuracy, load_decoder_base, save_tuned_decoder
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -61,10 +61,13 @@ class Recipe(ChatRecipe):
         "optimisation",
     )
     beta: float = option(0.1, "DPO temperature: how far the policy may move from the reference")
+    sft_weight: float = option(0.0, "weight of a cross-entropy term on the chosen reply (RPO); 0 = plain DPO")
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, not {self.beta}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, not {self.sft_weight}")
 
 
 def preference_records(data: TaskData, split: str) -> list[dict]:
@@ -128,14 +131,20 @@ def sequence_logprobs(model: Decoder, batch: dict[str, torch.Tensor]) -> torch.T
 
 
 def dpo_loss(
-    model: Decoder, batch: dict[str, torch.Tensor], reference: Decoder, beta: float
+    model: Decoder, batch: dict[str, torch.Tensor], reference: Decoder, beta: float, sft_weight: float = 0.0
 ) -> tuple[torch.Tensor, int]:
     policy = sequence_logprobs(model, batch)  # (2B,)
     with torch.no_grad():
         anchor = sequence_logprobs(reference, batch)
     pairs = policy.shape[0] // 2
     margin = (policy[:pairs] - anchor[:pairs]) - (policy[pairs:] - anchor[pairs:])  # (B,)
-    return -F.logsigmoid(beta * margin).mean(), int((batch["targets"] != IGNORE_INDEX).sum())
+    loss = -F.logsigmoid(beta * margin).mean()
+    scored = batch["targets"] != IGNORE_INDEX
+    if sft_weight:
+        # NOTE: DPO alone can lower the likelihood of the chosen reply too, as long as the rejected one falls
+        # faster; a cross-entropy term on the chosen reply keeps it up (RPO, https://arxiv.org/abs/2404.19733).
+        loss = loss + sft_weight * (-policy[:pairs] / scored[:pairs].sum(dim=-1)).mean()
+    return loss, int(scored.sum())
 
 
 @torch.no_grad()
@@ -182,7 +191,7 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
     print(f"DPO: {trainable:,} of {total:,} parameters trainable; {len(train_pairs):,} training pairs")
     collate = functools.partial(_collate, pad_id=tokenizer.pad_id)
     batches = ExampleBatches(train_pairs, recipe.train.batch_size, collate, recipe.train.seed)
-    objective = functools.partial(dpo_loss, reference=reference, beta=recipe.beta)
+    objective = functools.partial(dpo_loss, reference=reference, beta=recipe.beta, sft_weight=recipe.sft_weight)
     evaluate = functools.partial(
         preference_scores, reference=reference, pairs=valid_pairs, pad_id=tokenizer.pad_id, beta=recipe.beta
     )
@@ -246,7 +255,7 @@ def evaluate_run(
     checkable = [
         {**r, "messages": [*r["messages"], {"role": "assistant", "content": r["chosen"]}], "answer": r["chosen"]}
         for r in records
-        if r.get("kind") in CHECKABLE_KINDS
+        if r.get("kind") in CHECKABLE_KINDS and fits_context(lm, r["messages"], max_new_tokens)
     ]
     replies: list[str] = []
     if checkable:
