@@ -186,8 +186,9 @@ def test_sft_learns_the_task_and_reports_accuracy_beside_the_base(chat_data, bas
     losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     valid = [r["valid_loss"] for r in losses if "valid_loss" in r]
     assert valid[-1] < valid[0] * 0.5
-    base_accuracy = metrics["baselines"][f"base model before fine-tuning ({base_run})"]["accuracy"]
-    assert metrics["accuracy"] >= 0.75 > base_accuracy
+    base = metrics["baselines"][f"base model before fine-tuning ({base_run})"]
+    assert metrics["accuracy"] >= 0.75 > base["accuracy"]
+    assert metrics["assistant_loss"] < base["assistant_loss"] - 1.0
     report = (tmp_path / "report.md").read_text()
     assert "exact match" in report and "before fine-tuning" in report
     assert (tmp_path / "tokenizer_config.json").is_file() and (tmp_path / "model.safetensors").is_file()

@@ -243,23 +243,22 @@ def evaluate_run(
     length = lm.model.config.max_position_embeddings
     rows = packed_rows(lm.tokenizer, records, length, seed=0)
     scores = {f"assistant_{k}": v for k, v in assistant_loss(lm.model, rows).items()}
-    checkable = [
-        r
-        for r in records
-        if r.get("answer") and r.get("kind") in CHECKABLE_KINDS and fits_context(lm, r["messages"][:-1], max_new_tokens)
-    ]
-    shown = checkable or records
-    systems = []
+    base = _base_of(model_dir)
+    base_lm = load(base) if base is not None else None
+    base_scores = {f"assistant_{k}": v for k, v in assistant_loss(base_lm.model, rows).items()} if base_lm else {}
+    fitting = [r for r in records if fits_context(lm, r["messages"][:-1], max_new_tokens)]
+    checkable = [r for r in fitting if r.get("answer") and r.get("kind") in CHECKABLE_KINDS]
+    shown = checkable or fitting
     if checkable:
         accuracy, replies = instruction_accuracy(lm, checkable, max_new_tokens)
         scores.update(accuracy)
-        base = _base_of(model_dir)
-        if base is not None:
-            base_accuracy, _ = instruction_accuracy(load(base), checkable, max_new_tokens)
-            systems.append((f"base model before fine-tuning ({base})", base_accuracy))
+        if base_lm is not None:
+            base_scores.update(instruction_accuracy(base_lm, checkable, max_new_tokens)[0])
     else:
-        replies = [c.text for c in lm.chat_complete([r["messages"][:-1] for r in records[:8]], temperature=0.0)]
-    systems.insert(0, ("lmforge chat model (greedy)", scores))
+        replies = [c.text for c in lm.chat_complete([r["messages"][:-1] for r in shown[:8]], temperature=0.0)]
+    systems = [("lmforge chat model (greedy)", scores)]
+    if base_lm is not None:
+        systems.append((f"base model before fine-tuning ({base})", base_scores))
     kinds = sorted(k for k in scores if k.startswith("accuracy_"))
     columns = [("assistant_loss", "held-out assistant loss"), ("accuracy", "exact match")]
     columns += [(k, k.removeprefix("accuracy_")) for k in kinds]
