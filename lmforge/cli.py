@@ -240,6 +240,9 @@ def evaluate(
     max_examples: Annotated[int, typer.Option(help="score at most this many examples of a task (0 = all)")] = 0,
     num_beams: Annotated[int | None, typer.Option(help="beam width (translate, summarize)")] = None,
     length_penalty: Annotated[float | None, typer.Option(help="beam length penalty (translate, summarize)")] = None,
+    no_repeat_ngram_size: Annotated[
+        int | None, typer.Option(help="never repeat an n-gram of this many tokens (translate, summarize)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -254,9 +257,12 @@ def evaluate(
 
         module = task_module(task)
         source = data or module.Recipe().data.source
-        decoding = {k: v for k, v in (("num_beams", num_beams), ("length_penalty", length_penalty)) if v is not None}
+        decoding = dict(num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+        decoding = {key: value for key, value in decoding.items() if value is not None}
         if decoding and task not in ("translate", "summarize"):
-            raise UserError(f"--num-beams and --length-penalty apply to translate and summarize, not {task}")
+            raise UserError(
+                f"--num-beams, --length-penalty and --no-repeat-ngram-size apply to translate and summarize, not {task}"
+            )
         # A folder of its own, so evaluating never overwrites the run's own report (the demo's, a fine-tune's).
         out = out or model / f"eval-{task}-{split}"
         metrics = module.evaluate_run(

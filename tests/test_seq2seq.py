@@ -268,3 +268,17 @@ def test_a_copying_model_decodes_with_the_cache_as_it_trains():
     greedy = greedy_search(model, source, source_mask, BOS, EOS, max_new_tokens=6)
     beam = beam_search(model, source, source_mask, BOS, EOS, max_new_tokens=6, num_beams=1, length_penalty=0.0)
     assert greedy == beam
+
+
+def test_ngram_blocking_rules_out_exactly_the_tokens_that_would_repeat_an_ngram():
+    from lmforge.generate.seq2seq_search import ban_repeated_ngrams
+
+    logits = torch.zeros(3, 10)
+    histories = [[1, 2, 3, 1, 2], [4, 4], [5]]
+    ban_repeated_ngrams(logits, histories, size=3)
+    # Row 0 ends with (1, 2), which was followed by 3 before; rows 1 and 2 hold no complete trigram yet.
+    assert torch.isinf(logits[0]).nonzero().flatten().tolist() == [3]
+    assert not torch.isinf(logits[1:]).any()
+    bigrams = torch.zeros(1, 10)
+    ban_repeated_ngrams(bigrams, [[7, 8, 7, 9, 7]], size=2)
+    assert torch.isinf(bigrams[0]).nonzero().flatten().tolist() == [8, 9]

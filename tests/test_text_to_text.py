@@ -128,6 +128,7 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
         valid_examples=10,
         train=tiny_train(100),
         lead_pretraining_steps=5,
+        no_repeat_ngram_size=2,
         device="cpu",
     )
     run = tmp_path / "run"
@@ -145,6 +146,7 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
         run, TaskData(source=data), "valid", tmp_path / "eval", progress=False, num_beams=1
     )
     assert greedy_only["decoding"]["num_beams"] == 1 and "beam" not in greedy_only
+    assert greedy_only["decoding"]["no_repeat_ngram_size"] == 2  # from the run's task.json
 
 
 def test_lead_bias_pairs_predict_the_lead_from_the_rest():

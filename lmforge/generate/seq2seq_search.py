@@ -20,6 +20,27 @@ def _room(model: nn.Module, max_new_tokens: int) -> int:
     return min(max_new_tokens, model.config.max_position_embeddings)
 
 
+def ban_repeated_ngrams(logits: torch.Tensor, histories: list[list[int]], size: int) -> None:
+    """In place: rule out every token that would repeat an n-gram of `size` tokens already in its row's history.
+
+    logits (rows, V), histories[row] the tokens that row has generated. This is Hugging Face's
+    `no_repeat_ngram_size`, the standard cure for the loops a small summarizer falls into ("总理总理总理").
+    """
+    if size <= 0:
+        return
+    for row, history in enumerate(histories):
+        if len(history) < size - 1:
+            continue
+        prefix = history[len(history) - size + 1 :] if size > 1 else []
+        banned = [
+            history[start + size - 1]
+            for start in range(len(history) - size + 1)
+            if history[start : start + size - 1] == prefix
+        ]
+        if banned:
+            logits[row, banned] = float("-inf")
+
+
 def _keep_rows(rows: torch.Tensor, memory_kv, source_mask):
     """Index the cross-attention keys/values and the source mask by batch row."""
     memory_kv = [(key[rows], value[rows]) for key, value in memory_kv]
@@ -34,6 +55,7 @@ def greedy_search(
     bos_id: int,
     eos_id: int,
     max_new_tokens: int,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Right-padded sources (B, S) -> each row's most likely next token, step by step, until eos or the limit."""
     batch = input_ids.shape[0]
@@ -46,6 +68,7 @@ def greedy_search(
     tokens = torch.full((batch,), bos_id, dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
         logits = model.decode(tokens[:, None], memory_kv, source_mask, cache=cache)[:, -1]  # (rows, V)
+        ban_repeated_ngrams(logits, [outputs[source] for source in sources], no_repeat_ngram_size)
         tokens = logits.argmax(dim=-1)  # (rows,)
         live = []
         for row, (source, token) in enumerate(zip(sources, tokens.tolist())):
@@ -73,6 +96,7 @@ def beam_search(
     max_new_tokens: int,
     num_beams: int = 4,
     length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> list[list[int]]:
     """Right-padded sources (B, S) -> the best hypothesis per source from a search keeping `num_beams` beams.
 
@@ -104,8 +128,10 @@ def beam_search(
     sequences = torch.empty(batch * beams, 0, dtype=torch.long, device=device)  # (A * K, step)
     tokens = torch.full((batch * beams,), bos_id, dtype=torch.long, device=device)
     for step in range(max_new_tokens):
-        logits = model.decode(tokens[:, None], memory_kv, source_mask, cache=cache)[:, -1]  # (A * K, V)
-        scores = beam_scores.view(-1, 1) + logits.float().log_softmax(dim=-1)  # (A * K, V)
+        logits = model.decode(tokens[:, None], memory_kv, source_mask, cache=cache)[:, -1].float()  # (A * K, V)
+        if no_repeat_ngram_size > 0:
+            ban_repeated_ngrams(logits, sequences.tolist(), no_repeat_ngram_size)
+        scores = beam_scores.view(-1, 1) + logits.log_softmax(dim=-1)  # (A * K, V)
         # 2K candidates per source: at most K end in eos (one per beam), so K live ones always remain.
         top_scores, top_indices = scores.view(len(active), beams * vocab_size).topk(2 * beams, dim=1)  # (A, 2K)
         top_beams, top_tokens = top_indices // vocab_size, top_indices % vocab_size

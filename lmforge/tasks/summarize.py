@@ -86,6 +86,7 @@ def evaluate_run(
     progress: bool = True,
     num_beams: int | None = None,
     length_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
 ) -> dict:
     """ROUGE-1/2/L of greedy and beam-search summaries of a split, beside the lead baseline."""
     notes = [
@@ -107,4 +108,5 @@ def evaluate_run(
         progress=progress,
         num_beams=num_beams,
         length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )

@@ -59,6 +59,7 @@ class TextToTextRecipe:
     max_target_length: int = option(64, "target tokens plus one (<bos> or <eos>); also the generation limit")
     num_beams: int = option(4, "beams for the test-split decoding (1 = greedy only)")
     length_penalty: float = option(1.0, "beam hypotheses score log-prob / length**length_penalty")
+    no_repeat_ngram_size: int = option(0, "when decoding, never repeat an n-gram of this many tokens (0 = off)")
     valid_examples: int = option(100, "first validation examples decoded greedily for the metric during training")
     train: TrainConfig = option(
         TrainConfig(max_steps=2000, batch_size=32, lr=5e-4, warmup_steps=200, eval_every=500, save_every=500),
@@ -73,6 +74,8 @@ class TextToTextRecipe:
             raise ValueError(f"max_target_length must be >= 2, not {self.max_target_length}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, not {self.num_beams}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, not {self.no_repeat_ngram_size}")
         if self.valid_examples < 0:
             raise ValueError(f"valid_examples must be >= 0, not {self.valid_examples}")
 
@@ -152,6 +155,7 @@ def generate_texts(
     batch_size: int = 32,
     max_source_length: int | None = None,
     progress: bool = False,
+    no_repeat_ngram_size: int = 0,
 ) -> list[str]:
     """One output text per source, greedy when num_beams == 1 and beam search otherwise; in the sources' order.
 
@@ -171,8 +175,9 @@ def generate_texts(
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if num_beams == 1:
                 ids = greedy_search(
-                    model, input_ids, attention_mask, tokenizer.bos_id, tokenizer.eos_id, max_new_tokens
-                )
+                    model, input_ids, attention_mask, tokenizer.bos_id, tokenizer.eos_id, max_new_tokens,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
+                )  # fmt: skip
             else:
                 ids = beam_search(
                     model,
@@ -183,6 +188,7 @@ def generate_texts(
                     max_new_tokens,
                     num_beams=num_beams,
                     length_penalty=length_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
                 )
             for index, tokens in zip(chunk, ids):
                 outputs[index] = tokenizer.decode(tokens).strip()
@@ -232,6 +238,7 @@ def finetune_text_to_text(
         return list(zip(source_rows, encode_targets(tokenizer, references, recipe.max_target_length)))
 
     batch_collate = functools.partial(collate, tokenizer)
+    started = time.perf_counter()
     if warm_up_pairs is not None and warm_up is not None:
         warm_sources, warm_targets = warm_up_pairs(sources)
         print(f"warm-up phase: {warm_up.max_steps} steps on {len(warm_sources):,} self-supervised pairs")
@@ -256,11 +263,11 @@ def finetune_text_to_text(
                 max_new_tokens=recipe.max_target_length,
                 batch_size=64,
                 max_source_length=recipe.max_source_length,
+                no_repeat_ngram_size=recipe.no_repeat_ngram_size,
             )
             results.update(_numbers(score(outputs, decoded_references)))
         return results
 
-    started = time.perf_counter()
     train(model, seq2seq_loss, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
     minutes = (time.perf_counter() - started) / 60
     save_model(out_dir, model)
@@ -270,6 +277,7 @@ def finetune_text_to_text(
         "max_target_length": recipe.max_target_length,
         "num_beams": recipe.num_beams,
         "length_penalty": recipe.length_penalty,
+        "no_repeat_ngram_size": recipe.no_repeat_ngram_size,
     }
     write_json(out_dir / "task.json", {**task, **decoding})
     write_json(out_dir / "recipe.json", to_dict(recipe))
@@ -291,6 +299,7 @@ def evaluate_text_to_text(
     progress: bool = True,
     num_beams: int | None = None,
     length_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
 ) -> dict:
     """Decode a split greedily and with beam search, score both beside the baselines, write report.md/metrics.json.
 
@@ -304,6 +313,8 @@ def evaluate_text_to_text(
         raise UserError(f"{model_dir} was fine-tuned for task '{task.get('task')}', not '{task_name}'")
     num_beams = task["num_beams"] if num_beams is None else num_beams
     length_penalty = task["length_penalty"] if length_penalty is None else length_penalty
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = task.get("no_repeat_ngram_size", 0)
     if num_beams < 1:
         raise UserError(f"num_beams must be >= 1, not {num_beams}")
     model = load_model(model_dir, pick_device("auto"))
@@ -320,6 +331,7 @@ def evaluate_text_to_text(
             max_new_tokens=task["max_target_length"],
             max_source_length=task["max_source_length"],
             progress=progress,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
 
     outputs = {"greedy": decode(1)}
@@ -340,6 +352,7 @@ def evaluate_text_to_text(
         "decoding": {
             "num_beams": num_beams,
             "length_penalty": length_penalty,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
             "max_new_tokens": task["max_target_length"],
         },
         **scores,

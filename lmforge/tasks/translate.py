@@ -63,6 +63,7 @@ def evaluate_run(
     progress: bool = True,
     num_beams: int | None = None,
     length_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
 ) -> dict:
     """BLEU and chrF of greedy and beam-search translations of a split, beside copying the source."""
     target_lang = read_json(Path(model_dir) / "task.json").get("target_lang", "en")
@@ -84,4 +85,5 @@ def evaluate_run(
         progress=progress,
         num_beams=num_beams,
         length_penalty=length_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
