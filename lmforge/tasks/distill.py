@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lmforge.config import option, to_dict
 from lmforge.data.batches import LMWindows, token_cache
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import autocast_dtype, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_lm, evaluate_source
@@ -100,8 +101,7 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
     if not isinstance(teacher, Decoder):
         raise UserError(f"{recipe.teacher} is not a decoder; distillation here is for decoders")
     teacher.requires_grad_(False)
-    lm = load(recipe.teacher, device=str(device))
-    tokenizer = lm.tokenizer
+    tokenizer = Tokenizer.load(recipe.teacher)
     recipe.model.vocab_size = teacher.config.vocab_size
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.context)
     source, seed = recipe.data.source, recipe.train.seed
