@@ -100,7 +100,7 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generatio
             start = piece.find(message["content"]) if message["content"] else len(piece.rstrip())
             spans.append((len(previous) + max(start, 0), len(previous) + len(piece.rstrip())))
         previous = text
-    full = render_chat(tokenizer, messages, add_generation_prompt)
+    full = render_chat(tokenizer, messages, True) if add_generation_prompt else previous
     ids, offsets = tokenizer.encode_with_offsets(full)
     loss_mask = [any(start <= begin < end for start, end in spans) for begin, _ in offsets]
     return ChatTokens(ids, loss_mask)

@@ -243,7 +243,7 @@ def evaluate_run(
     length = lm.model.config.max_position_embeddings
     rows = packed_rows(lm.tokenizer, records, length, seed=0)
     scores = {f"assistant_{k}": v for k, v in assistant_loss(lm.model, rows).items()}
-    base = _base_of(model_dir)
+    base = linked_model(run_task(model_dir))
     base_lm = load(base) if base is not None else None
     base_scores = {f"assistant_{k}": v for k, v in assistant_loss(base_lm.model, rows).items()} if base_lm else {}
     fitting = [r for r in records if fits_context(lm, r["messages"][:-1], max_new_tokens)]
@@ -291,10 +291,16 @@ def fits_context(lm: LM, messages: list[dict], max_new_tokens: int) -> bool:
     return True
 
 
-def _base_of(model_dir: Path) -> str | None:
+def run_task(model_dir: Path) -> dict:
+    """The run's task.json, or {} for a folder that has none (e.g. a pretraining run)."""
     task_file = model_dir / "task.json"
-    base = read_json(task_file).get("base") if task_file.is_file() else None
-    return base if base and (Path(base) / "config.json").is_file() else None
+    return read_json(task_file) if task_file.is_file() else {}
+
+
+def linked_model(task: dict, key: str = "base") -> str | None:
+    """The model folder task.json names under `key` (the base, a teacher), if it is still a model folder."""
+    folder = task.get(key)
+    return folder if folder and (Path(folder) / "config.json").is_file() else None
 
 
 def _last_turn(messages: list[dict]) -> str:

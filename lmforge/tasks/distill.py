@@ -31,7 +31,8 @@ from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import LM, load, read_generation_config, save_generation_config
 from lmforge.models import load_model, save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.run_folder import read_json, read_jsonl, write_json
+from lmforge.run_folder import read_jsonl, write_json
+from lmforge.tasks.chat import linked_model, run_task
 from lmforge.tasks.examples import TaskData, report_folders, write_task_report
 from lmforge.train.trainer import TrainConfig, train
 
@@ -150,9 +151,8 @@ def evaluate_run(
 ) -> dict:
     """Student beside teacher: parameters, perplexity and bits per character on `split`, greedy decoding speed."""
     model_dir, out_dir = report_folders(model_dir, out_dir)
-    task_file = model_dir / "task.json"
-    teacher_dir = read_json(task_file).get("teacher") if task_file.is_file() else None
-    if not teacher_dir or not (Path(teacher_dir) / "config.json").is_file():
+    teacher_dir = linked_model(run_task(model_dir), "teacher")
+    if teacher_dir is None:
         raise UserError(f"{model_dir} names no teacher folder that exists (task.json 'teacher')")
     lms = {"student": load(model_dir), "teacher": load(teacher_dir)}
     rows = []

@@ -30,9 +30,16 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.lm import load
 from lmforge.models.decoder import Decoder
-from lmforge.run_folder import read_json, read_jsonl
+from lmforge.run_folder import read_jsonl
 from lmforge.tasks.chat import Recipe as ChatRecipe
-from lmforge.tasks.chat import fits_context, instruction_accuracy, load_decoder_base, save_tuned_decoder
+from lmforge.tasks.chat import (
+    fits_context,
+    instruction_accuracy,
+    linked_model,
+    load_decoder_base,
+    run_task,
+    save_tuned_decoder,
+)
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -239,10 +246,9 @@ def evaluate_run(
     """Held-out preference accuracy beside the base model's; exact-match accuracy where answers are checkable."""
     model_dir, out_dir = report_folders(model_dir, out_dir)
     lm = load(model_dir)
-    task_file = model_dir / "task.json"
-    task = read_json(task_file) if task_file.is_file() else {}
-    base = task.get("base")
-    base_lm = load(base) if base and (Path(base) / "config.json").is_file() else None
+    task = run_task(model_dir)
+    base = linked_model(task)
+    base_lm = load(base) if base is not None else None
     beta = task.get("beta", 0.1)
     records = preference_records(data, split)
     length = lm.model.config.max_position_embeddings
