@@ -171,44 +171,72 @@ class LM:
         """
         if not prompt_ids:
             raise UserError("no prompt given")
-        stop_strings = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         end_ids = {self.tokenizer.eos_id, *stop_ids}
         context = self.model.config.max_position_embeddings
         for ids in prompt_ids:
             if len(ids) >= context:
                 raise UserError(f"the prompt has {len(ids)} tokens; this model's context holds {context}")
-        rows = len(prompt_ids)
-        decoders = [StreamDecoder(self.tokenizer) for _ in range(rows)]
-        pending = [""] * rows
-        done = [False] * rows
-        reasons = ["length"] * rows
-        counts = [0] * rows
+        streams = [TextStream(self.tokenizer, stop, end_ids) for _ in prompt_ids]
         steps = stream_ids(self.model, prompt_ids, config, sorted(end_ids), self.tokenizer.pad_id)
         for step_tokens in steps:
-            pieces = [""] * rows
-            for row, token in enumerate(step_tokens):
-                if token is None or done[row]:
-                    continue
-                counts[row] += 1
-                if token in end_ids:
-                    done[row], reasons[row] = True, "stop"
-                    pieces[row] = pending[row] + decoders[row].flush()
-                    continue
-                pending[row] += decoders[row].push(token)
-                pieces[row], pending[row], hit = _split_at_stop(pending[row], stop_strings)
-                if hit:
-                    done[row], reasons[row] = True, "stop"
+            pieces = [
+                "" if token is None or text.finished else text.push(token) for token, text in zip(step_tokens, streams)
+            ]
             yield pieces
-            if all(done):
+            if all(text.finished for text in streams):
                 steps.close()
                 break
-        tails = [
-            "" if done[row] else _split_at_stop(pending[row] + decoders[row].flush(), stop_strings, final=True)[0]
-            for row in range(rows)
-        ]
+        tails = [text.finish() for text in streams]
         if any(tails):
             yield tails
-        completions.extend(Completion("", reasons[row], len(prompt_ids[row]), counts[row]) for row in range(rows))
+        completions.extend(
+            Completion("", text.finish_reason, len(ids), text.token_count) for ids, text in zip(prompt_ids, streams)
+        )
+
+
+def stop_strings(stop: Sequence[str] | str | None) -> list[str]:
+    """One stop string or many -> the non-empty ones."""
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    return [text for text in stop or [] if text]
+
+
+class TextStream:
+    """One sequence's new tokens -> text pieces.
+
+    Detokenizes incrementally (never half a UTF-8 character) and matches stop
+    strings on text, holding back any tail that could still become one. Ends
+    at an end token ("stop"), a stop string ("stop"), or when the caller runs
+    out of tokens and calls `finish` ("length").
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | str | None, end_ids: set[int]) -> None:
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop_strings = stop_strings(stop)
+        self.end_ids = end_ids
+        self.pending = ""
+        self.finished = False
+        self.finish_reason = "length"
+        self.token_count = 0  # tokens generated, the end token included
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text now safe to emit."""
+        self.token_count += 1
+        if token in self.end_ids:
+            self.finished, self.finish_reason = True, "stop"
+            return _split_at_stop(self.pending + self.decoder.flush(), self.stop_strings, final=True)[0]
+        self.pending += self.decoder.push(token)
+        piece, self.pending, hit = _split_at_stop(self.pending, self.stop_strings)
+        if hit:
+            self.finished, self.finish_reason = True, "stop"
+        return piece
+
+    def finish(self) -> str:
+        """End the stream where it is; return the text still held back."""
+        if self.finished:
+            return ""
+        self.finished = True
+        return _split_at_stop(self.pending + self.decoder.flush(), self.stop_strings, final=True)[0]
 
 
 def _split_at_stop(text: str, stop_strings: list[str], final: bool = False) -> tuple[str, str, bool]:

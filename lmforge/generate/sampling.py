@@ -77,3 +77,27 @@ def next_tokens(
         return logits.argmax(dim=-1)
     logits = filter_top_p(filter_top_k(logits / config.temperature, config.top_k), config.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def next_tokens_per_row(
+    logits: torch.Tensor,
+    configs: list[SamplingConfig],
+    seen: torch.Tensor | None = None,
+    generators: list[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,), each row with its own sampling settings and random generator.
+
+    Rows that share settings and use the global RNG are sampled together; a row with its own
+    generator (a seeded request) is sampled alone, so its draws do not depend on its neighbours.
+    """
+    generators = generators or [None] * len(configs)
+    groups: dict[tuple, list[int]] = {}
+    for row, (config, generator) in enumerate(zip(configs, generators)):
+        shared = (config.temperature, config.top_k, config.top_p, config.repetition_penalty)
+        groups.setdefault(shared if generator is None else (row,), []).append(row)
+    tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        index = torch.tensor(rows, device=logits.device)
+        rows_seen = seen[index] if seen is not None else None
+        tokens[index] = next_tokens(logits[index], configs[rows[0]], rows_seen, generators[rows[0]])
+    return tokens
