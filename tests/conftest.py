@@ -1,6 +1,9 @@
 """Fixtures shared by the chat, preference and distillation tests: a tiny checkable chat task and a base model."""
 
+import contextlib
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -64,3 +67,60 @@ def base_run(tmp_path_factory, chat_data):
     )  # fmt: skip
     save_model(folder, Decoder(config))
     return folder
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Run an ASGI app on uvicorn in a thread on a free 127.0.0.1 port; yield its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def served_lm(base_run):
+    import lmforge
+
+    return lmforge.load(base_run, device="cpu")
+
+
+class _EndlessDecoder(Decoder):
+    """A decoder that writes about 40 tokens/s and never ends a reply itself: a reply lasts until stopped."""
+
+    end_ids: list[int] = []
+
+    def forward(self, *args, **kwargs):
+        time.sleep(0.025)
+        logits = super().forward(*args, **kwargs)
+        logits[..., self.end_ids] = float("-inf")
+        return logits
+
+
+@pytest.fixture(scope="session")
+def web_server(base_run):
+    """Base URL of a live server (no API key) whose replies stream slowly and run until max_tokens or Stop."""
+    from lmforge.lm import LM
+    from lmforge.serve.app import create_app
+
+    tokenizer = Tokenizer.load(base_run)
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+        max_position_embeddings=2048, initializer_range=0.2,
+    )  # fmt: skip
+    model = _EndlessDecoder(config)
+    model.end_ids = [tokenizer.eos_id, tokenizer.im_end_id]
+    with live_server(create_app(LM(model, tokenizer), model_name="endless")) as url:
+        yield url
