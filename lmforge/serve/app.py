@@ -212,7 +212,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
                             code="json_invalid").response()  # fmt: skip
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        where = [str(part) for part in first.get("loc", ()) if _is_field(part)]
         param = ".".join(where) or None
         message = f"{param}: {first['msg']}" if param else str(first["msg"])
         if len(problems) > 1:
@@ -227,6 +227,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
         return APIError(error.status_code, str(error.detail), kind, headers=error.headers).response()
+
+
+def _is_field(part: str | int) -> bool:
+    """Whether a pydantic error location part names a field or index, not a union member ("str", "list[str]")."""
+    if isinstance(part, int):
+        return True
+    return part != "body" and part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict")
 
 
 def _openapi_without_422(app: FastAPI) -> dict:
