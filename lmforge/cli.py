@@ -78,6 +78,36 @@ def _recipe_help() -> str:
     return f"Any recipe key can be overridden as --section.key value:\n\n{rows}"
 
 
+@app.command()
+def serve(
+    model: ModelOption,
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the server to the network")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LMFORGE_API_KEY", help="require 'Authorization: Bearer KEY' on all but /health and /"),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="sequences decoded together in one step")] = 8,
+    max_queue: Annotated[int, typer.Option(help="sequences that may wait for a slot; beyond it: 429")] = 64,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="let pages from this origin call the API")] = None,
+    model_name: Annotated[str | None, typer.Option(help="the id clients use (default: the folder's name)")] = None,
+    device: DeviceOption = "auto",
+) -> None:
+    """Serve a decoder model over an OpenAI-compatible API, with a web chat page at /.
+
+    Example: lmforge serve --model runs/demo/chat, then open http://127.0.0.1:8000/ or point any
+    OpenAI client at base_url http://127.0.0.1:8000/v1.
+    """
+    from lmforge.serve.app import serve as run_server
+
+    if max_batch < 1 or max_queue < 0:
+        raise UserError(f"--max-batch must be >= 1 and --max-queue >= 0, not {max_batch} and {max_queue}")
+    run_server(
+        model, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+        cors_origins=cors_origin or (), device=device, model_name=model_name,
+    )  # fmt: skip
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     epilog=_recipe_help(),

@@ -68,7 +68,8 @@ def chat_section(metrics: dict, turns: list[tuple[str, str]], chat_dir: Path) ->
 {table}
 
 Scored on {metrics["examples_scored"]} held-out instructions; details in `chat/report.md`. \
-Talk to it: `lmforge chat --model {chat_dir}`
+Talk to it: `lmforge chat --model {chat_dir}` in the terminal, or `lmforge serve --model {chat_dir}` for a web chat \
+page at http://127.0.0.1:8000/ and an OpenAI-compatible API at http://127.0.0.1:8000/v1
 
 ### A scripted two-turn conversation (greedy)
 
@@ -159,4 +160,5 @@ top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetitio
     print(f'continue text: lmforge generate --model {out_dir} "{PROMPTS[0]}"')
     if chat_minutes > 0:
         print(f"chat with it:  lmforge chat --model {out_dir / 'chat'}")
+        print(f"serve it:      lmforge serve --model {out_dir / 'chat'}  (web chat page + OpenAI-compatible API)")
     return out_dir

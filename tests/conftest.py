@@ -1,8 +1,6 @@
 """Fixtures shared by the chat, preference and distillation tests: a tiny checkable chat task and a base model."""
 
-import contextlib
 import json
-import threading
 import time
 
 import pytest
@@ -69,26 +67,6 @@ def base_run(tmp_path_factory, chat_data):
     return folder
 
 
-@contextlib.contextmanager
-def live_server(app):
-    """Run an ASGI app on uvicorn in a thread on a free 127.0.0.1 port; yield its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def served_lm(base_run):
     import lmforge
@@ -112,7 +90,7 @@ class _EndlessDecoder(Decoder):
 def web_server(base_run):
     """Base URL of a live server (no API key) whose replies stream slowly and run until max_tokens or Stop."""
     from lmforge.lm import LM
-    from lmforge.serve.app import create_app
+    from lmforge.serve.app import background_server, create_app
 
     tokenizer = Tokenizer.load(base_run)
     torch.manual_seed(0)
@@ -122,5 +100,5 @@ def web_server(base_run):
     )  # fmt: skip
     model = _EndlessDecoder(config)
     model.end_ids = [tokenizer.eos_id, tokenizer.im_end_id]
-    with live_server(create_app(LM(model, tokenizer), model_name="endless")) as url:
+    with background_server(create_app(LM(model, tokenizer), model_name="endless")) as url:
         yield url

@@ -5,11 +5,10 @@ import time
 
 import httpx
 import pytest
-from conftest import live_server
 from fastapi.testclient import TestClient
 
 from lmforge.lm import TextStream
-from lmforge.serve.app import create_app
+from lmforge.serve.app import background_server, create_app
 
 QUESTION = [{"role": "user", "content": "第3句的颜色是什么？"}]
 GREEDY = {"temperature": 0, "max_tokens": 12, "repetition_penalty": 1.0}
@@ -207,7 +206,7 @@ AUTH_BYPASSES = [
 
 @pytest.fixture(scope="module")
 def locked_server(served_lm):
-    with live_server(create_app(served_lm, model_name="tiny", api_key="sk-right")) as url:
+    with background_server(create_app(served_lm, model_name="tiny", api_key="sk-right")) as url:
         yield url
 
 
@@ -243,7 +242,7 @@ def test_api_key_accepts_only_the_right_bearer(locked_server):
 def test_a_client_that_leaves_mid_stream_frees_its_slot(served_lm):
     app = create_app(served_lm, model_name="tiny")
     engine = app.state.engine
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+    with background_server(app) as url, httpx.Client(base_url=url, timeout=30) as http:
         body = {"model": "tiny", "messages": QUESTION, "max_tokens": 30, "stream": True, "n": 3}
         original_step = engine.step
 

@@ -9,12 +9,14 @@ official client retries each 5xx twice, so a 500 on bad input is felt three time
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -271,6 +273,42 @@ def _chat_prompt(lm: LM, messages: list[protocol.ChatMessage]) -> list[int]:
     return lm.tokenizer.encode(render_chat(lm.tokenizer, check_messages(plain), add_generation_prompt=True))
 
 
+class _Mailman:
+    """Carries events from the engine thread into an event loop, waking the loop once per batch, not per event.
+
+    One decode step emits an event for every live sequence; a wake-up per event would cost the
+    loop more than the step itself once a few clients stream at once.
+    """
+
+    _by_loop: dict[asyncio.AbstractEventLoop, _Mailman] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.bag: list[tuple[asyncio.Queue, Event]] = []
+        self.lock = threading.Lock()
+
+    @classmethod
+    def for_running_loop(cls) -> _Mailman:
+        loop = asyncio.get_running_loop()
+        if loop not in cls._by_loop:
+            cls._by_loop = {known: mailman for known, mailman in cls._by_loop.items() if not known.is_closed()}
+            cls._by_loop[loop] = cls(loop)
+        return cls._by_loop[loop]
+
+    def deliver(self, queue: asyncio.Queue, event: Event) -> None:  # on the engine thread
+        with self.lock:
+            self.bag.append((queue, event))
+            first = len(self.bag) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._hand_out)
+
+    def _hand_out(self) -> None:  # on the event loop
+        with self.lock:
+            bag, self.bag = self.bag, []
+        for queue, event in bag:
+            queue.put_nowait(event)
+
+
 def _submit(
     engine: Engine, lm: LM, body: protocol._Sampling, prompt_ids: list[list[int]], max_tokens: int | None, context: int
 ) -> tuple[list[SequenceRequest], asyncio.Queue]:
@@ -289,11 +327,8 @@ def _submit(
             param="max_tokens",
             code="context_length_exceeded",
         )
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
-
-    def emit(event: Event) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, event)
+    emit = functools.partial(_Mailman.for_running_loop().deliver, queue)
 
     sequences = []
     for prompt_number, ids in enumerate(prompt_ids):
@@ -431,6 +466,30 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
         detail = protocol.ErrorDetail(message=str(error), type="server_error")
         yield f"data: {protocol.ErrorResponse(error=detail).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
+
+
+@contextmanager
+def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run the app on uvicorn in a thread (port 0: any free port) and yield its base URL; stop it on exit.
+
+    For notebooks, tests and benchmarks that need a live server beside other work in one process.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def serve(
