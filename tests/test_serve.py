@@ -261,3 +261,12 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served_lm):
             time.sleep(0.02)
         assert engine.load == {"live": 0, "waiting": 0, "max_batch": 8}
         assert engine.steps < 20  # it stopped long before the 30 tokens
+
+
+def test_values_that_underflow_float32_neither_fail_nor_spoil_the_batch(client):
+    greedy = chat(client).json()["choices"][0]["message"]["content"]
+    for tiny in ({"temperature": 5e-324}, {"temperature": 1e-39, "top_p": 5e-324}):
+        response = chat(client, **tiny)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == greedy  # a vanishing temperature is greedy
+    assert_error(chat(client, repetition_penalty=5e-324), 400, "repetition_penalty")

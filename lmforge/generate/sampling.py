@@ -12,6 +12,10 @@ import torch
 from lmforge.config import option
 
 
+# A temperature this small is greedy decoding (as in vLLM): dividing by it would overflow float32 to inf and NaN.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = option(128, "tokens to generate at most")
@@ -32,8 +36,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, not {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            raise ValueError(f"repetition_penalty must be between 0.01 and 100, not {self.repetition_penalty}")
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -59,6 +63,7 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     # Drop a token when the mass before it already reaches p.
     drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p
+    drop_sorted[..., 0] = False  # even a p that rounds to 0 in float32 keeps one token
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -73,7 +78,7 @@ def next_tokens(
     logits = logits.float()
     if seen is not None:
         logits = penalize_repetition(logits, seen, config.repetition_penalty)
-    if config.temperature == 0:
+    if config.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = filter_top_p(filter_top_k(logits / config.temperature, config.top_k), config.top_p)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)

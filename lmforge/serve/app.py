@@ -161,7 +161,7 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         response_model=protocol.ChatCompletion,
-        responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+        responses={200: {"content": {"text/event-stream": {}}}},  # its item schema: _openapi_document
     )
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
@@ -179,7 +179,7 @@ def create_app(
     @app.post(
         "/v1/completions",
         response_model=protocol.Completion,
-        responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+        responses={200: {"content": {"text/event-stream": {}}}},  # its item schema: _openapi_document
     )
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, model_name)
@@ -194,7 +194,7 @@ def create_app(
         await reply.collect(_events(request, sequences, queue))
         return reply.completion()
 
-    app.openapi = lambda: _openapi_without_422(app)
+    app.openapi = lambda: _openapi_document(app)
     return app
 
 
@@ -238,15 +238,33 @@ def _is_field(part: str | int) -> bool:
     return part != "body" and part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict")
 
 
-def _openapi_without_422(app: FastAPI) -> dict:
-    """FastAPI documents a 422 for every body; bad bodies get a 400 with an OpenAI error here instead."""
+def _openapi_document(app: FastAPI) -> dict:
+    """FastAPI's document, told two things it cannot infer.
+
+    Bad bodies get a 400 with an OpenAI error, not the 422 FastAPI lists for every body; and a
+    streamed 200 is server-sent events whose `data` is a chunk (or an error) in JSON, or `[DONE]`.
+    """
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-        for path in schema.get("paths", {}).values():
+        components = schema["components"]["schemas"]
+        for path in schema["paths"].values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+        for path, chunk in (
+            ("/v1/chat/completions", protocol.ChatCompletionChunk),
+            ("/v1/completions", protocol.Completion),
+        ):
+            definition = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(definition.pop("$defs", {}))
+            components[chunk.__name__] = definition
+            refs = [{"$ref": f"#/components/schemas/{kind}"} for kind in (chunk.__name__, "ErrorResponse")]
+            payload = {"anyOf": refs}
+            json_text = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+            data = {"anyOf": [{"const": "[DONE]"}, json_text]}
+            event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+            schema["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"] = {"itemSchema": event}
         app.openapi_schema = schema
     return app.openapi_schema
 

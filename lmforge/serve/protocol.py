@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-INT64 = 2**63 - 1
+# The largest integer a JSON number carries exactly everywhere (JavaScript's Number.MAX_SAFE_INTEGER).
+MAX_INT = 2**53 - 1
 
 
 class _Request(BaseModel):
@@ -41,25 +42,25 @@ class _Sampling(_Request):
     model: str
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    max_tokens: Annotated[int, Field(ge=1, le=INT64)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
     stop: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=INT64)] | None = None
+    seed: Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Not in OpenAI's API; vLLM and llama.cpp take them too.
-    top_k: Annotated[int, Field(ge=0, le=INT64)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=MAX_INT)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1, le=INT64)] | None = None  # OpenAI's newer name for max_tokens
+    max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None  # OpenAI's newer name for max_tokens
 
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
-    max_tokens: Annotated[int, Field(ge=1, le=INT64)] | None = 16  # the legacy API's default
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = 16  # the legacy API's default
 
 
 class Usage(BaseModel):
