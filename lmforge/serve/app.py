@@ -169,12 +169,8 @@ def create_app(
         max_tokens = body.max_completion_tokens or body.max_tokens
         sequences, queue = _submit(engine, lm, body, [prompt_ids], max_tokens, context)
         reply = Reply("chatcmpl", model_name, len(prompt_ids), body.n)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = reply.chat_chunks(_events(request, sequences, queue), include_usage)
-            return StreamingResponse(_sse(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
-        await reply.collect(_events(request, sequences, queue))
-        return reply.chat_completion()
+        events = _events(request, sequences, queue)
+        return await _answer(body, reply, events, reply.chat_chunks, reply.chat_completion)
 
     @app.post(
         "/v1/completions",
@@ -187,12 +183,8 @@ def create_app(
         prompt_ids = [lm.encode_prompt(prompt) for prompt in prompts]
         sequences, queue = _submit(engine, lm, body, prompt_ids, body.max_tokens, context)
         reply = Reply("cmpl", model_name, sum(len(ids) for ids in prompt_ids), len(sequences))
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = reply.completion_chunks(_events(request, sequences, queue), include_usage)
-            return StreamingResponse(_sse(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
-        await reply.collect(_events(request, sequences, queue))
-        return reply.completion()
+        events = _events(request, sequences, queue)
+        return await _answer(body, reply, events, reply.completion_chunks, reply.completion)
 
     app.openapi = lambda: _openapi_document(app)
     return app
@@ -392,6 +384,17 @@ async def _events(request: Request, sequences: list[SequenceRequest], queue: asy
     finally:
         for sequence in sequences:  # a no-op for sequences that finished
             sequence.cancel()
+
+
+async def _answer(body: protocol._Sampling, reply: Reply, events: AsyncIterator[Event], chunks_of, whole_of):
+    """A server-sent-event stream of chunks (`stream: true`), or the whole reply once every sequence is done."""
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse(chunks_of(events, include_usage)), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    await reply.collect(events)
+    return whole_of()
 
 
 class Reply:
