@@ -270,3 +270,19 @@ def test_values_that_underflow_float32_neither_fail_nor_spoil_the_batch(client):
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == greedy  # a vanishing temperature is greedy
     assert_error(chat(client, repetition_penalty=5e-324), 400, "repetition_penalty")
+
+
+def test_cors_is_off_unless_an_origin_is_given(served_lm):
+    preflight = {"Origin": "http://example.com", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    with TestClient(create_app(served_lm, model_name="tiny")) as closed:
+        assert "access-control-allow-origin" not in closed.get("/v1/models", headers={"Origin": "http://a.com"}).headers
+        assert "access-control-allow-origin" not in closed.options("/v1/chat/completions", headers=preflight).headers
+    app = create_app(served_lm, model_name="tiny", api_key="k", cors_origins=["http://example.com"])
+    with TestClient(app) as open_to_one:
+        answer = open_to_one.options("/v1/chat/completions", headers=preflight)  # a preflight carries no key
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "http://example.com"
+        other = open_to_one.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.com"})
+        assert "access-control-allow-origin" not in other.headers
+        assert open_to_one.get("/v1/models", headers={"Origin": "http://example.com"}).status_code == 401
