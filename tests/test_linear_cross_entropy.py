@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.train.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
+from lmforge.models.linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 64, 1024])

@@ -161,6 +161,16 @@ class Tokenizer:
             tokenizer.chat_template = template if isinstance(template, str) else None
         return tokenizer
 
+    def to_str(self) -> str:
+        """The whole tokenizer as `tokenizer.json` text (the chat template travels separately)."""
+        return self.backend.to_str()
+
+    @classmethod
+    def from_str(cls, text: str, chat_template: str | None = None) -> Tokenizer:
+        tokenizer = cls(Backend.from_str(text))
+        tokenizer.chat_template = chat_template
+        return tokenizer
+
     def save(
         self, directory: str | Path, model_max_length: int | None = None, chat_template: str | None = None
     ) -> None:

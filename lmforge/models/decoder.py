@@ -23,6 +23,7 @@ from lmforge.models.layers import (
     packed_attention,
     position_ids_for,
 )
+from lmforge.models.linear_cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -147,9 +148,17 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         segment_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill needs only the last position)."""
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill needs only the last position).
+
+        With `targets` (B, T) (next-token ids, -100 = ignored): the mean cross-entropy instead, fused with
+        the output layer so the (tokens x vocab) logits never exist in full. Training goes through forward,
+        as DDP and FSDP need it to.
+        """
         hidden = self.hidden_states(input_ids, attention_mask, cache, segment_ids)
+        if targets is not None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from lmforge.models import load_model_weights, model_state
 from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
 
 STATE_FILE = "trainer_state.json"
@@ -34,49 +32,49 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split the optimizer's state dict into tensors (for safetensors) and the rest (for JSON)."""
-    state = optimizer.state_dict()
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict keyed by parameter name into tensors (safetensors) and the rest (JSON)."""
     tensors, scalars = {}, {}
-    for index, values in state["state"].items():
+    for parameter, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value
+                tensors[f"state.{parameter}.{name}"] = value
             else:
-                scalars[f"{index}.{name}"] = value
+                scalars[f"{parameter}.{name}"] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
+def _optimizer_state(tensors: dict[str, torch.Tensor], saved: dict) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+            parameter, name = key.removeprefix("state.").rsplit(".", 1)  # parameter names hold dots themselves
+            state.setdefault(parameter, {})[name] = value
     for key, value in saved["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        parameter, name = key.rsplit(".", 1)
+        state.setdefault(parameter, {})[name] = value
+    return {"state": state, "param_groups": saved["param_groups"]}
 
 
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     trainer_state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
+    """Write full model and optimizer state (keyed by parameter name) as checkpoints/step_N; keep the last few."""
     checkpoints = Path(run_dir) / "checkpoints"
     final = checkpoints / f"step_{step:08d}"
     temporary = checkpoints / f".tmp-step_{step:08d}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    optimizer_tensors, optimizer_rest = _optimizer_tensors(optimizer)
+    optimizer_tensors, optimizer_rest = _optimizer_tensors(optimizer_state)
     optimizer_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         optimizer_tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_tensors(temporary / "model.safetensors", model_state(model))
+    save_tensors(temporary / "model.safetensors", model_state)
     save_tensors(temporary / "optimizer.safetensors", optimizer_tensors)
     write_json(
         temporary / STATE_FILE,
@@ -120,15 +118,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG in place; return the trainer state (step, counters, ...)."""
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """(model state, optimizer state, trainer state) of a checkpoint, on the CPU; restores the RNG too."""
     state = read_json(folder / STATE_FILE)
-    device = next(model.parameters()).device
-    load_model_weights(model, load_tensors(folder / "model.safetensors", device), str(folder))
     tensors = load_tensors(folder / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda_state = tensors.pop("rng.cuda", None)
     if cuda_state is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_state)
-    _restore_optimizer(optimizer, {name: value.to(device) for name, value in tensors.items()}, state["optimizer"])
-    return state
+    return load_tensors(folder / "model.safetensors"), _optimizer_state(tensors, state["optimizer"]), state

@@ -8,14 +8,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.train.linear_cross_entropy import linear_cross_entropy
-
 
 def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy; batch = (inputs (B, T), targets (B, T)), targets < 0 are ignored."""
     inputs, targets = batch
-    hidden = model.hidden_states(inputs)  # (B, T, hidden)
-    return linear_cross_entropy(hidden, model.lm_head.weight, targets), targets.numel()
+    return model(inputs, targets=targets), targets.numel()
 
 
 def chat_sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -24,6 +21,5 @@ def chat_sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     batch: input_ids, targets (B, T) with -100 wherever the next token is not an assistant's,
     segment_ids (B, T) keeping attention inside each conversation.
     """
-    hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])  # (B, T, hidden)
-    # Tokens processed (for tokens/s), not only the ones scored.
-    return linear_cross_entropy(hidden, model.lm_head.weight, batch["targets"]), int((batch["segment_ids"] > 0).sum())
+    loss = model(batch["input_ids"], segment_ids=batch["segment_ids"], targets=batch["targets"])
+    return loss, int((batch["segment_ids"] > 0).sum())  # tokens processed (for tokens/s), not only those scored

@@ -26,6 +26,7 @@ from lmforge.lm import save_generation_config
 from lmforge.models import save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.run_folder import read_jsonl, write_json
+from lmforge.train.distributed import broadcast, main_first, world
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainConfig, train
 
@@ -84,19 +85,22 @@ def pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
     data, config = recipe.data, recipe.train
     device = pick_device(recipe.device)
-    tokenizer = prepare_tokenizer(data, out_dir, progress)
+    # Rank 0 trains (or loads) the tokenizer; under torchrun the other ranks take it from rank 0.
+    here = world()
+    tokenizer = prepare_tokenizer(data, out_dir, progress) if here.main else None
+    shared = broadcast((tokenizer.to_str(), tokenizer.chat_template) if here.main else None)
+    tokenizer = tokenizer or Tokenizer.from_str(*shared)
     recipe.model.vocab_size = tokenizer.vocab_size
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, data.context)
     tokenizer.save(out_dir, model_max_length=recipe.model.max_position_embeddings)
     write_json(out_dir / "recipe.json", to_dict(recipe))
 
     split_args = (data.valid_fraction, data.test_fraction)
-    train_windows = LMWindows(
-        token_cache(data.source, "train", tokenizer, *split_args, progress=progress), data.context, seed=config.seed
-    )
-    valid_windows = LMWindows(
-        token_cache(data.source, "valid", tokenizer, *split_args, progress=progress), data.context
-    )
+    with main_first():  # one process fills the token cache; the others open it
+        train_tokens = token_cache(data.source, "train", tokenizer, *split_args, progress=progress)
+        valid_tokens = token_cache(data.source, "valid", tokenizer, *split_args, progress=progress)
+    train_windows = LMWindows(train_tokens, data.context, seed=config.seed)
+    valid_windows = LMWindows(valid_tokens, data.context)
     if len(train_windows) == 0 or len(valid_windows) == 0:
         raise_short_data(data)
 

@@ -9,7 +9,6 @@ model or the batches are.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,8 +22,9 @@ from tqdm import tqdm
 
 from lmforge.config import option
 from lmforge.device import autocast, autocast_dtype
-from lmforge.run_folder import append_jsonl, atomic_write_text, read_jsonl
-from lmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from lmforge.train.distributed import Replicas, barrier, broadcast, mean, rows_of_rank, world
+from lmforge.train.logbook import Logbook
 
 Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
 COUNT_KEYS = ("tokens", "bytes", "characters", "bits_per_byte")  # logged, too detailed for the progress line
@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = option(0, "seed for weights and data order")
     max_minutes: float = option(0.0, "stop early after this much wall time (0 = no limit)")
     compile: bool = option(False, "torch.compile the training step (faster steps after a one-off compile)")
+    fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "keep_last"):
@@ -93,39 +94,55 @@ def train(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train `model` in place, logging to run_dir/metrics.jsonl; returns the metric records of this run."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir)  # under torchrun, ranks other than 0 get a scratch folder of their own
+    here = world()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     amp_dtype = autocast_dtype(device, config.precision)
-    optimizer = build_optimizer(model, config)
+    replicas = Replicas(model, config.fsdp)
+    optimizer = build_optimizer(replicas.training, config)
     # NOTE: compiling the objective rather than the model leaves the model itself eager, so evaluation
     # and generation afterwards do not recompile for every new shape.
     step_loss_fn = torch.compile(objective) if config.compile else objective
-    metrics_path = run_dir / "metrics.jsonl"
     start_step, tokens_seen = 0, 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer)
+    checkpoint = broadcast(str(latest_checkpoint(run_dir) or "") if resume and here.main else "")
+    if checkpoint:
+        # Rank 0 reads the checkpoint; the others receive their part from it.
+        model_state, optimizer_state, state = read_checkpoint(Path(checkpoint)) if here.main else ({}, {}, {})
+        for copy, source in model.tied_weights.items():
+            if source in model_state:
+                model_state[copy] = model_state[source]
+        replicas.load_full_state(model_state, optimizer, optimizer_state)
+        state, rng = broadcast((state, torch.get_rng_state()))
+        torch.set_rng_state(rng)
         start_step, tokens_seen = state["step"], state["tokens_seen"]
-        # Lines logged after the checkpoint belong to work that is about to be redone.
-        kept = [record for record in read_jsonl(metrics_path) if record["step"] <= start_step]
-        atomic_write_text(metrics_path, "".join(_json_line(record) for record in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    # On resume the logbook drops what was logged after the checkpoint: that work is about to be redone.
+    logbook = Logbook(run_dir, resume_from_step=start_step if checkpoint else None)  # other ranks: their scratch
 
     records: list[dict[str, Any]] = []
 
     def log(record: dict[str, Any]) -> None:
-        append_jsonl(metrics_path, record)
+        logbook.log(record)
         records.append(record)
 
+    def validate() -> dict[str, float]:
+        # Every rank evaluates (FSDP needs them all; under DDP the others would only wait for rank 0).
+        results = evaluate(replicas.evaluated)
+        replicas.training.train()
+        return results
+
     if evaluate is not None and start_step == 0:
-        log({"step": 0, **{f"valid_{name}": value for name, value in evaluate(model).items()}})
-    model.train()
+        log({"step": 0, **{f"valid_{name}": value for name, value in validate().items()}})
+    replicas.training.train()
     started = time.perf_counter()
     window_start, window_tokens = started, 0
     bar = tqdm(
-        total=config.max_steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+        total=config.max_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not (progress and here.main),
+        dynamic_ncols=True,
     )
     step = start_step
     for step in range(start_step, config.max_steps):
@@ -134,14 +151,17 @@ def train(
             group["lr"] = lr
         step_loss, step_tokens = 0.0, 0
         for micro in range(config.grad_accum):
-            batch = _to_device(batch_for(step * config.grad_accum + micro), device)
+            batch = _to_device(rows_of_rank(batch_for(step * config.grad_accum + micro)), device)
             with autocast(device, amp_dtype):
-                loss, num_tokens = step_loss_fn(model, batch)
+                loss, num_tokens = step_loss_fn(replicas.training, batch)
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
             step_tokens += num_tokens
+        step_loss = mean(step_loss)  # each rank's loss is over its own rows
+        step_tokens = round(mean(step_tokens) * here.size)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(replicas.training.parameters(), max_norm)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += step_tokens
@@ -166,19 +186,30 @@ def train(
         out_of_time = config.max_minutes > 0 and now - started > config.max_minutes * 60
         last = step + 1 == config.max_steps or out_of_time
         if evaluate is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
-            results = evaluate(model)
-            model.train()
+            results = validate()
             log({"step": step + 1, **{f"valid_{name}": value for name, value in results.items()}})
-            bar.write(
-                f"step {step + 1}: "
-                + ", ".join(f"valid {k} {v:.4g}" for k, v in results.items() if k not in COUNT_KEYS)
-            )
-        if last or (step + 1) % config.save_every == 0:
-            save_checkpoint(run_dir, step + 1, model, optimizer, {"tokens_seen": tokens_seen}, config.keep_last)
+            if here.main:
+                bar.write(
+                    f"step {step + 1}: "
+                    + ", ".join(f"valid {k} {v:.4g}" for k, v in results.items() if k not in COUNT_KEYS)
+                )
+        # Every rank decides alike: ranks disagreeing on the clock would leave one waiting for the others forever.
+        out_of_time = broadcast(out_of_time)
+        if last or out_of_time or (step + 1) % config.save_every == 0:
+            model_state, optimizer_state = replicas.full_state(), replicas.full_optimizer_state(optimizer)
+            if here.main:
+                for copy in model.tied_weights:
+                    model_state.pop(copy, None)
+                trainer_state = {"tokens_seen": tokens_seen}
+                save_checkpoint(run_dir, step + 1, model_state, optimizer_state, trainer_state, config.keep_last)
+            barrier()
         if out_of_time:
-            bar.write(f"stopping at step {step + 1}: the {config.max_minutes}-minute budget is spent")
+            if here.main:
+                bar.write(f"stopping at step {step + 1}: the {config.max_minutes}-minute budget is spent")
             break
     bar.close()
+    logbook.close()
+    model = replicas.finish()
     model.eval()
     return records
 
@@ -191,7 +222,3 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {key: _to_device(value, device) for key, value in batch.items()}
     return batch
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
