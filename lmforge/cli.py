@@ -25,10 +25,13 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
+data_app = typer.Typer(help="Prepare corpora for training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 DataOption = Annotated[str, typer.Option("--data", help="builtin:peoples-daily, builtin:reviews, or a file path")]
 ModelOption = Annotated[Path, typer.Option("--model", help="a run folder (config.json, model.safetensors, ...)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")]
+FsdpOption = Annotated[bool, typer.Option("--fsdp", help="under torchrun: shard the model (FSDP) instead of DDP")]
 
 
 @app.command()
@@ -69,6 +72,44 @@ def tokenizer_train(
             f"  {language}: {numbers['chars_per_token']:.2f} characters/token, "
             f"{numbers['bytes_per_token']:.2f} bytes/token on validation text ({numbers['characters']:,} characters)"
         )
+
+
+@data_app.command("prepare")
+def data_prepare(
+    data: DataOption,
+    tokenizer: Annotated[Path, typer.Option(help="folder with tokenizer.json: a run folder or `tokenizer train`'s")],
+    out: Annotated[Path, typer.Option(help="folder for the shards, index.json and a copy of the tokenizer")],
+    workers: Annotated[int, typer.Option(help="tokenizer processes (the output is the same for any number)")] = 1,
+    shard_tokens: Annotated[int, typer.Option(help="tokens per shard file")] = 100_000_000,
+    split: Annotated[list[str] | None, typer.Option(help="split to write, repeatable (default: train, valid)")] = None,
+    valid_fraction: Annotated[float, typer.Option(help="share of documents in the valid split")] = 0.01,
+    test_fraction: Annotated[float, typer.Option(help="share of documents in the test split")] = 0.01,
+    overwrite: Annotated[bool, typer.Option(help="replace shards --out already holds from another source")] = False,
+) -> None:
+    """Tokenize a corpus of any size into memory-mapped shards that training reads lazily: pretrain with --data OUT.
+
+    Example: lmforge data prepare --data corpus.jsonl --tokenizer runs/tok --out data/corpus --workers 4
+    """
+    import time
+
+    from lmforge.data.shards import prepare_shards
+    from lmforge.data.tokenizer import Tokenizer
+
+    if not tokenizer.is_dir():
+        raise UserError(f"no tokenizer folder {tokenizer}: pass a run folder or one made by lmforge tokenizer train")
+    started = time.perf_counter()
+    index = prepare_shards(
+        data, Tokenizer.load(tokenizer), out, splits=split or ("train", "valid"), shard_tokens=shard_tokens,
+        workers=workers, valid_fraction=valid_fraction, test_fraction=test_fraction, overwrite=overwrite,
+    )  # fmt: skip
+    splits = index["splits"].values()
+    tokens = sum(entry["tokens"] for entry in splits)
+    megabytes = tokens * {"uint16": 2, "uint32": 4}[index["dtype"]] / 1e6
+    typer.echo(
+        f"{sum(len(entry['shards']) for entry in splits)} shards, {tokens:,} tokens, "
+        f"{sum(entry['documents'] for entry in splits):,} documents, {megabytes:.1f} MB "
+        f"in {time.perf_counter() - started:.1f} s; saved to {out}"
+    )
 
 
 def _recipe_help() -> str:
@@ -119,12 +160,15 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/pretrain"),
     max_steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides train.max_steps)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
+    fsdp: FsdpOption = False,
     device: DeviceOption = "auto",
 ) -> None:
-    """Pretrain a decoder-only model (causal LM) from a recipe.
+    """Pretrain a decoder-only model (causal LM) from a recipe; under torchrun on N processes (DDP, or FSDP).
 
     Example: lmforge pretrain --config recipes/demo.yaml --out runs/news --max-steps 2000
+             torchrun --nproc_per_node 2 -m lmforge pretrain --config recipes/demo.yaml --out runs/news
     """
+    from lmforge.train.distributed import launched, world
     from lmforge.train.pretrain import load_recipe
     from lmforge.train.pretrain import pretrain as run_pretrain
 
@@ -134,12 +178,18 @@ def pretrain(
         overrides.setdefault("data", {})["source"] = data
     if max_steps is not None:
         overrides.setdefault("train", {})["max_steps"] = max_steps
-    recipe = load_recipe(config, overrides)
-    result = run_pretrain(recipe, out, resume=resume)
-    typer.echo(
-        f"validation perplexity {result.before['perplexity']:.1f} -> {result.after['perplexity']:.1f}, "
-        f"bits/char {result.before['bits_per_char']:.3f} -> {result.after['bits_per_char']:.3f}; saved to {out}"
-    )
+    if fsdp:
+        overrides.setdefault("train", {})["fsdp"] = True
+    with launched(out, device) as (folder, process_device):
+        overrides["device"] = process_device
+        recipe = load_recipe(config, overrides)
+        result = run_pretrain(recipe, folder, resume=resume, progress=world().main)
+        if world().main:
+            typer.echo(
+                f"validation perplexity {result.before['perplexity']:.1f} -> {result.after['perplexity']:.1f}, "
+                f"bits/char {result.before['bits_per_char']:.3f} -> {result.after['bits_per_char']:.3f}; "
+                f"saved to {out}"
+            )
 
 
 @app.command()
@@ -222,6 +272,7 @@ def finetune(
     lora_targets: Annotated[str | None, typer.Option(help="LoRA targets: q,k,v,o,gate,up,down")] = None,
     teacher: Annotated[str | None, typer.Option(help="teacher run folder (distill)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
+    fsdp: FsdpOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Train a model for a task, then evaluate it on the test split and write report.md and metrics.json.
@@ -233,6 +284,7 @@ def finetune(
     """
     from lmforge.config import from_dict, load_yaml, merge
     from lmforge.tasks import task_module
+    from lmforge.train.distributed import launched, world
 
     module = task_module(task)
     if not hasattr(module, "finetune"):
@@ -251,10 +303,15 @@ def finetune(
         del overrides["lora"]
     if teacher:
         overrides["teacher"] = teacher
-    recipe = from_dict(module.Recipe, merge(load_yaml(config) if config else {}, overrides))
-    metrics = module.finetune(recipe, out, resume=resume)
-    _print_task_metrics(metrics)
-    typer.echo(f"saved to {out} (report.md, metrics.json)")
+    if fsdp:
+        overrides.setdefault("train", {})["fsdp"] = True
+    with launched(out, device) as (folder, process_device):
+        overrides["device"] = process_device
+        recipe = from_dict(module.Recipe, merge(load_yaml(config) if config else {}, overrides))
+        metrics = module.finetune(recipe, folder, resume=resume)
+        if world().main:
+            _print_task_metrics(metrics)
+            typer.echo(f"saved to {out} (report.md, metrics.json)")
 
 
 @app.command("eval")
@@ -325,6 +382,27 @@ def _print_task_metrics(metrics: dict) -> None:
     typer.echo(", ".join(f"{name} {value:.4g}" for name, value in numbers.items()))
     for name, values in metrics.get("baselines", {}).items():
         typer.echo(f"  baseline {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+
+@app.command()
+def runs(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="where to look for run folders")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON line: a list of runs")] = False,
+) -> None:
+    """List the run folders under FOLDER, newest first: kind, step, best validation loss, last loss, status.
+
+    Example: lmforge runs runs/
+    """
+    from lmforge.runs import as_json as runs_as_json
+    from lmforge.runs import format_table, list_runs
+
+    summaries = list_runs(folder)
+    if as_json:
+        typer.echo(runs_as_json(summaries))
+    elif summaries:
+        typer.echo(format_table(summaries))
+    else:
+        typer.echo(f"no run folders under {folder}")
 
 
 def main() -> None:

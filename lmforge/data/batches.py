@@ -5,6 +5,8 @@ as `<bos> text <eos>`, and cached on disk keyed by (source, split, tokenizer), s
 a second run starts training at once. Training batches are non-overlapping
 windows drawn in a seeded order per epoch: the batch of step k depends only on
 (seed, k), which is what lets a resumed run replay the same data.
+For corpora larger than memory, a folder made by `lmforge data prepare`
+(`data/shards.py`) stands in for the cache; `split_tokens` picks one or the other.
 This module knows token ids and arrays, not models.
 """
 
@@ -16,6 +18,7 @@ import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +27,9 @@ from tqdm import tqdm
 from lmforge.data.sources import read_split, record_text, source_fingerprint
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.run_folder import atomic_write_text
+
+if TYPE_CHECKING:
+    from lmforge.data.shards import ShardedTokens
 
 CACHE_FORMAT = 1
 ENCODE_BATCH = 512
@@ -54,7 +60,7 @@ def token_cache(
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
     folder = (root or cache_root()) / "tokens"
     data_path, meta_path = folder / f"{key}.bin", folder / f"{key}.json"
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    dtype = token_dtype(tokenizer.vocab_size)
     if not (data_path.is_file() and meta_path.is_file()):
         folder.mkdir(parents=True, exist_ok=True)
         records = read_split(source, split, valid_fraction, test_fraction)
@@ -79,18 +85,42 @@ def token_cache(
     return np.memmap(data_path, dtype=dtype, mode="r")
 
 
+def split_tokens(
+    source: str,
+    split: str,
+    tokenizer: Tokenizer,
+    valid_fraction: float = 0.01,
+    test_fraction: float = 0.01,
+    root: Path | None = None,
+    progress: bool = True,
+) -> np.ndarray | ShardedTokens:
+    """The tokens of one split, for `LMWindows`: lazily mapped shards when `source` is a folder made by
+    `lmforge data prepare` (its own split fractions hold), else `token_cache`."""
+    from lmforge.data.shards import ShardedTokens, is_prepared  # here: shards.py builds on this module
+
+    if is_prepared(source):
+        return ShardedTokens(source, split, tokenizer)
+    return token_cache(source, split, tokenizer, valid_fraction, test_fraction, root, progress)
+
+
 def _encoded_documents(records: Iterator[dict], tokenizer: Tokenizer) -> Iterator[list[int]]:
     batch: list[str] = []
     for record in records:
         batch.append(record_text(record))
         if len(batch) == ENCODE_BATCH:
-            yield from _encode(batch, tokenizer)
+            yield from encode_documents(batch, tokenizer)
             batch = []
     if batch:
-        yield from _encode(batch, tokenizer)
+        yield from encode_documents(batch, tokenizer)
 
 
-def _encode(texts: list[str], tokenizer: Tokenizer) -> Iterator[list[int]]:
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """The smallest unsigned type that holds every id: half the disk and page cache of uint32 for most vocabularies."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def encode_documents(texts: list[str], tokenizer: Tokenizer) -> Iterator[list[int]]:
+    """Each text as one document, `<bos> text <eos>`: the layout of every token stream training reads."""
     for ids in tokenizer.encode_batch(texts):
         yield [tokenizer.bos_id, *ids, tokenizer.eos_id]
 
@@ -113,7 +143,7 @@ def shuffled_indices(seed: int, size: int, first: int, count: int) -> list[int]:
 class LMWindows:
     """Non-overlapping windows of `context + 1` tokens: inputs are the first `context`, targets the last."""
 
-    def __init__(self, tokens: np.ndarray, context: int, seed: int = 0) -> None:
+    def __init__(self, tokens: np.ndarray | ShardedTokens, context: int, seed: int = 0) -> None:
         self.tokens = tokens
         self.context = context
         self.seed = seed

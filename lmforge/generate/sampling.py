@@ -11,7 +11,6 @@ import torch
 
 from lmforge.config import option
 
-
 # A temperature this small is greedy decoding (as in vLLM): dividing by it would overflow float32 to inf and NaN.
 GREEDY_BELOW = 1e-5
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from lmforge.config import from_dict, load_yaml, merge, option, to_dict
-from lmforge.data.batches import LMWindows, token_cache
+from lmforge.data.batches import LMWindows, split_tokens
+from lmforge.data.shards import is_prepared
 from lmforge.data.sources import read_split, record_text
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import autocast_dtype, pick_device
@@ -33,7 +34,9 @@ from lmforge.train.trainer import TrainConfig, train
 
 @dataclass
 class DataConfig:
-    source: str = option("builtin:peoples-daily", "builtin:NAME or a .txt/.jsonl/.csv/.parquet file")
+    source: str = option(
+        "builtin:peoples-daily", "builtin:NAME, a .txt/.jsonl/.csv/.parquet file, or a `lmforge data prepare` folder"
+    )
     tokenizer: str | None = option(None, "folder with a trained tokenizer.json (default: train one)")
     vocab_size: int = option(8192, "vocabulary size when training a tokenizer")
     context: int = option(256, "tokens per training window")
@@ -59,6 +62,8 @@ def prepare_tokenizer(data: DataConfig, out_dir: Path, progress: bool = True) ->
     """The recipe's tokenizer, the run folder's own (on resume), or a new one trained on the train split."""
     if data.tokenizer:
         return Tokenizer.load(data.tokenizer)
+    if is_prepared(data.source):
+        return Tokenizer.load(data.source)  # `lmforge data prepare` keeps the tokenizer it encoded with
     if (out_dir / "tokenizer.json").is_file():
         existing = Tokenizer.load(out_dir)
         if existing.vocab_size == data.vocab_size:
@@ -97,8 +102,8 @@ def pretrain(
 
     split_args = (data.valid_fraction, data.test_fraction)
     with main_first():  # one process fills the token cache; the others open it
-        train_tokens = token_cache(data.source, "train", tokenizer, *split_args, progress=progress)
-        valid_tokens = token_cache(data.source, "valid", tokenizer, *split_args, progress=progress)
+        train_tokens = split_tokens(data.source, "train", tokenizer, *split_args, progress=progress)
+        valid_tokens = split_tokens(data.source, "valid", tokenizer, *split_args, progress=progress)
     train_windows = LMWindows(train_tokens, data.context, seed=config.seed)
     valid_windows = LMWindows(valid_tokens, data.context)
     if len(train_windows) == 0 or len(valid_windows) == 0:

@@ -1,0 +1,380 @@
+"""Sharded token data on disk: a corpus of any size, tokenized once into fixed-size memory-mapped shards.
+
+`prepare_shards` streams a source record by record, encodes documents as
+`<bos> text <eos>` (the token cache's layout) in worker processes, and writes
+each split as one logical token stream cut into shards of exactly
+`shard_tokens` ids (the last one shorter): `train_00000.bin`, `train_00001.bin`,
+... Memory stays flat however large the corpus: a bounded number of record
+batches is in flight, and each shard goes straight to disk. `index.json`,
+written last, records what was read and what came out (token and document
+counts, a SHA-256 per shard), and the tokenizer is saved beside it, so the
+folder alone is enough to train from.
+
+`ShardedTokens` presents one split as a single read-only sequence that maps
+shards only when touched, which is all `LMWindows` needs (`len` and slices).
+
+This module knows files of token ids, not models or training; where windows
+start and in which order they are drawn is `batches.py`'s business.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import os
+import re
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lmforge.data.batches import ENCODE_BATCH, encode_documents, token_dtype
+from lmforge.data.sources import SPLITS, read_records, record_text, source_fingerprint, split_of
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.run_folder import read_json, write_json
+
+SHARDS_FORMAT = 1
+INDEX_FILE = "index.json"
+# 100M tokens (200 MB as uint16) per shard, the size of the FineWeb shards modded-nanogpt trains from:
+# few enough files for any file system, small enough to copy, checksum and cache one at a time.
+DEFAULT_SHARD_TOKENS = 100_000_000
+# Shards kept mapped at once: random windows touch shards all over a large corpus, and each map holds a descriptor.
+MAX_OPEN_SHARDS = 64
+# The files a prepared folder may hold; anything else means --out is someone else's folder.
+_OWN_FILE = re.compile(r"(index\.json|tokenizer\.json|tokenizer_config\.json|(train|valid|test)_\d{5}\.bin|\..+\.tmp)")
+# What must match for a folder's shards to be the ones asked for.
+_DESCRIPTION_KEYS = (
+    "format", "source_fingerprint", "tokenizer", "dtype", "shard_tokens", "valid_fraction", "test_fraction"
+)  # fmt: skip
+
+
+def prepare_shards(
+    source: str,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    splits: Sequence[str] = ("train", "valid"),
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int = 1,
+    valid_fraction: float = 0.01,
+    test_fraction: float = 0.01,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize `source` into shards under `out_dir` and return the index written to `out_dir/index.json`.
+
+    The shards are the same whatever `workers` is. A folder that already holds
+    these shards (same source, tokenizer and settings) is returned as it is; one
+    that holds other shards is refused unless `overwrite`.
+    """
+    if not splits or any(split not in SPLITS for split in splits) or len(set(splits)) < len(splits):
+        raise UserError(f"splits must be distinct names among {', '.join(SPLITS)}, not {list(splits)}")
+    if shard_tokens < 1 or workers < 1:
+        raise UserError(f"shard_tokens and workers must be >= 1, not {shard_tokens} and {workers}")
+    if not (valid_fraction >= 0 and test_fraction >= 0 and valid_fraction + test_fraction <= 1):
+        raise UserError(
+            f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) must be >= 0 and sum to at most 1"
+        )
+    out_dir = Path(out_dir)
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size))
+    description = {
+        "format": SHARDS_FORMAT,
+        "source": source,
+        "source_fingerprint": source_fingerprint(source),  # raises for an unknown source, before any work
+        "tokenizer": tokenizer.fingerprint,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "layout": "<bos> text <eos> per document",
+        "shard_tokens": shard_tokens,
+        "valid_fraction": valid_fraction,
+        "test_fraction": test_fraction,
+    }
+    existing = _claim_folder(out_dir, description, list(splits), overwrite)
+    if existing is not None:
+        return existing
+
+    writers = {split: _ShardWriter(out_dir, split, shard_tokens, dtype) for split in splits}
+    source_hash = hashlib.sha256()
+    batches = _split_batches(source, splits, valid_fraction, test_fraction, source_hash)
+    bar = tqdm(desc=f"prepare {source}", unit=" docs", unit_scale=True, disable=not progress)
+    tokens = 0
+    try:
+        for split, documents, ids in _encoded(batches, tokenizer, dtype, workers):
+            writers[split].write(ids, documents)
+            tokens += len(ids)
+            bar.update(documents)
+            bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+        split_entries = {split: writer.close() for split, writer in writers.items()}
+    finally:
+        bar.close()
+        for writer in writers.values():
+            writer.discard()
+    tokenizer.save(out_dir)
+    index = {**description, "source_sha256": source_hash.hexdigest(), "splits": split_entries}
+    write_json(out_dir / INDEX_FILE, index)  # last: a folder with an index is a complete one
+    return index
+
+
+def _claim_folder(out_dir: Path, description: dict, splits: list[str], overwrite: bool) -> dict | None:
+    """The folder's index if it already holds exactly these shards; otherwise make it ready for new ones."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder for the shards")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index_path = out_dir / INDEX_FILE
+    if index_path.is_file() and not overwrite:
+        index = read_json(index_path)
+        same = all(index.get(key) == description[key] for key in _DESCRIPTION_KEYS)
+        if same and sorted(index.get("splits", {})) == sorted(splits):
+            return index
+        raise UserError(
+            f"{out_dir} already holds shards of {index.get('source')} ({index.get('source_fingerprint')}, tokenizer "
+            f"{index.get('tokenizer')}, splits {', '.join(index.get('splits', {}))}); pass --overwrite to replace "
+            "them, or choose another --out"
+        )
+    foreign = sorted(path.name for path in out_dir.iterdir() if not _OWN_FILE.fullmatch(path.name))
+    if foreign:
+        raise UserError(
+            f"--out {out_dir} is not empty and is not a prepared data folder (it holds {', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder"
+        )
+    # The index goes first: should this run die half-way, no index may vouch for a mix of old and new shards.
+    index_path.unlink(missing_ok=True)
+    for path in out_dir.iterdir():
+        if path.name.endswith(".bin") or path.name.endswith(".tmp"):
+            path.unlink()
+    return None
+
+
+def _split_batches(
+    source: str, splits: Sequence[str], valid_fraction: float, test_fraction: float, source_hash
+) -> Iterator[tuple[str, list[str]]]:
+    """(split, texts) batches in record order within each split, from one pass over the source.
+
+    Every record's text, kept or not, goes into `source_hash` (length-prefixed, so texts cannot run together).
+    """
+    pending: dict[str, list[str]] = {split: [] for split in splits}
+    for number, record in enumerate(read_records(source), start=1):
+        text = record_text(record, where=f"{source} record {number}")
+        encoded = text.encode("utf-8")
+        source_hash.update(len(encoded).to_bytes(8, "little") + encoded)
+        split = split_of(text, valid_fraction, test_fraction)
+        if split in pending:
+            pending[split].append(text)
+            if len(pending[split]) == ENCODE_BATCH:
+                yield split, pending[split]
+                pending[split] = []
+    for split, texts in pending.items():
+        if texts:
+            yield split, texts
+
+
+def _encoded(
+    batches: Iterator[tuple[str, list[str]]], tokenizer: Tokenizer, dtype: np.dtype, workers: int
+) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(split, documents, token ids) per batch, in the order the batches came, whatever `workers` is.
+
+    With several workers at most 2 batches per worker are in flight, so memory does
+    not grow with the corpus (an executor's `map` would read the whole source ahead).
+    """
+    if workers == 1:
+        for split, texts in batches:
+            yield split, len(texts), _encode_texts(texts, tokenizer, dtype)
+        return
+    in_flight: deque[tuple[str, int, Future]] = deque()
+    executor = ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(tokenizer,))
+    try:
+        for split, texts in batches:
+            in_flight.append((split, len(texts), executor.submit(_encode_in_worker, texts, dtype)))
+            if len(in_flight) >= 2 * workers:
+                split, documents, future = in_flight.popleft()
+                yield split, documents, future.result()
+        while in_flight:
+            split, documents, future = in_flight.popleft()
+            yield split, documents, future.result()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _encode_texts(texts: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarray:
+    documents = list(encode_documents(texts, tokenizer))
+    return np.fromiter(itertools.chain.from_iterable(documents), dtype, count=sum(map(len, documents)))
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _start_worker(tokenizer: Tokenizer) -> None:
+    """Runs once in each worker process: keep the tokenizer (unpickled from its JSON) for every batch."""
+    global _worker_tokenizer
+    # The processes are the parallelism; a Rust thread pool in each would only fight them for the same cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(texts: list[str], dtype: np.dtype) -> np.ndarray:
+    assert _worker_tokenizer is not None, "_start_worker has not run in this process"
+    return _encode_texts(texts, _worker_tokenizer, dtype)
+
+
+class _ShardWriter:
+    """One split's token stream, cut into files of exactly `shard_tokens` ids, each fsynced and renamed when full."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int, dtype: np.dtype) -> None:
+        self.folder, self.split, self.shard_tokens, self.dtype = folder, split, shard_tokens, dtype
+        self.shards: list[dict] = []  # the finished ones, as index entries
+        self.documents = 0
+        # The shard being written: its file (None between shards), name, running hash and token count.
+        self.handle = None
+        self.temp_path = self.folder / ".unused.tmp"
+        self.name, self.hash, self.count = "", hashlib.sha256(), 0
+
+    def write(self, ids: np.ndarray, documents: int) -> None:
+        self.documents += documents
+        while len(ids):
+            if self.handle is None:
+                self.name = f"{self.split}_{len(self.shards):05d}.bin"
+                self.temp_path = self.folder / f".{self.name}.{os.getpid()}.tmp"
+                self.handle = open(self.temp_path, "wb")  # noqa: SIM115 (open across calls; closed by _finish_shard)
+                self.hash, self.count = hashlib.sha256(), 0
+            piece, ids = ids[: self.shard_tokens - self.count], ids[self.shard_tokens - self.count :]
+            data = piece.tobytes()
+            self.handle.write(data)
+            self.hash.update(data)
+            self.count += len(piece)
+            if self.count == self.shard_tokens:
+                self._finish_shard()
+
+    def close(self) -> dict:
+        """Finish the last shard; the split's entry for the index."""
+        if self.handle is not None:
+            self._finish_shard()
+        return {
+            "tokens": sum(shard["tokens"] for shard in self.shards),
+            "documents": self.documents,
+            "shards": self.shards,
+        }
+
+    def discard(self) -> None:
+        """Remove a shard left half-written by an error (a no-op after `close`)."""
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+            self.temp_path.unlink(missing_ok=True)
+
+    def _finish_shard(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.handle = None
+        os.replace(self.temp_path, self.folder / self.name)
+        self.shards.append({"file": self.name, "tokens": self.count, "sha256": self.hash.hexdigest()})
+
+
+def is_prepared(source: str | Path) -> bool:
+    """Whether `source` names a folder made by `prepare_shards` (rather than a data file or a built-in corpus)."""
+    return (Path(source) / INDEX_FILE).is_file()
+
+
+def read_index(folder: str | Path) -> dict:
+    """A prepared folder's index, checked to be one this version reads."""
+    index = read_json(Path(folder) / INDEX_FILE)
+    if not isinstance(index, dict) or index.get("format") != SHARDS_FORMAT:
+        found = index.get("format") if isinstance(index, dict) else None
+        raise UserError(
+            f"{folder}/{INDEX_FILE} has shard format {found!r}, this lmforge reads format {SHARDS_FORMAT}; "
+            "prepare the data again with lmforge data prepare --overwrite"
+        )
+    return index
+
+
+class ShardedTokens:
+    """One split of a prepared folder as one read-only token sequence: `len`, `[i]` and `[start:stop]`.
+
+    Shards are memory-mapped when first touched and never concatenated, so
+    opening a split of any size costs a few file stats. Their sizes are checked
+    on opening; their SHA-256s too with `verify=True` (this reads every byte).
+    Give `tokenizer` to refuse shards made by a different one.
+    """
+
+    def __init__(
+        self, folder: str | Path, split: str, tokenizer: Tokenizer | None = None, verify: bool = False
+    ) -> None:
+        self.folder = Path(folder)
+        self.split = split
+        self.index = read_index(self.folder)
+        if tokenizer is not None and tokenizer.fingerprint != self.index["tokenizer"]:
+            raise UserError(
+                f"{self.folder} was prepared with tokenizer {self.index['tokenizer']}, not this one "
+                f"({tokenizer.fingerprint}); train with the tokenizer saved in {self.folder} or prepare the data again"
+            )
+        if split not in self.index["splits"]:
+            raise UserError(f"{self.folder} has no '{split}' split; it has {', '.join(self.index['splits'])}")
+        self.dtype = np.dtype(self.index["dtype"])
+        self.shards = self.index["splits"][split]["shards"]
+        # starts[k] is the position of shard k's first token in the split; starts[-1] is the split's length.
+        self.starts = [0, *itertools.accumulate(shard["tokens"] for shard in self.shards)]
+        for shard in self.shards:
+            self._check(shard, verify)
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+
+    def _check(self, shard: dict, verify: bool) -> None:
+        path = self.folder / shard["file"]
+        again = f"prepare the data again (lmforge data prepare --overwrite --out {self.folder})"
+        if not path.is_file():
+            raise UserError(f"shard {path} is missing; {again}")
+        expected = shard["tokens"] * self.dtype.itemsize
+        if path.stat().st_size != expected:
+            raise UserError(
+                f"shard {path} has {path.stat().st_size:,} bytes, its index says {expected:,} "
+                f"(truncated or overwritten); {again}"
+            )
+        if verify:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 24):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard["sha256"]:
+                raise UserError(f"shard {path} does not match its SHA-256 in {INDEX_FILE} (corrupted); {again}")
+
+    def __getstate__(self) -> dict:
+        # Another process (a DataLoader worker, a rank) maps the shards itself rather than receiving their bytes.
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("ShardedTokens slices take no step")
+            return self._range(start, max(start, stop))
+        position = int(key) + len(self) if int(key) < 0 else int(key)
+        if not 0 <= position < len(self):
+            raise IndexError(f"token {key} is outside a split of {len(self)} tokens")
+        return self._range(position, position + 1)[0]
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        pieces = []
+        shard = bisect.bisect_right(self.starts, start) - 1
+        while start < stop:
+            offset = self.starts[shard]
+            end = min(stop, self.starts[shard + 1])
+            pieces.append(self._map(shard)[start - offset : end - offset])
+            start, shard = end, shard + 1
+        if len(pieces) == 1:
+            return np.asarray(pieces[0])  # a view of the map: no copy
+        return np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
+
+    def _map(self, shard: int) -> np.memmap:
+        if shard in self._maps:
+            self._maps.move_to_end(shard)
+        else:
+            self._maps[shard] = np.memmap(self.folder / self.shards[shard]["file"], dtype=self.dtype, mode="r")
+            if len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)  # views handed out keep their map alive
+        return self._maps[shard]
