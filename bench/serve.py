@@ -2,8 +2,8 @@
 
     python bench/serve.py [--rounds 7] [--new-tokens 64] [--model RUN_DIR]
 
-A live `lmforge serve` app (uvicorn, in this process) with continuous batching;
-clients stream `/v1/chat/completions` over HTTP. For 1, 4, 8 and 16 clients each
+A real `lmforge serve` process (uvicorn, continuous batching) on 127.0.0.1; the
+clients, in this process, stream `/v1/chat/completions` over HTTP. For 1, 4, 8 and 16 clients each
 round times the N requests sent at once and the same N sent in turn, and the
 table gives aggregate completion tokens/s for both and the median ratio (goal:
 >= 4x at 8 clients). Without --model: the bench-small shape (19M parameters,
@@ -12,34 +12,63 @@ random weights) with a tokenizer trained on a slice of the built-in news.
 
 import argparse
 import asyncio
+import contextlib
 import importlib.resources
 import json
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import torch
 from _common import interleaved, median_ratio, print_table
 
-import lmforge
 from lmforge.data.sources import read_split, record_text
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.lm import LM
+from lmforge.models import save_model
 from lmforge.models.decoder import Decoder
-from lmforge.serve.app import background_server, create_app
 from lmforge.train.pretrain import load_recipe
 
 PROMPT = [{"role": "user", "content": "请用几句话介绍一下北京的历史和文化。"}]
 
 
-def bench_model() -> LM:
+def bench_model(folder: Path) -> Path:
+    """A run folder with the bench-small shape, random weights and a tokenizer trained on some built-in news."""
     texts = [record_text(record) for _, record in zip(range(3000), read_split("builtin:peoples-daily", "train"))]
     tokenizer = Tokenizer.train(texts, vocab_size=8192, show_progress=False)
     config = load_recipe(importlib.resources.files("lmforge.recipes") / "bench-small.yaml").model
     config.vocab_size = tokenizer.vocab_size
     config.max_position_embeddings = 512
     torch.manual_seed(0)
-    return LM(Decoder(config), tokenizer)
+    save_model(folder, Decoder(config))
+    tokenizer.save(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def server_process(model: Path, port: int = 8765) -> Iterator[str]:
+    command = [sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
+               "--max-batch", "16", "--model-name", "bench"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"lmforge serve did not start: {' '.join(command)}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 async def one_request(http: httpx.AsyncClient, model: str, new_tokens: int, seed: int) -> int:
@@ -63,13 +92,12 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="a decoder run folder (default: random bench-small weights)")
     arguments = parser.parse_args()
 
-    lm = lmforge.load(arguments.model, device="cpu") if arguments.model else bench_model()
-    print(f"model: {lm.model.num_parameters():,} parameters; {arguments.new_tokens} new tokens per request")
-    app = create_app(lm, model_name="bench", max_batch=16, max_queue=64)
-    engine = app.state.engine
+    scratch = tempfile.TemporaryDirectory()
+    model = arguments.model or bench_model(Path(scratch.name))
+    print(f"model: {model}; {arguments.new_tokens} new tokens per request")
     loop = asyncio.new_event_loop()
 
-    with background_server(app) as url:
+    with server_process(model) as url:
         http = httpx.AsyncClient(base_url=url, timeout=600)
 
         def concurrent(clients: int):
@@ -96,17 +124,17 @@ def main() -> None:
         rows = []
         for clients in (1, 4, 8, 16):
             print(f"{clients} clients:")
-            engine.largest_batch = 0
             results = interleaved(
                 {"concurrent": concurrent(clients), "sequential": sequential(clients)}, rounds=arguments.rounds
             )
             medians = {name: sorted(rates)[len(rates) // 2] for name, rates in results.items()}
             rows.append([
                 clients, f"{medians['concurrent']:,.0f}", f"{medians['sequential']:,.0f}",
-                f"{median_ratio(results, 'concurrent', 'sequential'):.2f}x", engine.largest_batch,
+                f"{median_ratio(results, 'concurrent', 'sequential'):.2f}x",
             ])  # fmt: skip
         loop.run_until_complete(http.aclose())
-    print_table(["clients", "concurrent tok/s", "sequential tok/s", "ratio (median)", "largest batch"], rows)
+    print_table(["clients", "concurrent tok/s", "sequential tok/s", "ratio (median)"], rows)
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
 """The generation engine: batched greedy decoding equals each row alone; sampling controls behave."""
 
+import pytest
 import torch
 
 from lmforge.generate.decode import generate_ids
-from lmforge.generate.sampling import SamplingConfig, filter_top_k, filter_top_p, next_tokens, penalize_repetition
+from lmforge.generate.sampling import (
+    SamplingConfig,
+    candidates,
+    filter_top_p,
+    next_tokens,
+    penalize_repetition,
+)
 from lmforge.models.decoder import Decoder, DecoderConfig
 
 
@@ -57,7 +64,8 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ():
 
 def test_top_k_and_top_p_keep_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isfinite(filter_top_k(logits, 2)).tolist() == [[True, True, False, False]]
+    probabilities, ids = candidates(logits, SamplingConfig(temperature=1.0, top_k=2, top_p=1.0))
+    assert ids.tolist() == [[0, 1]] and probabilities[0].tolist() == pytest.approx([0.625, 0.375])
     assert torch.isfinite(filter_top_p(logits, 0.8)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_top_p(logits, 0.81)).tolist() == [[True, True, True, False]]
     assert torch.isfinite(filter_top_p(logits, 0.1)).tolist() == [[True, False, False, False]]

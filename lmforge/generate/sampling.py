@@ -47,13 +47,6 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, logits)
 
 
-def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    threshold = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering (https://arxiv.org/abs/1904.09751); the most likely token always survives."""
     if p >= 1.0:
@@ -67,6 +60,29 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def candidates(
+    logits: torch.Tensor, config: SamplingConfig, seen: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits (B, V) -> (probabilities (B, K), their token ids (B, K), or None when K is the whole vocabulary).
+
+    Top-k first: the nucleus is then found among k sorted values, never by sorting the vocabulary.
+    """
+    logits = logits.float()
+    if seen is not None:
+        logits = penalize_repetition(logits, seen, config.repetition_penalty)
+    logits = logits / config.temperature
+    ids = None
+    if 0 < config.top_k < logits.shape[-1]:
+        logits, ids = torch.topk(logits, config.top_k, dim=-1)
+    return filter_top_p(logits, config.top_p).softmax(dim=-1), ids
+
+
+def draw(probabilities: torch.Tensor, ids: torch.Tensor | None, generator: torch.Generator | None = None):
+    """One token id per row from `candidates`' output."""
+    choice = torch.multinomial(probabilities, 1, generator=generator)  # (B, 1)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
+
+
 def next_tokens(
     logits: torch.Tensor,
     config: SamplingConfig,
@@ -74,13 +90,11 @@ def next_tokens(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> token ids (B,)."""
-    logits = logits.float()
-    if seen is not None:
-        logits = penalize_repetition(logits, seen, config.repetition_penalty)
     if config.temperature < GREEDY_BELOW:
+        if seen is not None:
+            logits = penalize_repetition(logits.float(), seen, config.repetition_penalty)
         return logits.argmax(dim=-1)
-    logits = filter_top_p(filter_top_k(logits / config.temperature, config.top_k), config.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return draw(*candidates(logits, config, seen), generator)
 
 
 def next_tokens_per_row(
@@ -91,17 +105,28 @@ def next_tokens_per_row(
 ) -> torch.Tensor:
     """logits (B, V) -> token ids (B,), each row with its own sampling settings and random generator.
 
-    Rows that share settings and use the global RNG are sampled together; a row with its own
-    generator (a seeded request) is sampled alone, so its draws do not depend on its neighbours.
+    Rows that share settings are filtered together; a row with its own generator (a seeded request)
+    then draws alone, so its tokens do not depend on its neighbours.
     """
     generators = generators or [None] * len(configs)
     groups: dict[tuple, list[int]] = {}
-    for row, (config, generator) in enumerate(zip(configs, generators)):
-        shared = (config.temperature, config.top_k, config.top_p, config.repetition_penalty)
-        groups.setdefault(shared if generator is None else (row,), []).append(row)
+    for row, config in enumerate(configs):
+        groups.setdefault((config.temperature, config.top_k, config.top_p, config.repetition_penalty), []).append(row)
     tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
     for rows in groups.values():
+        config = configs[rows[0]]
         index = torch.tensor(rows, device=logits.device)
         rows_seen = seen[index] if seen is not None else None
-        tokens[index] = next_tokens(logits[index], configs[rows[0]], rows_seen, generators[rows[0]])
+        if config.temperature < GREEDY_BELOW:
+            tokens[index] = next_tokens(logits[index], config, rows_seen)
+            continue
+        probabilities, ids = candidates(logits[index], config, rows_seen)
+        shared = [position for position, row in enumerate(rows) if generators[row] is None]
+        if shared:
+            picked = ids[shared] if ids is not None else None
+            tokens[index[shared]] = draw(probabilities[shared], picked, None)
+        for position, row in enumerate(rows):
+            if generators[row] is not None:
+                own = ids[position : position + 1] if ids is not None else None
+                tokens[row] = draw(probabilities[position : position + 1], own, generators[row])[0]
     return tokens
