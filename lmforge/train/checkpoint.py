@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lmforge.errors import UserError
 from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
 
 STATE_FILE = "trainer_state.json"
@@ -74,17 +75,26 @@ def save_checkpoint(
     optimizer_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         optimizer_tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_tensors(temporary / "model.safetensors", model_state)
-    save_tensors(temporary / "optimizer.safetensors", optimizer_tensors)
-    write_json(
-        temporary / STATE_FILE,
-        {
-            **trainer_state,
-            "step": step,
-            "optimizer": optimizer_rest,
-            "sha256": {name: _sha256(temporary / name) for name in ("model.safetensors", "optimizer.safetensors")},
-        },
-    )
+    try:
+        save_tensors(temporary / "model.safetensors", model_state)
+        save_tensors(temporary / "optimizer.safetensors", optimizer_tensors)
+        write_json(
+            temporary / STATE_FILE,
+            {
+                **trainer_state,
+                "step": step,
+                "optimizer": optimizer_rest,
+                "sha256": {name: _sha256(temporary / name) for name in ("model.safetensors", "optimizer.safetensors")},
+            },
+        )
+    except OSError as error:  # a full disk (ENOSPC), a quota or file-size limit (EFBIG), ...
+        shutil.rmtree(temporary, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise UserError(
+            f"could not write the checkpoint of step {step} to {checkpoints}: {error.strerror or error}; {kept}. "
+            "Free some space, then continue with --resume"
+        ) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
     _fsync_directory(checkpoints)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lmforge.config import option
 from lmforge.device import autocast, autocast_dtype
+from lmforge.errors import UserError
 from lmforge.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from lmforge.train.distributed import Replicas, barrier, broadcast, mean, rows_of_rank, world
 from lmforge.train.logbook import Logbook
@@ -51,15 +52,19 @@ class TrainConfig:
     max_minutes: float = option(0.0, "stop early after this much wall time (0 = no limit)")
     compile: bool = option(False, "torch.compile the training step (faster steps after a one-off compile)")
     fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP")
+    max_bad_steps: int = option(3, "steps in a row with a NaN/inf loss or gradient before rolling back to a checkpoint")
+    rollback_lr_factor: float = option(0.5, "multiply the learning rate by this after each rollback")
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "keep_last"):
+        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, not {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, not {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ValueError(f"train.rollback_lr_factor must be in (0, 1], not {self.rollback_lr_factor}")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -104,9 +109,13 @@ def train(
     # NOTE: compiling the objective rather than the model leaves the model itself eager, so evaluation
     # and generation afterwards do not recompile for every new shape.
     step_loss_fn = torch.compile(objective) if config.compile else objective
-    start_step, tokens_seen = 0, 0
-    checkpoint = broadcast(str(latest_checkpoint(run_dir) or "") if resume and here.main else "")
-    if checkpoint:
+    start_step, tokens_seen, lr_scale = 0, 0, 1.0
+
+    def restore(checkpoint: str) -> dict[str, Any] | None:
+        """Load a checkpoint (rank 0's choice) into model and optimizer; its trainer state, or None for none."""
+        checkpoint = broadcast(checkpoint)
+        if not checkpoint:
+            return None
         # Rank 0 reads the checkpoint; the others receive their part from it.
         model_state, optimizer_state, state = read_checkpoint(Path(checkpoint)) if here.main else ({}, {}, {})
         for copy, source in model.tied_weights.items():
@@ -115,9 +124,15 @@ def train(
         replicas.load_full_state(model_state, optimizer, optimizer_state)
         state, rng = broadcast((state, torch.get_rng_state()))
         torch.set_rng_state(rng)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        return state
+
+    # Rollbacks go to checkpoints of this run only: the one resumed from, or one written since.
+    last_checkpoint = str(latest_checkpoint(run_dir) or "") if resume and here.main else ""
+    state = restore(last_checkpoint)
+    if state is not None:
+        start_step, tokens_seen, lr_scale = state["step"], state["tokens_seen"], state.get("lr_scale", 1.0)
     # On resume the logbook drops what was logged after the checkpoint: that work is about to be redone.
-    logbook = Logbook(run_dir, resume_from_step=start_step if checkpoint else None)  # other ranks: their scratch
+    logbook = Logbook(run_dir, resume_from_step=start_step if state else None)  # other ranks: their scratch
 
     records: list[dict[str, Any]] = []
 
@@ -144,9 +159,9 @@ def train(
         disable=not (progress and here.main),
         dynamic_ncols=True,
     )
-    step = start_step
-    for step in range(start_step, config.max_steps):
-        lr = learning_rate(step, config)
+    step, bad_in_a_row = start_step, 0
+    while step < config.max_steps:
+        lr = learning_rate(step, config) * lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss, step_tokens = 0.0, 0
@@ -162,8 +177,36 @@ def train(
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(replicas.training.parameters(), max_norm)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            # A NaN/inf step would poison the weights and every step after it: skip it, and if it keeps
+            # happening, go back to the last good checkpoint with a smaller learning rate.
+            optimizer.zero_grad(set_to_none=True)
+            bad_in_a_row += 1
+            log({"step": step + 1, "skipped": f"loss {step_loss}, gradient norm {grad_norm}", "lr": lr})
+            if here.main:
+                bar.write(f"step {step + 1}: loss {step_loss}, gradient norm {grad_norm}: not finite, step skipped")
+            step += 1
+            if bad_in_a_row >= config.max_bad_steps:
+                state = restore(last_checkpoint)
+                if state is None:
+                    raise UserError(
+                        f"the loss was not finite for {bad_in_a_row} steps in a row (up to step {step}) and there "
+                        f"is no checkpoint to go back to: lower train.lr (now {config.lr}) or check the data"
+                    )
+                step, tokens_seen, bad_in_a_row = state["step"], state["tokens_seen"], 0
+                lr_scale = state.get("lr_scale", 1.0) * config.rollback_lr_factor
+                logbook.close()
+                logbook = Logbook(run_dir, resume_from_step=step)
+                log({"step": step, "rolled_back_to": step, "lr_scale": lr_scale})
+                bar.reset(total=config.max_steps)
+                bar.update(step)
+                if here.main:
+                    bar.write(f"rolled back to step {step}; learning rate now x{lr_scale:g}")
+            continue
+        bad_in_a_row = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step += 1
         tokens_seen += step_tokens
         window_tokens += step_tokens
         now = time.perf_counter()
@@ -172,7 +215,7 @@ def train(
             window_start, window_tokens = now, 0
         log(
             {
-                "step": step + 1,
+                "step": step,
                 "loss": step_loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -184,28 +227,29 @@ def train(
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
         out_of_time = config.max_minutes > 0 and now - started > config.max_minutes * 60
-        last = step + 1 == config.max_steps or out_of_time
-        if evaluate is not None and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
+        last = step == config.max_steps or out_of_time
+        if evaluate is not None and (last or (config.eval_every and step % config.eval_every == 0)):
             results = validate()
-            log({"step": step + 1, **{f"valid_{name}": value for name, value in results.items()}})
+            log({"step": step, **{f"valid_{name}": value for name, value in results.items()}})
             if here.main:
                 bar.write(
-                    f"step {step + 1}: "
+                    f"step {step}: "
                     + ", ".join(f"valid {k} {v:.4g}" for k, v in results.items() if k not in COUNT_KEYS)
                 )
         # Every rank decides alike: ranks disagreeing on the clock would leave one waiting for the others forever.
         out_of_time = broadcast(out_of_time)
-        if last or out_of_time or (step + 1) % config.save_every == 0:
+        if last or out_of_time or step % config.save_every == 0:
             model_state, optimizer_state = replicas.full_state(), replicas.full_optimizer_state(optimizer)
             if here.main:
                 for copy in model.tied_weights:
                     model_state.pop(copy, None)
-                trainer_state = {"tokens_seen": tokens_seen}
-                save_checkpoint(run_dir, step + 1, model_state, optimizer_state, trainer_state, config.keep_last)
+                trainer_state = {"tokens_seen": tokens_seen, "lr_scale": lr_scale}
+                saved = save_checkpoint(run_dir, step, model_state, optimizer_state, trainer_state, config.keep_last)
+                last_checkpoint = str(saved)
             barrier()
         if out_of_time:
             if here.main:
-                bar.write(f"stopping at step {step + 1}: the {config.max_minutes}-minute budget is spent")
+                bar.write(f"stopping at step {step}: the {config.max_minutes}-minute budget is spent")
             break
     bar.close()
     logbook.close()
