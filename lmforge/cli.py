@@ -32,6 +32,7 @@ DataOption = Annotated[str, typer.Option("--data", help="builtin:peoples-daily, 
 ModelOption = Annotated[Path, typer.Option("--model", help="a run folder (config.json, model.safetensors, ...)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")]
 FsdpOption = Annotated[bool, typer.Option("--fsdp", help="under torchrun: shard the model (FSDP) instead of DDP")]
+KeepLastOption = Annotated[int | None, typer.Option("--keep-last", help="checkpoints to keep (train.keep_last)")]
 
 
 @app.command()
@@ -161,6 +162,7 @@ def pretrain(
     max_steps: Annotated[int | None, typer.Option(help="optimizer steps (overrides train.max_steps)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
     fsdp: FsdpOption = False,
+    keep_last: KeepLastOption = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Pretrain a decoder-only model (causal LM) from a recipe; under torchrun on N processes (DDP, or FSDP).
@@ -180,6 +182,8 @@ def pretrain(
         overrides.setdefault("train", {})["max_steps"] = max_steps
     if fsdp:
         overrides.setdefault("train", {})["fsdp"] = True
+    if keep_last is not None:
+        overrides.setdefault("train", {})["keep_last"] = keep_last
     with launched(out, device) as (folder, process_device):
         overrides["device"] = process_device
         recipe = load_recipe(config, overrides)
@@ -273,6 +277,7 @@ def finetune(
     teacher: Annotated[str | None, typer.Option(help="teacher run folder (distill)")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
     fsdp: FsdpOption = False,
+    keep_last: KeepLastOption = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Train a model for a task, then evaluate it on the test split and write report.md and metrics.json.
@@ -305,6 +310,8 @@ def finetune(
         overrides["teacher"] = teacher
     if fsdp:
         overrides.setdefault("train", {})["fsdp"] = True
+    if keep_last is not None:
+        overrides.setdefault("train", {})["keep_last"] = keep_last
     with launched(out, device) as (folder, process_device):
         overrides["device"] = process_device
         recipe = from_dict(module.Recipe, merge(load_yaml(config) if config else {}, overrides))

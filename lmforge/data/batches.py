@@ -160,11 +160,17 @@ class LMWindows:
         windows = torch.from_numpy(np.stack([self.window(int(i)).astype(np.int64) for i in indices]))
         return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
 
-    def training_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of step `step`: every window once per epoch, in a seeded order, a pure function of step."""
+    def training_batch(
+        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of step `step`: every window once per epoch, in a seeded order, a pure function of step.
+
+        Under torchrun each process reads only its rows of the global batch: rank, rank + world_size, ...
+        """
         if self.num_windows == 0:
             raise ValueError(f"the training data has fewer than {self.context + 1} tokens")
-        return self.batch(shuffled_indices(self.seed, self.num_windows, step * batch_size, batch_size))
+        indices = shuffled_indices(self.seed, self.num_windows, step * batch_size, batch_size)
+        return self.batch(indices[rank::world_size])
 
     def evaluation_batches(
         self, batch_size: int, max_windows: int | None = None

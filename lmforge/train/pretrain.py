@@ -126,12 +126,15 @@ def pretrain(
     records = train(
         model,
         causal_lm_loss,
-        functools.partial(train_windows.training_batch, batch_size=config.batch_size),
+        functools.partial(
+            train_windows.training_batch, batch_size=config.batch_size, rank=here.rank, world_size=here.size
+        ),
         config,
         out_dir,
         evaluate=evaluate,
         resume=resume,
         progress=progress,
+        batches_are_local=True,
     )
     save_model(out_dir, model)
     save_generation_config(out_dir, recipe.generation, tokenizer)

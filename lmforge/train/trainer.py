@@ -97,8 +97,13 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     resume: bool = False,
     progress: bool = True,
+    batches_are_local: bool = False,
 ) -> list[dict[str, Any]]:
-    """Train `model` in place, logging to run_dir/metrics.jsonl; returns the metric records of this run."""
+    """Train `model` in place, logging to run_dir/metrics.jsonl; returns the metric records of this run.
+
+    `batch_for(index)` gives the global micro-batch `index`; under torchrun each process keeps its own
+    rows of it, or, with `batches_are_local`, `batch_for` reads only this process's rows itself.
+    """
     run_dir = Path(run_dir)  # under torchrun, ranks other than 0 get a scratch folder of their own
     here = world()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +171,8 @@ def train(
             group["lr"] = lr
         step_loss, step_tokens = 0.0, 0
         for micro in range(config.grad_accum):
-            batch = _to_device(rows_of_rank(batch_for(step * config.grad_accum + micro)), device)
+            batch = batch_for(step * config.grad_accum + micro)
+            batch = _to_device(batch if batches_are_local else rows_of_rank(batch), device)
             with autocast(device, amp_dtype):
                 loss, num_tokens = step_loss_fn(replicas.training, batch)
             (loss / config.grad_accum).backward()
