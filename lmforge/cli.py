@@ -384,6 +384,34 @@ def evaluate(
     )
 
 
+EXPORT_FORMATS = {
+    "hf": "a Hugging Face folder (LlamaForCausalLM) that transformers loads with no custom code",
+    "gguf": "one .gguf file for llama.cpp (--quant f16 or q8_0)",
+    "onnx": "an ONNX graph (decoder with past key/values, or encoder) for onnxruntime",
+}
+
+
+@app.command(epilog="Formats: " + "; ".join(f"{name}: {what}" for name, what in EXPORT_FORMATS.items()))
+def export(
+    model: ModelOption,
+    format: Annotated[str, typer.Option("--format", help="hf, gguf or onnx")],
+    out: Annotated[Path, typer.Option(help="output folder (hf, onnx) or file (gguf)")],
+    quant: Annotated[str, typer.Option(help="gguf weight type: f16 or q8_0")] = "f16",
+) -> None:
+    """Export a run folder for other tools: Hugging Face transformers, llama.cpp (GGUF) or onnxruntime.
+
+    Examples: lmforge export --model runs/demo/chat --format hf --out exports/chat-hf
+              lmforge export --model runs/demo/chat --format gguf --quant q8_0 --out exports/chat.gguf
+    """
+    import importlib
+
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {format!r}; known: {', '.join(EXPORT_FORMATS)}")
+    module = importlib.import_module(f"lmforge.export.{format}")
+    written = module.export(model, out, **({"quant": quant} if format == "gguf" else {}))
+    typer.echo(f"wrote {written}")
+
+
 def _print_task_metrics(metrics: dict) -> None:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "training_minutes"}
     typer.echo(", ".join(f"{name} {value:.4g}" for name, value in numbers.items()))
