@@ -67,3 +67,17 @@ def test_fsdp_checkpoints_and_resumes_and_any_layout_reads_its_checkpoints(recip
     shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
     run(recipe, out, 1, "--resume")
     assert losses(out) == pytest.approx(uninterrupted, rel=1e-5)
+
+
+def test_chat_fine_tuning_runs_under_torchrun(base_run, chat_data, tmp_path):
+    out = tmp_path / "chat"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmforge", "finetune",
+               "--task", "chat", "--base", str(base_run), "--data", str(chat_data), "--out", str(out),
+               "--train.max_steps", "8", "--train.batch_size", "16", "--train.lr", "3e-3", "--train.eval_every", "0",
+               "--max_length", "64"]  # fmt: skip
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+    trained = losses(out)
+    assert sorted(trained) == list(range(1, 9)) and trained[8] < trained[1]

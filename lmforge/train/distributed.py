@@ -131,13 +131,16 @@ def broadcast(value: Any) -> Any:
 
 
 def rows_of_rank(batch: Any) -> Any:
-    """This rank's share of a global batch: rows rank, rank + size, ... of every tensor (dim 0)."""
+    """This rank's share of a global batch: rows rank, rank + size, ... of every tensor (dim 0).
+
+    Packed rows (chat SFT) need not divide evenly; each process then averages over its own rows.
+    """
     here = world()
     if here.size == 1:
         return batch
     if torch.is_tensor(batch):
-        if batch.shape[0] % here.size:
-            raise UserError(f"a batch of {batch.shape[0]} rows does not split over {here.size} processes")
+        if batch.shape[0] < here.size:
+            raise UserError(f"a batch of {batch.shape[0]} rows cannot feed {here.size} processes: raise batch_size")
         return batch[here.rank :: here.size]
     if isinstance(batch, (tuple, list)):
         return type(batch)(rows_of_rank(item) for item in batch)
