@@ -412,6 +412,23 @@ def export(
     typer.echo(f"wrote {written}")
 
 
+@app.command("import")
+def import_model(
+    source: Annotated[
+        Path, typer.Option("--from", help="a Hugging Face folder: Llama or Qwen2 (decoders) or BERT (encoders)")
+    ],
+    out: Annotated[Path, typer.Option(help="run folder to write (new or empty)")],
+) -> None:
+    """Bring a Hugging Face model folder into lmforge, to fine-tune, chat with, serve and evaluate (safetensors only).
+
+    Example: lmforge import --from models/Qwen2.5-0.5B-Instruct --out runs/qwen, then lmforge chat --model runs/qwen
+    """
+    from lmforge.export.hf import import_folder
+
+    family = import_folder(source, out)
+    typer.echo(f"imported {source} as an lmforge {family}; saved to {out}")
+
+
 def _print_task_metrics(metrics: dict) -> None:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "training_minutes"}
     typer.echo(", ".join(f"{name} {value:.4g}" for name, value in numbers.items()))

@@ -43,14 +43,18 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-# The same roles in tokenizers we import: BERT's WordPiece folders say [CLS] for <bos> and [SEP] for <eos>.
+# The same roles in tokenizers we import, first name found wins: BERT's WordPiece folders say [CLS] for <bos> and
+# [SEP] for <eos>; Llama 2 and Mistral say <s>, </s> and end a chat turn with </s>; Llama 3 says <|begin_of_text|>,
+# <|end_of_text|> and ends a turn with <|eot_id|>. Qwen2 has one <|endoftext|> and no bos, pad or unk token; like
+# transformers, we pad with it, and it stands for bos and unk too. A Llama tokenizer without a pad token pads with
+# <unk> (its padding is masked out, so any id would do).
 ROLE_TOKENS = {
-    "pad": ("<pad>", "[PAD]"),
-    "bos": ("<bos>", "[CLS]"),
-    "eos": ("<eos>", "[SEP]"),
-    "unk": ("<unk>", "[UNK]"),
+    "pad": ("<pad>", "[PAD]", "<|endoftext|>", "<|end_of_text|>", "<unk>"),
+    "bos": ("<bos>", "[CLS]", "<s>", "<|begin_of_text|>", "<|endoftext|>"),
+    "eos": ("<eos>", "[SEP]", "</s>", "<|end_of_text|>", "<|endoftext|>"),
+    "unk": ("<unk>", "[UNK]", "<|endoftext|>", "<|end_of_text|>"),
     "im_start": ("<|im_start|>",),
-    "im_end": ("<|im_end|>",),
+    "im_end": ("<|im_end|>", "<|eot_id|>", "</s>"),
     "mask": ("<mask>", "[MASK]"),
 }
 REQUIRED_ROLES = ("pad", "bos", "eos", "unk")
@@ -62,6 +66,7 @@ QWEN2_SPLIT_PATTERN = (
 LLAMA_CPP_PRE_TOKENIZER = "qwen2"
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, plus the specials
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _first_id(backend: Backend, names: Sequence[str]) -> int | None:
@@ -86,7 +91,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 class Tokenizer:
-    """A byte-level BPE tokenizer whose first ids are `SPECIAL_TOKENS` (or an imported BERT WordPiece one).
+    """A byte-level BPE tokenizer whose first ids are `SPECIAL_TOKENS`, or an imported one (BERT, Qwen2, Llama).
 
     NOTE: like every Hugging Face tokenizer, `encode` turns the literal text of a
     special token ("<eos>", "<|im_end|>") into that special id rather than into
@@ -97,6 +102,10 @@ class Tokenizer:
     """
 
     def __init__(self, backend: Backend) -> None:
+        # NOTE: an imported tokenizer.json may pad and truncate every text (all-MiniLM-L6-v2's pads to 128);
+        # here `pad` pads and the callers truncate, so encode must return exactly the text's ids.
+        backend.no_padding()
+        backend.no_truncation()
         self.backend = backend
         ids = {role: _first_id(backend, names) for role, names in ROLE_TOKENS.items()}
         missing = [ROLE_TOKENS[role][0] for role in REQUIRED_ROLES if ids[role] is None]
@@ -183,18 +192,23 @@ class Tokenizer:
         """
         directory = Path(directory)
         atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
+        # The tokens' own names: an imported tokenizer calls its roles <s>, [CLS], <|endoftext|>...
+        token = self.backend.id_to_token
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<bos>",
-            "eos_token": "<eos>",
-            "pad_token": "<pad>",
-            "unk_token": "<unk>",
-            "mask_token": "<mask>",
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "bos_token": token(self.bos_id),
+            "eos_token": token(self.eos_id),
+            "pad_token": token(self.pad_id),
+            "unk_token": token(self.unk_id),
             "clean_up_tokenization_spaces": False,
             "add_bos_token": False,
             "add_eos_token": False,
         }
+        if self.mask_id is not None:
+            config["mask_token"] = token(self.mask_id)
+        markers = [token(i) for i in (self.im_start_id, self.im_end_id) if i is not None and i != self.eos_id]
+        if markers:
+            config["additional_special_tokens"] = markers
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
         if chat_template or self.chat_template:
@@ -242,12 +256,18 @@ class Tokenizer:
         """
         if self._token_bytes is None:
             char_to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
+            sentencepiece = getattr(self.backend.model, "byte_fallback", False)
             added = self.backend.get_added_tokens_decoder()
             table = [b""] * self.vocab_size
             for token, token_id in self.backend.get_vocab(with_added_tokens=True).items():
                 if token_id in added:
                     # Added tokens are stored as raw text, not byte-level characters.
                     table[token_id] = b"" if added[token_id].special else token.encode("utf-8")
+                elif sentencepiece:
+                    # An imported SentencePiece-style BPE (Llama 2, Mistral): text with "▁" for a space,
+                    # and <0xNN> pieces for the bytes of characters outside the vocabulary.
+                    byte = BYTE_PIECE.fullmatch(token)
+                    table[token_id] = bytes([int(byte[1], 16)]) if byte else token.replace("▁", " ").encode("utf-8")
                 else:
                     table[token_id] = bytes(char_to_byte[char] for char in token)
             self._token_bytes = table

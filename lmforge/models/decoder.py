@@ -1,4 +1,4 @@
-"""Decoder-only language model in the Llama style: RMSNorm, rotary positions, SwiGLU, optional GQA.
+"""Decoder-only language model in the Llama style: RMSNorm, rotary positions, SwiGLU, optional GQA and q/k/v biases.
 
 Weight names match Hugging Face's `LlamaForCausalLM` with the `model.` prefix
 dropped, so its state dict loads with a rename and our logits match its logits.
@@ -38,6 +38,7 @@ class DecoderConfig:
     rope_theta: float = option(10000.0, "rotary base frequency")
     rms_norm_eps: float = option(1e-5, "RMSNorm epsilon")
     tie_word_embeddings: bool = option(True, "share the input embedding and the output layer")
+    qkv_bias: bool = option(False, "biases on the query, key and value projections (Qwen2 has them)")
     initializer_range: float = option(0.02, "std of the normal weight init")
 
     def __post_init__(self) -> None:
@@ -60,7 +61,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config.hidden_size, config.num_heads, config.num_kv_heads)
+        self.self_attn = Attention(config.hidden_size, config.num_heads, config.num_kv_heads, qkv_bias=config.qkv_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 

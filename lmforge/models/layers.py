@@ -103,12 +103,21 @@ class Attention(nn.Module):
     Self-attention by default; cross-attention when `context_kv` (from
     `project_context` on the encoder's output) is given. The caller supplies the
     mask (causal, padding or both) or `is_causal=True` for the unpadded fast
-    path, and `rotary=None` for models with learned positions.
+    path, and `rotary=None` for models with learned positions. `bias` puts biases on all four
+    projections (BERT); `qkv_bias` on the query, key and value projections only (Qwen2).
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, bias: bool = False) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        bias: bool = False,
+        qkv_bias: bool | None = None,
+    ) -> None:
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
+        qkv_bias = bias if qkv_bias is None else qkv_bias
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if num_heads % num_kv_heads:
@@ -116,9 +125,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
