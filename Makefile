@@ -32,3 +32,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/peak.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/compress.py --threads 1

@@ -457,6 +457,78 @@ def runs(
         typer.echo(f"no run folders under {folder}")
 
 
+@app.command()
+def quantize(
+    model: ModelOption,
+    method: Annotated[str, typer.Option(help="int8, int8-dynamic, int4 or bf16")],
+    out: Annotated[Path, typer.Option(help="new run folder")],
+    group_size: Annotated[
+        int, typer.Option(help="int4: inputs per scale and offset (32, 64, 128, 256 use the fast CPU kernel)")
+    ] = 32,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="keep this layer in float: a name like lm_head or down_proj (repeatable)")
+    ] = None,
+) -> None:
+    """Quantize a run folder's linear layers into a new run folder that every command loads.
+
+    int8: one scale per output channel, 4x smaller layers; int8-dynamic: the same file, and activations
+    quantized on the fly on CPU (faster for batches); int4: a scale and an offset per group of inputs, two
+    values per byte; bf16: every weight cast (computes in bf16, slower than fp32 on most CPUs).
+    Tokenizer and generation config are copied; config.json records the method and the layers.
+
+    Examples: lmforge quantize --model runs/demo --method int8 --out runs/demo-int8
+              lmforge quantize --model runs/demo --method int4 --group-size 64 --out runs/demo-int4
+              lmforge generate --model runs/demo-int8 "中国人民"
+    """
+    from lmforge.compress.quantize import quantize_run
+
+    summary = quantize_run(model, out, method, group_size, exclude or ())
+    before, after = summary["bytes_before"], summary["bytes_after"]
+    layers = f"{summary['modules']} linear layers, " if method != "bf16" else ""
+    typer.echo(
+        f"{method}: {layers}model.safetensors {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
+        f"({before / after:.1f}x smaller); saved to {out}"
+    )
+
+
+@app.command()
+def prune(
+    model: ModelOption,
+    sparsity: Annotated[float, typer.Option(help="fraction of the weights to set to zero, e.g. 0.5")],
+    out: Annotated[Path, typer.Option(help="new run folder")],
+    scope: Annotated[
+        str, typer.Option(help="layer: the same sparsity in every layer; global: the smallest weights of all layers")
+    ] = "layer",
+    recover_steps: Annotated[
+        int, typer.Option(help="then fine-tune this many steps with the pruned weights held at zero (0 = none)")
+    ] = 0,
+    data: Annotated[str, typer.Option(help="recovery text: builtin:peoples-daily or a file")] = "builtin:peoples-daily",
+    recover_lr: Annotated[float, typer.Option(help="recovery learning rate")] = 1e-4,
+    device: DeviceOption = "auto",
+) -> None:
+    """Magnitude-prune a run folder's linear layers (the output layer stays dense) into a new run folder.
+
+    The result is an ordinary run folder (dense tensors holding zeros) with prune.json describing it.
+
+    Examples: lmforge prune --model runs/demo --sparsity 0.5 --out runs/demo-p50
+              lmforge prune --model runs/demo --sparsity 0.7 --scope global --recover-steps 100 --out runs/demo-p70
+    """
+    from lmforge.compress.prune import prune_run
+
+    summary = prune_run(model, out, sparsity, scope, recover_steps, data, recover_lr, device=device)
+    low, high = summary["per_layer"]
+    typer.echo(
+        f"{summary['layers']} linear layers pruned to {summary['sparsity']:.1%} zeros "
+        f"({low:.1%} to {high:.1%} per layer)"
+    )
+    if recover_steps:
+        typer.echo(
+            f"recovery: validation loss {summary['valid_loss_before']:.4f} -> {summary['valid_loss_after']:.4f} "
+            f"in {recover_steps} steps ({summary['minutes']:.1f} min)"
+        )
+    typer.echo(f"saved to {out}")
+
+
 def main() -> None:
     try:
         app()

@@ -57,6 +57,7 @@ def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where
 def read_model_config(folder: str | Path):
     values = dict(read_json(Path(folder) / "config.json"))
     family = values.pop("family", "decoder")
+    values.pop("quantization", None)  # how the weights are stored, not the network: load_model reads it
     if family not in MODEL_FAMILIES:
         raise UserError(
             f"{folder}/config.json names unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}"
@@ -69,5 +70,13 @@ def load_model(folder: str | Path, device: torch.device | str = "cpu") -> nn.Mod
     """Build the model that `folder/config.json` describes and load `folder/model.safetensors` into it."""
     config, module_class = read_model_config(folder)
     model = module_class(config)
-    load_model_weights(model, load_tensors(Path(folder) / "model.safetensors"), str(folder))
+    tensors = load_tensors(Path(folder) / "model.safetensors")
+    quantization = read_json(Path(folder) / "config.json").get("quantization")
+    if quantization:
+        # Imported here: compress/ builds on this module, and only quantized folders need it.
+        from lmforge.compress.quantize import load_quantized
+
+        load_quantized(model, quantization, tensors, str(folder))
+    else:
+        load_model_weights(model, tensors, str(folder))
     return model.to(device).eval()
