@@ -40,6 +40,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="run folder to write")] = Path("runs/demo"),
     minutes: Annotated[float, typer.Option(help="wall-time budget for pretraining")] = 5.0,
     chat_minutes: Annotated[float, typer.Option(help="wall-time budget for chat fine-tuning (0 = skip it)")] = 1.5,
+    max_steps: Annotated[
+        int | None, typer.Option(help="pretraining steps at most (with --minutes, whichever ends first)")
+    ] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """The main job on the built-in corpus: tokenizer, pretraining, chat fine-tuning, evaluation, samples, report.
@@ -48,7 +51,7 @@ def demo(
     """
     from lmforge.demo import run_demo
 
-    run_demo(out, minutes=minutes, device=device, chat_minutes=chat_minutes)
+    run_demo(out, minutes=minutes, device=device, chat_minutes=chat_minutes, max_steps=max_steps)
 
 
 @tokenizer_app.command("train")

@@ -78,10 +78,15 @@ page at http://127.0.0.1:8000/ and an OpenAI-compatible API at http://127.0.0.1:
 
 
 def run_demo(
-    out_dir: str | Path = "runs/demo", minutes: float = 5.0, device: str = "auto", chat_minutes: float = 1.5
+    out_dir: str | Path = "runs/demo",
+    minutes: float = 5.0,
+    device: str = "auto",
+    chat_minutes: float = 1.5,
+    max_steps: int | None = None,
 ) -> Path:
     out_dir = Path(out_dir)
-    recipe = load_recipe(demo_recipe_path(), {"device": device, "train": {"max_minutes": minutes}})
+    train = {"max_minutes": minutes} | ({"max_steps": max_steps} if max_steps else {})
+    recipe = load_recipe(demo_recipe_path(), {"device": device, "train": train})
     started = time.perf_counter()
     result = pretrain(recipe, out_dir)
     data = recipe.data

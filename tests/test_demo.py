@@ -11,7 +11,8 @@ import pytest
 def test_demo_writes_a_report_with_falling_perplexity_and_a_chat_model(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lmforge", "demo", "--out", str(tmp_path / "demo")]
-        + ["--minutes", "0.5", "--chat-minutes", "0.3"],
+        # A step budget, not a time budget, so a loaded machine gets the same model.
+        + ["--minutes", "10", "--max-steps", "60", "--chat-minutes", "0.3"],
         capture_output=True,
         text=True,
         timeout=900,
