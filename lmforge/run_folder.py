@@ -96,3 +96,18 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a torn last line from a killed run
     return records
+
+
+def refuse_pickle_weights(folder: Path, saved_with: str) -> None:
+    """A UserError for a folder whose weights are only pickles (pytorch_model.bin), saying how to convert them.
+
+    Loading a pickle can run arbitrary code, so lmforge never does; `saved_with` names the transformers
+    class the user loads the folder with to convert it (e.g. "AutoModelForCausalLM").
+    """
+    if (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
+        raise UserError(
+            f"{folder} has only pytorch_model.bin; lmforge reads safetensors only, because loading a pickle can run "
+            "arbitrary code (CVE-2025-32434). Convert it in a trusted environment with transformers: load it with the "
+            f"class it was saved from (e.g. {saved_with}.from_pretrained(folder)), call save_pretrained(new_folder, "
+            "safe_serialization=True), copy the tokenizer files over, and use new_folder"
+        )

@@ -18,7 +18,7 @@ from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models import read_model_config
 from lmforge.models.encoder import Encoder, EncoderConfig, Head
-from lmforge.run_folder import load_tensors, read_json
+from lmforge.run_folder import load_tensors, read_json, refuse_pickle_weights
 
 # BertConfig's defaults, for config.json files that leave a key out (transformers reads them the same way).
 BERT_DEFAULTS = {
@@ -144,13 +144,8 @@ def load_bert(
     """A Hugging Face BERT folder -> our Encoder with `head`; head weights it lacks keep their random init."""
     folder = Path(folder)
     weights = folder / "model.safetensors"
-    if not weights.is_file() and (folder / "pytorch_model.bin").is_file():
-        raise UserError(
-            f"{folder} has only pytorch_model.bin; lmforge reads model.safetensors only, because loading a pickle "
-            "can run arbitrary code (CVE-2025-32434). In a trusted environment, convert it with transformers: load it "
-            "with the class it was saved from (e.g. BertForMaskedLM.from_pretrained(folder)), then call "
-            "save_pretrained(folder, safe_serialization=True)"
-        )
+    if not weights.is_file():
+        refuse_pickle_weights(folder, "BertForMaskedLM")
     model = Encoder(with_head(read_bert_config(folder), head, num_labels, pooling))
     load_backbone(model, from_bert_state(load_tensors(weights), head), str(weights))
     return model.eval()

@@ -25,16 +25,17 @@ from lmforge.lm import GENERATION_FILE, load, save_generation_config
 from lmforge.models import model_state, save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder
-from lmforge.run_folder import atomic_write_bytes, load_tensors, read_json, save_tensors, write_json
+from lmforge.run_folder import (
+    atomic_write_bytes,
+    load_tensors,
+    read_json,
+    refuse_pickle_weights,
+    save_tensors,
+    write_json,
+)
 
 # model_type -> the causal-LM architecture its config.json names.
 DECODER_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-PICKLE_ONLY = (
-    "{folder} has only pytorch_model.bin; lmforge reads safetensors only, because loading a pickle can run "
-    "arbitrary code (CVE-2025-32434). Convert it in a trusted environment with transformers: load it with the class "
-    "it was saved from (e.g. AutoModelForCausalLM.from_pretrained(folder)), call save_pretrained(new_folder, "
-    "safe_serialization=True), copy the tokenizer files over, and import new_folder"
-)
 
 
 def llama_config(config: DecoderConfig) -> dict[str, Any]:
@@ -253,8 +254,7 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             tensors.update(load_tensors(folder / shard))
         return tensors
-    if (folder / "pytorch_model.bin").is_file() or (folder / "pytorch_model.bin.index.json").is_file():
-        raise UserError(PICKLE_ONLY.format(folder=folder))
+    refuse_pickle_weights(folder, "AutoModelForCausalLM")
     raise UserError(f"{folder} has no model.safetensors (or model.safetensors.index.json with its shards)")
 
 
