@@ -3,7 +3,9 @@
     python bench/decode.py [--rounds 7] [--new-tokens 256]
 
 A 32-token prompt, 256 new tokens, batch 1 and batch 8, fp32, the bench-small
-model shape. Both must produce the same tokens at batch 1 (checked and printed).
+model shape; lmforge eager and with compiled decoding steps (`generate --compile`,
+compiled once before the rounds). All must produce the same tokens at batch 1
+(checked and printed).
 """
 
 import argparse
@@ -37,10 +39,10 @@ def main() -> None:
     reference.generation_config.pad_token_id = 0
     greedy = SamplingConfig(max_new_tokens=arguments.new_tokens, temperature=0, repetition_penalty=1.0)
 
-    def ours_rate(prompts):
+    def ours_rate(prompts, compiled: bool):
         def run() -> float:
             start = time.perf_counter()
-            outputs = generate_ids(ours, prompts.tolist(), greedy)
+            outputs = generate_ids(ours, prompts.tolist(), greedy, compiled=compiled)
             return sum(len(output.token_ids) for output in outputs) / (time.perf_counter() - start)
 
         return run
@@ -64,26 +66,31 @@ def main() -> None:
 
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(1, config.vocab_size, (1, 32), generator=generator)
-    ours_tokens = generate_ids(ours, prompt.tolist(), greedy)[0].token_ids
     hf_tokens = hf_generate(prompt)[0].tolist()
-    same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
-    print(f"batch 1: {same}/{len(hf_tokens)} greedy tokens identical to Hugging Face's")
+    for compiled in (False, True):
+        start = time.perf_counter()
+        ours_tokens = generate_ids(ours, prompt.tolist(), greedy, compiled=compiled)[0].token_ids
+        same = sum(a == b for a, b in zip(ours_tokens, hf_tokens))
+        name = f"compiled ({time.perf_counter() - start:.0f} s with the compile)" if compiled else "eager"
+        print(f"batch 1, lmforge {name}: {same}/{len(hf_tokens)} greedy tokens identical to Hugging Face's")
 
     rows = []
     for batch_size in (1, 8):
         prompts = torch.randint(1, config.vocab_size, (batch_size, 32), generator=generator)
         print(f"batch {batch_size}:")
-        results = interleaved({"lmforge": ours_rate(prompts), "hf": hf_rate(prompts)}, rounds=arguments.rounds)
-        medians = {name: sorted(rates)[len(rates) // 2] for name, rates in results.items()}
-        rows.append(
-            [
-                batch_size,
-                f"{medians['lmforge']:,.0f}",
-                f"{medians['hf']:,.0f}",
-                f"{median_ratio(results, 'lmforge', 'hf'):.2f}x",
-            ]
-        )
-    print_table(["batch", "lmforge tokens/s", "hf tokens/s", "ratio (median)"], rows)
+        ours_rate(prompts, compiled=True)()  # compile this batch size before timing
+        contenders = {
+            "lmforge": ours_rate(prompts, compiled=False),
+            "lmforge compiled": ours_rate(prompts, compiled=True),
+            "hf": hf_rate(prompts),
+        }
+        results = interleaved(contenders, rounds=arguments.rounds)
+        for name in contenders:
+            rates = sorted(results[name])
+            rows.append(
+                [batch_size, name, f"{rates[len(rates) // 2]:,.0f}", f"{median_ratio(results, name, 'hf'):.2f}x"]
+            )
+    print_table(["batch", "decoder", "tokens/s (median)", "vs hf (median ratio)"], rows)
 
 
 if __name__ == "__main__":

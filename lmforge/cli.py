@@ -31,6 +31,9 @@ app.add_typer(data_app, name="data")
 DataOption = Annotated[str, typer.Option("--data", help="builtin:peoples-daily, builtin:reviews, or a file path")]
 ModelOption = Annotated[Path, typer.Option("--model", help="a run folder (config.json, model.safetensors, ...)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")]
+CompileOption = Annotated[
+    bool, typer.Option("--compile", help="decode with torch.compile'd steps: faster after a one-off compile (decoders)")
+]
 FsdpOption = Annotated[bool, typer.Option("--fsdp", help="under torchrun: shard the model (FSDP) instead of DDP")]
 KeepLastOption = Annotated[int | None, typer.Option("--keep-last", help="checkpoints to keep (train.keep_last)")]
 
@@ -211,6 +214,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     stream: Annotated[bool, typer.Option(help="print text as it is generated")] = False,
+    compile: CompileOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Continue prompts with a trained model. Defaults come from the model's generation_config.json.
@@ -219,7 +223,7 @@ def generate(
     """
     import lmforge
 
-    lm = lmforge.load(model, device=device)
+    lm = lmforge.load(model, device=device, compiled=compile)
     sampling = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -248,6 +252,7 @@ def chat(
     top_k: Annotated[int | None, typer.Option(help="sample among the k likeliest tokens (0 = all)")] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = all)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    compile: CompileOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Chat with a chat model in the terminal: streamed answers, /reset, /system TEXT, /save FILE, /exit.
@@ -257,7 +262,7 @@ def chat(
     import lmforge
     from lmforge.chat_terminal import run_chat
 
-    lm = lmforge.load(model, device=device)
+    lm = lmforge.load(model, device=device, compiled=compile)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     run_chat(lm, system, **{key: value for key, value in sampling.items() if value is not None})
 

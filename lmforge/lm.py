@@ -62,10 +62,18 @@ class Completion:
 
 
 class LM:
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, defaults: SamplingConfig | None = None) -> None:
+    """A model and its tokenizer. `compiled`: decode with `torch.compile`d steps (generate/compiled.py): faster
+    after a one-off compile per batch size, for decoders; the model's weights must not change afterwards."""
+
+    def __init__(
+        self, model: nn.Module, tokenizer: Tokenizer, defaults: SamplingConfig | None = None, compiled: bool = False
+    ) -> None:
+        if compiled and not hasattr(model, "decode_step"):
+            raise UserError(f"compiled decoding needs a decoder; this is a {type(model).__name__}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.defaults = defaults or SamplingConfig()
+        self.compiled = compiled
 
     @property
     def device(self) -> torch.device:
@@ -177,7 +185,7 @@ class LM:
             if len(ids) >= context:
                 raise UserError(f"the prompt has {len(ids)} tokens; this model's context holds {context}")
         streams = [TextStream(self.tokenizer, stop, end_ids) for _ in prompt_ids]
-        steps = stream_ids(self.model, prompt_ids, config, sorted(end_ids), self.tokenizer.pad_id)
+        steps = stream_ids(self.model, prompt_ids, config, sorted(end_ids), self.tokenizer.pad_id, self.compiled)
         for step_tokens in steps:
             pieces = [
                 "" if token is None or text.finished else text.push(token) for token, text in zip(step_tokens, streams)
@@ -256,8 +264,10 @@ def _split_at_stop(text: str, stop_strings: list[str], final: bool = False) -> t
     return text[: len(text) - held], text[len(text) - held :], False
 
 
-def load(run_dir: str | Path, device: str | None = None) -> LM:
+def load(run_dir: str | Path, device: str | None = None, compiled: bool = False) -> LM:
     """Load a run folder (config.json, model.safetensors, tokenizer.json, generation_config.json).
+
+    `compiled`: decode with compiled steps (see `LM`).
 
     A LoRA folder without a merged `model.safetensors` (adapter_config.json + adapter_model.safetensors)
     loads its base model, named in adapter_config.json, and merges the adapters into it.
@@ -271,8 +281,8 @@ def load(run_dir: str | Path, device: str | None = None) -> LM:
         load_adapter(run_dir, model)
         merge_lora(model)
         tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else Path(base)
-        return LM(model.eval(), Tokenizer.load(tokenizer_dir), read_generation_config(tokenizer_dir))
+        return LM(model.eval(), Tokenizer.load(tokenizer_dir), read_generation_config(tokenizer_dir), compiled)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a model folder: it has no config.json")
     model = load_model(run_dir, pick_device(device))
-    return LM(model, Tokenizer.load(run_dir), read_generation_config(run_dir))
+    return LM(model, Tokenizer.load(run_dir), read_generation_config(run_dir), compiled)

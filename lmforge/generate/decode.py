@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lmforge.generate.compiled import CompiledDecoding
 from lmforge.generate.sampling import SamplingConfig, next_tokens
 
 
@@ -42,11 +43,13 @@ def stream_ids(
     config: SamplingConfig,
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
+    compiled: bool = False,
 ) -> Iterator[list[int | None]]:
     """Yield, per decoding step, each row's new token (None once a row has finished).
 
     A row finishes after yielding one of `stop_ids`. Stops at `max_new_tokens` or
-    at the model's context length, whichever comes first.
+    at the model's context length, whichever comes first. `compiled`: decode with
+    `torch.compile`d steps (generate/compiled.py), the same tokens after a one-off compile.
     """
     if not prompts or any(len(prompt) == 0 for prompt in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -74,6 +77,7 @@ def stream_ids(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = model.new_cache(batch, longest + max_new_tokens)
     logits = model(input_ids, attention_mask=attention_mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    compiled_step = CompiledDecoding(model, cache, attention_mask, longest + max_new_tokens) if compiled else None
     for step in range(max_new_tokens):
         tokens = next_tokens(logits, config, seen, generator)  # (B,)
         yield [None if done else token for token, done in zip(tokens.tolist(), finished.tolist())]
@@ -82,6 +86,9 @@ def stream_ids(
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
+        if compiled_step is not None:
+            logits = compiled_step(tokens)
+            continue
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         logits = model(tokens[:, None], attention_mask=attention_mask, cache=cache)[:, -1]
@@ -93,12 +100,13 @@ def generate_ids(
     config: SamplingConfig,
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
+    compiled: bool = False,
 ) -> list[Generation]:
     """Non-streaming form of `stream_ids`: the new tokens of every row and why each row stopped."""
     outputs: list[list[int]] = [[] for _ in prompts]
     reasons = ["length"] * len(prompts)
     stop = set(stop_ids)
-    for step_tokens in stream_ids(model, prompts, config, stop_ids, pad_id):
+    for step_tokens in stream_ids(model, prompts, config, stop_ids, pad_id, compiled):
         for row, token in enumerate(step_tokens):
             if token is None:
                 continue

@@ -18,6 +18,7 @@ from lmforge.models.layers import (
     KVCache,
     RMSNorm,
     RotaryEmbedding,
+    StaticKVCache,
     SwiGLU,
     attention_mask_for,
     packed_attention,
@@ -163,3 +164,19 @@ class Decoder(nn.Module):
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(hidden)
+
+    def decode_step(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, cache: StaticKVCache
+    ) -> torch.Tensor:
+        """One new token per row over a static cache -> its logits (B, vocab); the shape `torch.compile` wants.
+
+        input_ids (B, 1); position_ids (B, 1), each row's count of real tokens before this one; key_mask
+        (B, cache.max_length) bool, the columns each row may attend to, this step's column included.
+        The caller moves `cache.column` on afterwards.
+        """
+        x = self.embed_tokens(input_ids)  # (B, 1, hidden)
+        rotary = self.rotary(position_ids, x.dtype)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rotary, mask, False, cache, index)
+        return self.lm_head(self.norm(x))[:, -1]

@@ -97,6 +97,39 @@ class KVCache:
         self.values = self.values[:, row_indices]
 
 
+class StaticKVCache:
+    """Keys and values for a compiled decoding step: one tensor per layer, written at a column held in a tensor.
+
+    Nothing here is a Python number that changes from one step to the next, so a compiled step
+    sees the same graph every time (a `KVCache` slices at its Python `length`, which a compiled
+    graph would bake in). Attention reads all `max_length` columns; the caller's key mask hides
+    the ones not written yet. Separate tensors per layer, not views of one: a compiler copies
+    the whole buffer when it sees a write into a view of an input.
+    """
+
+    def __init__(self, cache: KVCache, max_length: int) -> None:
+        """A copy of `cache` (its first `cache.length` columns) with room for `max_length` columns."""
+        layers, batch, heads, _, head_dim = cache.keys.shape
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for source, target in ((cache.keys, self.keys), (cache.values, self.values)):
+            for layer in range(layers):
+                buffer = source.new_zeros(batch, heads, max_length, head_dim)
+                buffer[:, :, : cache.length] = source[layer, :, :, : cache.length]
+                target.append(buffer)
+        self.column = torch.tensor([cache.length], device=cache.keys.device)  # where the next token goes
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # keys, values: (B, kv_heads, 1, head_dim) -> the whole buffer, (B, kv_heads, max_length, head_dim)
+        self.keys[layer].index_copy_(2, self.column, keys)
+        self.values[layer].index_copy_(2, self.column, values)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     """Multi-head attention with optional grouped-query key/value heads (https://arxiv.org/abs/2305.13245).
 
@@ -143,7 +176,7 @@ class Attention(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None = None,
         is_causal: bool = False,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
         layer_index: int = 0,
         context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
