@@ -101,3 +101,42 @@ def test_compiled_training_step_matches_eager(tmp_path):
     model, windows, config = tiny_setup(steps=4, compile=True)
     compiled = [r["loss"] for r in run(model, windows, config, tmp_path / "compiled")]
     assert np.allclose(eager, compiled, rtol=1e-4)
+
+
+def scripted_validation(scores):
+    """An evaluate() that returns the next score each call and remembers the weights it was shown."""
+    seen = []
+
+    def evaluate(model):
+        seen.append({name: tensor.detach().clone() for name, tensor in model.state_dict().items()})
+        return {"score": scores[len(seen) - 1]}
+
+    return evaluate, seen
+
+
+def test_best_metric_ends_with_the_weights_of_the_best_validation_even_across_a_resume(tmp_path):
+    # A run stopped by its time budget after step 1 validates at steps 0 and 1: the best so far is step 1's.
+    model, windows, config = tiny_setup(steps=12, eval_every=2, best_metric="valid_score", max_minutes=1e-9)
+    batch_for = lambda index: windows.training_batch(index, config.batch_size)  # noqa: E731
+    evaluate, seen = scripted_validation([0.1, 0.95])
+    train(model, causal_lm_loss, batch_for, config, tmp_path, evaluate, progress=False)
+    # Resumed, it validates at steps 2, 4, ..., 12; none beats step 1, though step 4 beats every other one.
+    model, windows, config = tiny_setup(steps=12, eval_every=2, best_metric="valid_score")
+    resumed_evaluate, resumed_seen = scripted_validation([0.3, 0.9, 0.2, 0.4, 0.1, 0.6])
+    train(model, causal_lm_loss, batch_for, config, tmp_path, resumed_evaluate, resume=True, progress=False)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, seen[1][name], rtol=0, atol=0)
+    assert not torch.equal(
+        model.state_dict()["layers.0.mlp.up_proj.weight"], resumed_seen[-1]["layers.0.mlp.up_proj.weight"]
+    )
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == {"step": 12, "best_step": 1, "best_valid_score": 0.95}
+
+
+def test_best_metric_lower_is_better_for_losses():
+    from lmforge.train.trainer import better
+
+    assert better("valid_loss", 1.0, 2.0) and not better("valid_loss", 2.0, 1.0)
+    assert better("valid_rougeL", 2.0, 1.0) and not better("valid_accuracy", 1.0, 2.0)
+    with pytest.raises(ValueError, match="valid_NAME"):
+        TrainConfig(best_metric="rougeL")

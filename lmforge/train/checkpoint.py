@@ -103,6 +103,30 @@ def save_checkpoint(
     return final
 
 
+def save_best(run_dir: Path, step: int, metric: str, value: float, model_state: dict[str, torch.Tensor]) -> None:
+    """Keep the weights of the best validation result so far as best/ (written aside, then renamed into place)."""
+    final, temporary = Path(run_dir) / "best", Path(run_dir) / ".tmp-best"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_tensors(temporary / "model.safetensors", model_state)
+    write_json(temporary / STATE_FILE, {"step": step, "metric": metric, "value": value})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temporary, final)
+
+
+def read_best(run_dir: Path, metric: str) -> dict[str, Any] | None:
+    """{"step", "metric", "value"} of the kept best weights for `metric`, or None when there are none."""
+    path = Path(run_dir) / "best" / STATE_FILE
+    if not path.is_file():
+        return None
+    best = read_json(path)
+    return best if best.get("metric") == metric else None
+
+
+def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(Path(run_dir) / "best" / "model.safetensors")
+
+
 def _fsync_directory(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

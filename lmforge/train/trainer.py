@@ -23,7 +23,14 @@ from tqdm import tqdm
 from lmforge.config import option
 from lmforge.device import autocast, autocast_dtype
 from lmforge.errors import UserError
-from lmforge.train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import (
+    latest_checkpoint,
+    load_best,
+    read_best,
+    read_checkpoint,
+    save_best,
+    save_checkpoint,
+)
 from lmforge.train.distributed import Replicas, barrier, broadcast, mean, rows_of_rank, world
 from lmforge.train.logbook import Logbook
 
@@ -48,6 +55,9 @@ class TrainConfig:
     eval_windows: int = option(64, "validation windows per evaluation")
     save_every: int = option(200, "checkpoint every N steps (and always at the end)")
     keep_last: int = option(2, "checkpoints to keep")
+    best_metric: str = option(
+        "", "end with the weights of the best validation, e.g. valid_loss (lowest) or valid_rougeL (highest)"
+    )
     seed: int = option(0, "seed for weights and data order")
     max_minutes: float = option(0.0, "stop early after this much wall time (0 = no limit)")
     compile: bool = option(False, "torch.compile the training step (faster steps after a one-off compile)")
@@ -65,6 +75,14 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
         if not 0 < self.rollback_lr_factor <= 1:
             raise ValueError(f"train.rollback_lr_factor must be in (0, 1], not {self.rollback_lr_factor}")
+        if self.best_metric and not self.best_metric.startswith("valid_"):
+            raise ValueError(f"train.best_metric names a validation result, valid_NAME, not {self.best_metric!r}")
+
+
+def better(metric: str, value: float, best: float) -> bool:
+    """Losses and perplexities are better lower; every other validation result (accuracy, ROUGE, ...) higher."""
+    lower_is_better = metric.endswith(("loss", "perplexity"))
+    return value < best if lower_is_better else value > best
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -140,10 +158,24 @@ def train(
     logbook = Logbook(run_dir, resume_from_step=start_step if state else None)  # other ranks: their scratch
 
     records: list[dict[str, Any]] = []
+    best = read_best(run_dir, config.best_metric) if config.best_metric and state is not None else None
 
     def log(record: dict[str, Any]) -> None:
+        nonlocal best
         logbook.log(record)
         records.append(record)
+        if not config.best_metric or config.best_metric not in record:
+            return
+        value = record[config.best_metric]
+        improved = best is None or better(config.best_metric, value, best["value"])
+        if not broadcast(improved):  # rank 0 decides for all: gathering the weights takes every rank
+            return
+        best = {"step": record["step"], "metric": config.best_metric, "value": value}
+        model_state = replicas.full_state()
+        if here.main:
+            for copy in model.tied_weights:
+                model_state.pop(copy, None)
+            save_best(run_dir, best["step"], config.best_metric, value, model_state)
 
     def validate() -> dict[str, float]:
         # Every rank evaluates (FSDP needs them all; under DDP the others would only wait for rank 0).
@@ -258,8 +290,18 @@ def train(
                 bar.write(f"stopping at step {step}: the {config.max_minutes}-minute budget is spent")
             break
     bar.close()
-    logbook.close()
     model = replicas.finish()
+    if best is not None and best["step"] != step and here.main:
+        # Only the main process writes the run folder; the others have no best/ of their own.
+        best_state = load_best(run_dir)
+        for copy, source in model.tied_weights.items():
+            best_state[copy] = best_state[source]
+        model.load_state_dict(best_state)
+        log({"step": step, "best_step": best["step"], f"best_{config.best_metric}": best["value"]})
+        bar.write(
+            f"ending with the weights of step {best['step']}, the best {config.best_metric} ({best['value']:.4g})"
+        )
+    logbook.close()
     model.eval()
     return records
 
