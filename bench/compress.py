@@ -10,7 +10,8 @@ Beside them, llama.cpp's batch-1 speed on the same model exported to GGUF (f16 a
 llama-cpp-python is installed and `lmforge.export.gguf` exists. All variants decode the same prompts,
 interleaved round by round; ratios are medians of per-round ratios against fp32. Perplexity is on the
 first `--windows` context windows of builtin:peoples-daily's validation split.
-`--kernels` also times one layer's matrix product through each kernel at several row counts.
+`--compiled` adds rows decoding fp32, int8 and int4 with compiled steps (`generate --compile`; compiled before
+timing). `--kernels` also times one layer's matrix product through each kernel at several row counts.
 """
 
 import argparse
@@ -89,10 +90,16 @@ def llama_cpp_models(model: Path, folder: Path, threads: int) -> dict:
     return models
 
 
-def ours_rate(lm: lmforge.LM, prompt_ids: list[list[int]], greedy: SamplingConfig):
+COMPILED = ("fp32", "int8", "int4")  # int8-dynamic cannot be compiled (fbgemm's packed weights are opaque)
+
+
+def ours_rate(lm: lmforge.LM, prompt_ids: list[list[int]], greedy: SamplingConfig, compiled: bool = False):
+    if compiled:
+        generate_ids(lm.model, prompt_ids, greedy, compiled=True)  # compile outside the timed rounds
+
     def run() -> float:
         start = time.perf_counter()
-        outputs = generate_ids(lm.model, prompt_ids, greedy)
+        outputs = generate_ids(lm.model, prompt_ids, greedy, compiled=compiled)
         return sum(len(output.token_ids) for output in outputs) / (time.perf_counter() - start)
 
     return run
@@ -184,6 +191,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
     parser.add_argument("--recover-steps", type=int, default=0, help="add a pruned row with recovery fine-tuning")
     parser.add_argument("--kernels", action="store_true", help="also time each kernel on one layer")
+    parser.add_argument("--compiled", action="store_true", help="add rows decoding with compiled steps")
     arguments = parser.parse_args()
 
     if not (arguments.model / "config.json").is_file():
@@ -215,6 +223,11 @@ def main() -> None:
         greedy = SamplingConfig(max_new_tokens=arguments.new_tokens, temperature=0, repetition_penalty=1.0)
         reference = generate_ids(lms["fp32"].model, prompt_ids[:1], greedy)[0].token_ids
         same = {name: generate_ids(lm.model, prompt_ids[:1], greedy)[0].token_ids for name, lm in lms.items()}
+        compiled = [name for name in COMPILED if arguments.compiled]
+        same.update(
+            {f"{name} compiled": generate_ids(lms[name].model, prompt_ids[:1], greedy, compiled=True)[0].token_ids
+             for name in compiled}
+        )  # fmt: skip
         same.update({name: llama_greedy(llama, prompt_ids[0], arguments.new_tokens) for name, llama in llamas.items()})
         agreement = {name: sum(a == b for a, b in zip(tokens, reference)) for name, tokens in same.items()}
         print(f"batch-1 greedy continuation of {PROMPTS[0]!r} (fp32): {tokenizer.decode(reference)!r}")
@@ -222,6 +235,10 @@ def main() -> None:
         rates, ratios = {}, {}
         for batch_size in (1, 8):
             contenders = {name: ours_rate(lm, prompt_ids[:batch_size], greedy) for name, lm in lms.items()}
+            contenders.update(
+                {f"{name} compiled": ours_rate(lms[name], prompt_ids[:batch_size], greedy, compiled=True)
+                 for name in compiled}
+            )  # fmt: skip
             if batch_size == 1:
                 contenders.update(
                     {name: llama_rate(llama, prompt_ids[0], arguments.new_tokens) for name, llama in llamas.items()}
@@ -230,10 +247,14 @@ def main() -> None:
             results = interleaved(contenders, rounds=arguments.rounds)
             rates[batch_size] = {name: median(values) for name, values in results.items()}
             ratios[batch_size] = {name: median_ratio(results, name, "fp32") for name in results}
+            for name in compiled[1:]:
+                ratio = median_ratio(results, f"{name} compiled", "fp32 compiled")
+                print(f"  batch {batch_size}: {name} compiled vs fp32 compiled: {ratio:.2f}x (median ratio)")
 
     rows = []
-    for name in [*lms, *llamas]:
-        row = [name, f"{sizes[name] / 1e6:.1f}", f"{sizes['fp32'] / sizes[name]:.1f}x"]
+    for name in [*lms, *(f"{name} compiled" for name in compiled), *llamas]:
+        weights = name.removesuffix(" compiled")
+        row = [name, f"{sizes[weights] / 1e6:.1f}", f"{sizes['fp32'] / sizes[weights]:.1f}x"]
         for batch_size in (1, 8):
             if name in rates[batch_size]:
                 row += [f"{rates[batch_size][name]:,.0f}", f"{ratios[batch_size][name]:.2f}x"]

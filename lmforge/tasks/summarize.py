@@ -64,7 +64,11 @@ def lead_bias_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
 def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
     # The first phase uses the main phase's optimisation settings, over its own number of steps.
     steps = recipe.lead_pretraining_steps
-    warm_up = dataclasses.replace(recipe.train, max_steps=steps, eval_every=0, max_minutes=0.0) if steps else None
+    warm_up = (
+        dataclasses.replace(recipe.train, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="")
+        if steps
+        else None
+    )
     extra = recipe.lead_pretraining_source
 
     def warm_up_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
