@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,50 +69,70 @@ def save_checkpoint(
     """Write full model and optimizer state (keyed by parameter name) as checkpoints/step_N; keep the last few."""
     checkpoints = Path(run_dir) / "checkpoints"
     final = checkpoints / f"step_{step:08d}"
-    temporary = checkpoints / f".tmp-step_{step:08d}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     optimizer_tensors, optimizer_rest = _optimizer_tensors(optimizer_state)
     optimizer_tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         optimizer_tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    try:
-        save_tensors(temporary / "model.safetensors", model_state)
-        save_tensors(temporary / "optimizer.safetensors", optimizer_tensors)
+
+    def write(folder: Path) -> None:
+        save_tensors(folder / "model.safetensors", model_state)
+        save_tensors(folder / "optimizer.safetensors", optimizer_tensors)
         write_json(
-            temporary / STATE_FILE,
+            folder / STATE_FILE,
             {
                 **trainer_state,
                 "step": step,
                 "optimizer": optimizer_rest,
-                "sha256": {name: _sha256(temporary / name) for name in ("model.safetensors", "optimizer.safetensors")},
+                "sha256": {name: _sha256(folder / name) for name in ("model.safetensors", "optimizer.safetensors")},
             },
         )
+
+    try:
+        _write_aside(final, write)
     except OSError as error:  # a full disk (ENOSPC), a quota or file-size limit (EFBIG), ...
-        shutil.rmtree(temporary, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         raise UserError(
             f"could not write the checkpoint of step {step} to {checkpoints}: {error.strerror or error}; {kept}. "
             "Free some space, then continue with --resume"
         ) from None
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temporary, final)
-    _fsync_directory(checkpoints)
     for old in sorted(checkpoints.glob("step_*"))[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def save_best(run_dir: Path, step: int, metric: str, value: float, model_state: dict[str, torch.Tensor]) -> None:
-    """Keep the weights of the best validation result so far as best/ (written aside, then renamed into place)."""
-    final, temporary = Path(run_dir) / "best", Path(run_dir) / ".tmp-best"
+def _write_aside(final: Path, write: Callable[[Path], None]) -> None:
+    """Build folder `final` under a temporary name with `write(folder)`, then rename it into place.
+
+    An OSError while writing (a full disk, ...) removes the temporary folder and propagates; `final` is untouched.
+    """
+    temporary = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    save_tensors(temporary / "model.safetensors", model_state)
-    write_json(temporary / STATE_FILE, {"step": step, "metric": metric, "value": value})
+    try:
+        write(temporary)
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temporary, final)
+    _fsync_directory(final.parent)
+
+
+def save_best(run_dir: Path, step: int, metric: str, value: float, model_state: dict[str, torch.Tensor]) -> None:
+    """Keep the weights of the best validation result so far as best/ (written aside, then renamed into place)."""
+
+    def write(folder: Path) -> None:
+        save_tensors(folder / "model.safetensors", model_state)
+        write_json(folder / STATE_FILE, {"step": step, "metric": metric, "value": value})
+
+    try:
+        _write_aside(Path(run_dir) / "best", write)
+    except OSError as error:
+        raise UserError(
+            f"could not keep the best weights (step {step}) in {Path(run_dir) / 'best'}: {error.strerror or error}; "
+            "the previous best and the checkpoints are intact. Free some space, then continue with --resume"
+        ) from None
 
 
 def read_best(run_dir: Path, metric: str) -> dict[str, Any] | None:

@@ -141,10 +141,7 @@ def train(
             return None
         # Rank 0 reads the checkpoint; the others receive their part from it.
         model_state, optimizer_state, state = read_checkpoint(Path(checkpoint)) if here.main else ({}, {}, {})
-        for copy, source in model.tied_weights.items():
-            if source in model_state:
-                model_state[copy] = model_state[source]
-        replicas.load_full_state(model_state, optimizer, optimizer_state)
+        replicas.load_full_state(_with_tied_copies(model, model_state), optimizer, optimizer_state)
         state, rng = broadcast((state, torch.get_rng_state()))
         torch.set_rng_state(rng)
         return state
@@ -161,30 +158,30 @@ def train(
     best = read_best(run_dir, config.best_metric) if config.best_metric and state is not None else None
 
     def log(record: dict[str, Any]) -> None:
-        nonlocal best
         logbook.log(record)
         records.append(record)
-        if not config.best_metric or config.best_metric not in record:
-            return
-        value = record[config.best_metric]
-        improved = best is None or better(config.best_metric, value, best["value"])
-        if not broadcast(improved):  # rank 0 decides for all: gathering the weights takes every rank
-            return
-        best = {"step": record["step"], "metric": config.best_metric, "value": value}
-        model_state = replicas.full_state()
-        if here.main:
-            for copy in model.tied_weights:
-                model_state.pop(copy, None)
-            save_best(run_dir, best["step"], config.best_metric, value, model_state)
 
-    def validate() -> dict[str, float]:
+    def validate(step: int) -> dict[str, float]:
+        """Evaluate, log the results as valid_NAME, and keep the weights if they are the best so far."""
+        nonlocal best
         # Every rank evaluates (FSDP needs them all; under DDP the others would only wait for rank 0).
         results = evaluate(replicas.evaluated)
         replicas.training.train()
+        record = {"step": step, **{f"valid_{name}": value for name, value in results.items()}}
+        log(record)
+        if config.best_metric not in record:
+            return results
+        value = record[config.best_metric]
+        improved = best is None or better(config.best_metric, value, best["value"])
+        if broadcast(improved):  # rank 0 decides for all: gathering the weights takes every rank
+            best = {"step": step, "metric": config.best_metric, "value": value}
+            model_state = replicas.full_state()
+            if here.main:
+                save_best(run_dir, step, config.best_metric, value, _without_tied_copies(model, model_state))
         return results
 
     if evaluate is not None and start_step == 0:
-        log({"step": 0, **{f"valid_{name}": value for name, value in validate().items()}})
+        validate(0)
     replicas.training.train()
     started = time.perf_counter()
     window_start, window_tokens = started, 0
@@ -267,8 +264,7 @@ def train(
         out_of_time = config.max_minutes > 0 and now - started > config.max_minutes * 60
         last = step == config.max_steps or out_of_time
         if evaluate is not None and (last or (config.eval_every and step % config.eval_every == 0)):
-            results = validate()
-            log({"step": step, **{f"valid_{name}": value for name, value in results.items()}})
+            results = validate(step)
             if here.main:
                 bar.write(
                     f"step {step}: "
@@ -279,8 +275,7 @@ def train(
         if last or out_of_time or step % config.save_every == 0:
             model_state, optimizer_state = replicas.full_state(), replicas.full_optimizer_state(optimizer)
             if here.main:
-                for copy in model.tied_weights:
-                    model_state.pop(copy, None)
+                model_state = _without_tied_copies(model, model_state)
                 trainer_state = {"tokens_seen": tokens_seen, "lr_scale": lr_scale}
                 saved = save_checkpoint(run_dir, step, model_state, optimizer_state, trainer_state, config.keep_last)
                 last_checkpoint = str(saved)
@@ -293,10 +288,7 @@ def train(
     model = replicas.finish()
     if best is not None and best["step"] != step and here.main:
         # Only the main process writes the run folder; the others have no best/ of their own.
-        best_state = load_best(run_dir)
-        for copy, source in model.tied_weights.items():
-            best_state[copy] = best_state[source]
-        model.load_state_dict(best_state)
+        model.load_state_dict(_with_tied_copies(model, load_best(run_dir)))
         log({"step": step, "best_step": best["step"], f"best_{config.best_metric}": best["value"]})
         bar.write(
             f"ending with the weights of step {best['step']}, the best {config.best_metric} ({best['value']:.4g})"
@@ -304,6 +296,21 @@ def train(
     logbook.close()
     model.eval()
     return records
+
+
+def _without_tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tied weight is stored once, under its source's name."""
+    for copy in model.tied_weights:
+        state.pop(copy, None)
+    return state
+
+
+def _with_tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The stored state with each tied copy put back (an empty state, as other ranks read, stays empty)."""
+    for copy, source in model.tied_weights.items():
+        if source in state:
+            state[copy] = state[source]
+    return state
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
