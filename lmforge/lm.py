@@ -21,6 +21,7 @@ from lmforge.data.chat import Message, check_messages, truncate_chat
 from lmforge.data.tokenizer import StreamDecoder, Tokenizer
 from lmforge.device import pick_device
 from lmforge.errors import UserError
+from lmforge.generate.compiled import check_compilable
 from lmforge.generate.decode import stream_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models import load_model
@@ -68,8 +69,8 @@ class LM:
     def __init__(
         self, model: nn.Module, tokenizer: Tokenizer, defaults: SamplingConfig | None = None, compiled: bool = False
     ) -> None:
-        if compiled and not hasattr(model, "decode_step"):
-            raise UserError(f"compiled decoding needs a decoder; this is a {type(model).__name__}")
+        if compiled:
+            check_compilable(model)  # now, not at the first answer
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.defaults = defaults or SamplingConfig()

@@ -55,6 +55,21 @@ def test_compiled_generation_gives_the_eager_tokens_batched_and_alone():
     assert stopped.token_ids == eager[0].token_ids[: eager[0].token_ids.index(stop)]
 
 
+def test_two_models_of_one_shape_each_decode_with_their_own_weights():
+    # Compiled graphs freeze the weights and are cached per model: another model must not reuse them.
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0, repetition_penalty=1.0)
+    first, second = decoder(), decoder()
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.mul_(-1.5)
+    for model in (first, second):
+        eager = generate_ids(model, PROMPTS[:1], greedy)[0].token_ids
+        assert generate_ids(model, PROMPTS[:1], greedy, compiled=True)[0].token_ids == eager
+    assert (
+        generate_ids(first, PROMPTS[:1], greedy)[0].token_ids != generate_ids(second, PROMPTS[:1], greedy)[0].token_ids
+    )
+
+
 def test_compiled_generation_of_an_int8_model_gives_its_eager_tokens():
     model = decoder()
     quantize_model(model, "int8")

@@ -14,8 +14,6 @@ whose weights change afterwards needs a new `LM`. Prefill stays eager (it is one
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -24,7 +22,6 @@ from lmforge.models.layers import KVCache, StaticKVCache
 
 COMPILE_OPTIONS = {"max_autotune": True, "freezing": True, "cpp_wrapper": True}
 LENGTH_MULTIPLE = 256  # cache lengths are rounded up to this, so a handful of graphs serve every prompt
-_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled decode_step
 
 
 def static_length(model: nn.Module, needed: int) -> int:
@@ -32,12 +29,15 @@ def static_length(model: nn.Module, needed: int) -> int:
     return min(context, -(-needed // LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
 
 
+def check_compilable(model: nn.Module) -> None:
+    if not hasattr(model, "decode_step"):
+        raise UserError(f"compiled decoding needs a decoder; this is a {type(model).__name__}")
+
+
 def _compiled_step(model: nn.Module):
-    if model not in _compiled_steps:
-        _compiled_steps[model] = torch.compile(
-            model.decode_step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS
-        )
-    return _compiled_steps[model]
+    # NOTE: a new wrapper per batch costs nothing: compiled graphs are cached on decode_step's code, one per model,
+    # batch size and cache length (torch._dynamo's guards tell them apart).
+    return torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
 
 
 class CompiledDecoding:
@@ -48,8 +48,7 @@ class CompiledDecoding:
     """
 
     def __init__(self, model: nn.Module, cache: KVCache, attention_mask: torch.Tensor | None, needed: int) -> None:
-        if not hasattr(model, "decode_step"):
-            raise ValueError(f"{type(model).__name__} has no compiled decoding step")
+        check_compilable(model)
         self.step = _compiled_step(model)
         self.cache = StaticKVCache(cache, static_length(model, needed))
         batch, device = cache.keys.shape[1], cache.keys.device
