@@ -8,7 +8,7 @@ import torch
 
 import lmforge
 from lmforge.data.chat import encode_chat, render_chat
-from lmforge.data.tokenizer import QWEN2_SPLIT_PATTERN, StreamDecoder, Tokenizer
+from lmforge.data.tokenizer import StreamDecoder, Tokenizer, train_byte_level_bpe
 from lmforge.errors import UserError
 from lmforge.export.hf import export, import_folder
 from lmforge.generate.decode import generate_ids
@@ -125,25 +125,9 @@ def test_export_then_import_gives_identical_weights(run_and_export, tmp_path):
 
 def qwen_style_tokenizer():
     """A byte-level BPE with Qwen2's special tokens: <|endoftext|> and the ChatML markers, nothing else."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as Backend
-
-    backend = Backend(models.BPE())
-    # Qwen2's tokenizer.json: its split regex, then bytes to characters (transformers' Qwen2 class rebuilds this).
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
+    backend = train_byte_level_bpe(
+        TEXTS * 20, 300, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], min_frequency=0, show_progress=False
     )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TEXTS * 20, trainer=trainer)
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",

@@ -90,6 +90,34 @@ def bytes_to_unicode() -> dict[int, str]:
     return byte_to_char
 
 
+def train_byte_level_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: list[str],
+    min_frequency: int = 2,
+    show_progress: bool = True,
+) -> Backend:
+    """A byte-level BPE learnt from `texts` (read once), split by Qwen2's pattern as Qwen2's tokenizer.json is."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    length = len(texts) if isinstance(texts, Sized) else None
+    backend.train_from_iterator(texts, trainer=trainer, length=length)
+    return backend
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer whose first ids are `SPECIAL_TOKENS`, or an imported one (BERT, Qwen2, Llama).
 
@@ -133,24 +161,7 @@ class Tokenizer:
             )
         # No unk_token: the 256-byte alphabet covers every input. `<unk>` stays as a special for
         # compatibility with tools that expect one.
-        backend = Backend(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            show_progress=show_progress,
-            special_tokens=SPECIAL_TOKENS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        length = len(texts) if isinstance(texts, Sized) else None
-        backend.train_from_iterator(texts, trainer=trainer, length=length)
-        tokenizer = cls(backend)
+        tokenizer = cls(train_byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS, min_frequency, show_progress))
         tokenizer.chat_template = CHATML_TEMPLATE
         return tokenizer
 
