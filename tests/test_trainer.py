@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,28 @@ def test_best_metric_lower_is_better_for_losses():
     assert better("valid_rougeL", 2.0, 1.0) and not better("valid_accuracy", 1.0, 2.0)
     with pytest.raises(ValueError, match="valid_NAME"):
         TrainConfig(best_metric="rougeL")
+
+
+def test_a_kill_while_the_best_weights_are_replaced_keeps_the_previous_best(tmp_path, monkeypatch):
+    import os
+
+    from lmforge.train.checkpoint import load_best, read_best, save_best
+
+    save_best(tmp_path, 1, "valid_score", 0.5, {"w": torch.ones(2)})
+    real_replace = os.replace
+
+    def killed_after_renaming_the_previous_best_aside(source, target):
+        real_replace(source, target)
+        if Path(source).name == "best":
+            raise KeyboardInterrupt  # the process dies before the new best/ is renamed in
+
+    monkeypatch.setattr(os, "replace", killed_after_renaming_the_previous_best_aside)
+    with pytest.raises(KeyboardInterrupt):
+        save_best(tmp_path, 2, "valid_score", 0.9, {"w": torch.full((2,), 2.0)})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / "best").exists()
+    assert read_best(tmp_path, "valid_score") == {"step": 1, "metric": "valid_score", "value": 0.5}
+    torch.testing.assert_close(load_best(tmp_path)["w"], torch.ones(2))
+    save_best(tmp_path, 3, "valid_score", 0.7, {"w": torch.full((2,), 3.0)})
+    assert read_best(tmp_path, "valid_score")["step"] == 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]

@@ -105,6 +105,8 @@ def _write_aside(final: Path, write: Callable[[Path], None]) -> None:
     """Build folder `final` under a temporary name with `write(folder)`, then rename it into place.
 
     An OSError while writing (a full disk, ...) removes the temporary folder and propagates; `final` is untouched.
+    A folder being replaced is renamed aside first and removed last: a kill between the two renames leaves it
+    as `.old-NAME`, which `_settled` puts back.
     """
     temporary = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -114,9 +116,25 @@ def _write_aside(final: Path, write: Callable[[Path], None]) -> None:
     except OSError:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)
+    replaced = _replaced_name(final)
+    if _settled(final).exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(temporary, final)
     _fsync_directory(final.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _replaced_name(final: Path) -> Path:
+    return final.with_name(f".old-{final.name}")
+
+
+def _settled(final: Path) -> Path:
+    """`final`, put back from its renamed-aside copy when a run was killed while replacing it."""
+    replaced = _replaced_name(final)
+    if not final.exists() and replaced.is_dir():
+        os.replace(replaced, final)
+    return final
 
 
 def save_best(run_dir: Path, step: int, metric: str, value: float, model_state: dict[str, torch.Tensor]) -> None:
@@ -137,7 +155,7 @@ def save_best(run_dir: Path, step: int, metric: str, value: float, model_state: 
 
 def read_best(run_dir: Path, metric: str) -> dict[str, Any] | None:
     """{"step", "metric", "value"} of the kept best weights for `metric`, or None when there are none."""
-    path = Path(run_dir) / "best" / STATE_FILE
+    path = _settled(Path(run_dir) / "best") / STATE_FILE
     if not path.is_file():
         return None
     best = read_json(path)
@@ -145,7 +163,7 @@ def read_best(run_dir: Path, metric: str) -> dict[str, Any] | None:
 
 
 def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_tensors(Path(run_dir) / "best" / "model.safetensors")
+    return load_tensors(_settled(Path(run_dir) / "best") / "model.safetensors")
 
 
 def _fsync_directory(path: Path) -> None:
