@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from lmforge.generate.decode import generate_ids
+from lmforge.generate.decode import generate_ids, left_pad
 from lmforge.generate.sampling import (
     SamplingConfig,
     candidates,
     filter_top_p,
     next_tokens,
     penalize_repetition,
+    prompt_tokens_seen,
 )
 from lmforge.models.decoder import Decoder, DecoderConfig
 
@@ -76,3 +77,11 @@ def test_repetition_penalty_matches_ctrl_rule():
     seen = torch.tensor([[True, True, False]])
     assert penalize_repetition(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
     assert next_tokens(logits, SamplingConfig(temperature=0, repetition_penalty=2.5), seen).item() == 2
+
+
+def test_the_repetition_penalty_sees_a_prompts_tokens_but_not_its_padding():
+    # Pad id 0 is also a real token of the first prompt: it counts there, and not in the padded second row.
+    input_ids, mask = left_pad([[5, 0, 7], [9]], pad_id=0, device="cpu")
+    seen = prompt_tokens_seen(input_ids, mask, vocab_size=10)
+    assert [row.nonzero().flatten().tolist() for row in seen] == [[0, 5, 7], [9]]
+    assert prompt_tokens_seen(input_ids[:1], None, vocab_size=10)[0].nonzero().flatten().tolist() == [0, 5, 7]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.generate.compiled import CompiledDecoding
-from lmforge.generate.sampling import SamplingConfig, next_tokens
+from lmforge.generate.sampling import SamplingConfig, next_tokens, prompt_tokens_seen
 
 
 @dataclass
@@ -68,11 +68,7 @@ def stream_ids(
         generator = torch.Generator(device=device).manual_seed(config.seed)
     seen = None
     if config.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids, True)
-        if attention_mask is not None:  # padding was marked seen above; unmark the pad id where it is not real
-            real_pad = ((input_ids == pad_id) & attention_mask.bool()).any(dim=1)
-            seen[:, pad_id] = real_pad
+        seen = prompt_tokens_seen(input_ids, attention_mask, model.config.vocab_size)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = model.new_cache(batch, longest + max_new_tokens)

@@ -47,6 +47,14 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, logits)
 
 
+def prompt_tokens_seen(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: the tokens each left-padded prompt holds, padding excluded (what the repetition penalty sees)."""
+    if attention_mask is not None:  # a padding column gets the row's last token, which is always real
+        input_ids = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
+    seen = torch.zeros(input_ids.shape[0], vocab_size, dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, input_ids, True)
+
+
 def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering (https://arxiv.org/abs/1904.09751); the most likely token always survives."""
     if p >= 1.0:

@@ -26,7 +26,7 @@ from torch import nn
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.generate.decode import left_pad
-from lmforge.generate.sampling import SamplingConfig, next_tokens_per_row
+from lmforge.generate.sampling import SamplingConfig, next_tokens_per_row, prompt_tokens_seen
 from lmforge.lm import TextStream
 from lmforge.models.layers import KVCache
 
@@ -187,9 +187,8 @@ class Engine:
         input_ids, mask = left_pad(prompts, self.tokenizer.pad_id, self.device)
         cache = self.model.new_cache(len(prompts), longest)
         logits = self.model(input_ids, attention_mask=mask, cache=cache, last_only=True)[:, -1].float()
+        seen = prompt_tokens_seen(input_ids, mask, self.seen.shape[1])
         mask = mask if mask is not None else torch.ones_like(input_ids)
-        seen = torch.zeros(len(prompts), self.seen.shape[1], dtype=torch.bool, device=self.device)
-        seen.scatter_(1, torch.where(mask.bool(), input_ids, input_ids[:, -1:]), True)  # the last column is real
         self._merge(cache, mask, logits, seen)
         for request in newcomers:
             sampling = request.sampling
