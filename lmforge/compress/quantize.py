@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import UserError
+from lmforge.generate.compiled import FEW_ROWS
 from lmforge.models import family_of, load_model, load_model_weights, model_state
 from lmforge.run_folder import atomic_write_bytes, read_json, save_tensors, write_json
 
@@ -113,6 +114,13 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+        if torch.compiler.is_compiling() and rows <= FEW_ROWS and self.dynamic_weight is None:
+            # A compiled decoding step reads the int8 weights in one loop (generate/compiled.py), with x and the
+            # scales rounded to bf16 where the eager kernel rounds them, so both give the same tokens.
+            scales = self.kernel_scales.float() if self.use_kernel else self.scales
+            x_used = x.to(torch.bfloat16).float() if self.use_kernel else x.float()
+            out = (x_used.unsqueeze(-2) * self.qweight).sum(-1) * scales
+            return (out if self.bias is None else out + self.bias).to(x.dtype)
         if self.dynamic_weight is not None and on_cpu:
             flat = x.reshape(rows, self.in_features)  # (rows, in)
             out = torch.ops.quantized.linear_dynamic(flat, self.dynamic_weight, True)  # (rows, out)
