@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import UserError
-from lmforge.generate.compiled import FEW_ROWS
+from lmforge.generate.compiled import few_rows_on_cpu
 from lmforge.models import family_of, load_model, load_model_weights, model_state
 from lmforge.run_folder import atomic_write_bytes, read_json, save_tensors, write_json
 
@@ -114,7 +114,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
-        if torch.compiler.is_compiling() and rows <= FEW_ROWS and self.dynamic_weight is None:
+        if torch.compiler.is_compiling() and few_rows_on_cpu(x) and self.dynamic_weight is None:
             # A compiled decoding step reads the int8 weights in one loop (generate/compiled.py), with x and the
             # scales rounded to bf16 where the eager kernel rounds them, so both give the same tokens.
             scales = self.kernel_scales.float() if self.use_kernel else self.scales
