@@ -14,7 +14,7 @@ whose weights change afterwards needs a new `LM`. Prefill stays eager (it is one
 On a CPU, with at most `FEW_ROWS` rows, a step is a matrix-vector product, bound by reading the weights, and BLAS's
 matrix-vector kernels read them at about 8 GB/s here while a copy runs at 49. So in compiled steps every
 `F.linear` with few rows is written as a multiply and a sum over the inputs, which inductor turns into one
-vectorised loop over both cores that reads each weight once: 28-40 GB/s, 3-4x faster at batch 1 (int8
+vectorised loop, split over the threads, that reads each weight once: 28-40 GB/s, 3-4x faster at batch 1 (int8
 layers do the same on their int8 weights, compress/quantize.py). From 8 rows on, BLAS is as fast or faster.
 """
 
