@@ -1,6 +1,7 @@
 """The training loop: losses fall, a resumed run equals an uninterrupted one, damaged checkpoints are skipped."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -144,8 +145,6 @@ def test_best_metric_lower_is_better_for_losses():
 
 
 def test_a_kill_while_the_best_weights_are_replaced_keeps_the_previous_best(tmp_path, monkeypatch):
-    import os
-
     from lmforge.train.checkpoint import load_best, read_best, save_best
 
     save_best(tmp_path, 1, "valid_score", 0.5, {"w": torch.ones(2)})

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import UserError
-from lmforge.generate.compiled import few_rows_on_cpu
+from lmforge.generate.compiled import few_rows_linear, few_rows_on_cpu
 from lmforge.models import family_of, load_model, load_model_weights, model_state
 from lmforge.run_folder import atomic_write_bytes, read_json, save_tensors, write_json
 
@@ -119,7 +119,7 @@ class Int8Linear(nn.Module):
             # scales rounded to bf16 where the eager kernel rounds them, so both give the same tokens.
             scales = self.kernel_scales.float() if self.use_kernel else self.scales
             x_used = x.to(torch.bfloat16).float() if self.use_kernel else x.float()
-            out = (x_used.unsqueeze(-2) * self.qweight).sum(-1) * scales
+            out = few_rows_linear(x_used, self.qweight) * scales
             return (out if self.bias is None else out + self.bias).to(x.dtype)
         if self.dynamic_weight is not None and on_cpu:
             flat = x.reshape(rows, self.in_features)  # (rows, in)
