@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -9,11 +10,19 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
-from lmforge.models.seq2seq import Seq2SeqConfig
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import read_json, read_jsonl
 from lmforge.tasks import summarize, translate
+from lmforge.tasks.encoding import encode_single
 from lmforge.tasks.examples import TaskData
-from lmforge.tasks.text_to_text import IGNORE, collate, encode_targets, text_pairs, train_tokenizer
+from lmforge.tasks.text_to_text import (
+    IGNORE,
+    collate,
+    encode_targets,
+    seq2seq_loss,
+    text_pairs,
+    train_tokenizer,
+)
 from lmforge.train.trainer import TrainConfig
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -208,3 +217,28 @@ def test_collate_pads_on_the_right_and_ignores_padding_in_labels(tmp_path):
     assert batch["labels"][0].ne(IGNORE).all()
     # Shifted by one: the decoder sees token t and predicts token t + 1.
     assert torch.equal(batch["decoder_input_ids"][0, 1:], batch["labels"][0, :-1])
+
+
+def test_label_smoothing_spreads_a_share_over_the_copy_models_probabilities(tmp_path):
+    data = write_splits(tmp_path / "data", {"train": headline_pairs(20, 0)})
+    sources, targets = text_pairs(TaskData(source=data), "train", "document", "summary")
+    tokenizer = train_tokenizer(sources, targets, 300, progress=False)
+    source_rows = encode_single(tokenizer, sources[:3], 24)
+    batch = collate(tokenizer, list(zip(source_rows, encode_targets(tokenizer, ["天地", "天地人山", "水"], 8))))
+    torch.manual_seed(0)
+    model = Seq2Seq(dataclasses.replace(TINY_MODEL, vocab_size=tokenizer.vocab_size, copy=True)).eval()
+
+    plain, tokens = seq2seq_loss(model, batch)
+    smoothed, _ = seq2seq_loss(model, batch, label_smoothing=0.1)
+
+    log_probs = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, vocab)
+    real = batch["labels"] != IGNORE
+    target_log_probs = log_probs.gather(-1, batch["labels"].clamp_min(0)[..., None])[..., 0]
+    nll = -target_log_probs[real].mean()
+    uniform = -log_probs[real].mean()  # cross-entropy against the uniform distribution, per token
+    assert tokens == int(real.sum())
+    assert plain.item() == pytest.approx(nll.item(), rel=1e-5)
+    assert smoothed.item() == pytest.approx((0.9 * nll + 0.1 * uniform).item(), rel=1e-5)
+    assert smoothed.item() != pytest.approx(plain.item(), rel=1e-3)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        summarize.Recipe(label_smoothing=1.0)

@@ -61,6 +61,9 @@ class TextToTextRecipe:
     length_penalty: float = option(1.0, "beam hypotheses score log-prob / length**length_penalty")
     no_repeat_ngram_size: int = option(0, "when decoding, never repeat an n-gram of this many tokens (0 = off)")
     valid_examples: int = option(100, "first validation examples decoded greedily for the metric during training")
+    label_smoothing: float = option(
+        0.0, "training loss: this share of each target's probability spread over the vocabulary (0 = plain)"
+    )
     train: TrainConfig = option(
         TrainConfig(max_steps=2000, batch_size=32, lr=5e-4, warmup_steps=200, eval_every=500, save_every=500),
         "optimisation",
@@ -78,6 +81,8 @@ class TextToTextRecipe:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, not {self.no_repeat_ngram_size}")
         if self.valid_examples < 0:
             raise ValueError(f"valid_examples must be >= 0, not {self.valid_examples}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
 
 
 def text_pairs(data: TaskData, split: str, source_field: str, target_field: str) -> tuple[list[str], list[str]]:
@@ -119,13 +124,17 @@ def collate(tokenizer: Tokenizer, examples: list[tuple[list[int], list[int]]], r
     }
 
 
-def seq2seq_loss(model: Seq2Seq, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Token-level cross-entropy over the target tokens and eos."""
+def seq2seq_loss(
+    model: Seq2Seq, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """Token-level cross-entropy over the target tokens and eos (optionally against smoothed labels)."""
     # NOTE: no decoder_attention_mask: right padding follows every real token, so the causal mask already hides
     # it from them, and without a padding mask attention keeps SDPA's causal fast path.
     logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, vocab)
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, label_smoothing=label_smoothing
+    )
     return loss, int((labels != IGNORE).sum())
 
 
@@ -238,12 +247,14 @@ def finetune_text_to_text(
         return list(zip(source_rows, encode_targets(tokenizer, references, recipe.max_target_length)))
 
     batch_collate = functools.partial(collate, tokenizer)
+    # Validation loss stays plain cross-entropy, comparable across recipes.
+    training_loss = functools.partial(seq2seq_loss, label_smoothing=recipe.label_smoothing)
     started = time.perf_counter()
     if warm_up_pairs is not None and warm_up is not None:
         warm_sources, warm_targets = warm_up_pairs(sources)
         print(f"warm-up phase: {warm_up.max_steps} steps on {len(warm_sources):,} self-supervised pairs")
         warm_batches = ExampleBatches(examples(warm_sources, warm_targets), warm_up.batch_size, batch_collate)
-        train(model, seq2seq_loss, warm_batches.batch, warm_up, out_dir / "warm-up", resume=resume, progress=progress)
+        train(model, training_loss, warm_batches.batch, warm_up, out_dir / "warm-up", resume=resume, progress=progress)
         model.train()
     batches = ExampleBatches(examples(sources, targets), recipe.train.batch_size, batch_collate, seed=recipe.train.seed)
     valid_batches = [
@@ -268,7 +279,7 @@ def finetune_text_to_text(
             results.update(_numbers(score(outputs, decoded_references)))
         return results
 
-    train(model, seq2seq_loss, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
+    train(model, training_loss, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
     minutes = (time.perf_counter() - started) / 60
     save_model(out_dir, model)
     tokenizer.save(out_dir, model_max_length=recipe.max_source_length)
