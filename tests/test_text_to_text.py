@@ -137,8 +137,6 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
         valid_examples=10,
         train=tiny_train(100),
         lead_pretraining_steps=5,
-        lead_pretraining_lr=1e-2,
-        lead_copy_pairs=True,
         no_repeat_ngram_size=2,
         device="cpu",
     )
@@ -147,11 +145,7 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
 
     assert (run / "model.safetensors").is_file() and (run / "loss.png").is_file()
     # The lead-bias phase ran first, in its own folder, for its own number of steps.
-    warm_up = [r for r in read_jsonl(run / "warm-up" / "metrics.jsonl") if "loss" in r]
-    assert [r["step"] for r in warm_up] == [1, 2, 3, 4, 5]
-    # ... at its own peak learning rate: same schedule, scaled by 1e-2 / 3e-3.
-    main = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r][:5]
-    assert [w["lr"] / m["lr"] for w, m in zip(warm_up, main)] == pytest.approx([1e-2 / 3e-3] * 5)
+    assert [r["step"] for r in read_jsonl(run / "warm-up" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert {"rouge1", "rouge2", "rougeL"} <= set(metrics) and {"rouge1", "rouge2", "rougeL"} <= set(metrics["greedy"])
     assert "lead" in metrics["baselines"] and "lead" in (run / "report.md").read_text(encoding="utf-8")
     losses = training_losses(run)
@@ -172,9 +166,6 @@ def test_lead_bias_pairs_predict_the_lead_from_the_rest():
     ]
     sources, targets = summarize.lead_bias_pairs(documents)
     assert sources == ["明天晴，后天多云，大后天下雪。"] and targets == ["今天下雨了。"]
-    # With the lead left in, a second pair per document practises copying it.
-    sources, targets = summarize.lead_bias_pairs(documents, with_lead=True)
-    assert sources == ["明天晴，后天多云，大后天下雪。", documents[0]] and targets == ["今天下雨了。"] * 2
 
 
 def test_lead_is_the_first_sentence_cut_to_30_characters():

@@ -36,10 +36,6 @@ class Recipe(TextToTextRecipe):
         0, "first phase: steps learning to write each training document's lead from the rest of it (0 = off)"
     )
     lead_pretraining_source: str = option("", "more unlabelled news for the first phase, e.g. builtin:peoples-daily")
-    lead_pretraining_lr: float = option(0.0, "first-phase peak learning rate (0 = train.lr)")
-    lead_copy_pairs: bool = option(
-        False, "first phase: also (whole document, its lead) pairs, practising copying spans from the source"
-    )
 
 
 def lead(document: str, max_characters: int = LEAD_CHARACTERS) -> str:
@@ -48,13 +44,12 @@ def lead(document: str, max_characters: int = LEAD_CHARACTERS) -> str:
     return document[: end.end() if end else len(document)][:max_characters]
 
 
-def lead_bias_pairs(documents: list[str], with_lead: bool = False) -> tuple[list[str], list[str]]:
+def lead_bias_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
     """(rest of the document, its lead sentence) for every training document with text after its lead.
 
     News puts the gist first, so predicting the lead from the rest is free summarization practice on unlabelled
     text (Zhu et al., "Leveraging Lead Bias for Zero-shot Abstractive News Summarization",
-    https://arxiv.org/abs/1912.11602). The lead is removed from the source, so copying it is impossible;
-    `with_lead` adds a second pair per document, the whole document with the lead left in, to practise copying.
+    https://arxiv.org/abs/1912.11602). The lead is removed from the source, so copying it is impossible.
     """
     sources, targets = [], []
     for document in documents:
@@ -63,24 +58,14 @@ def lead_bias_pairs(documents: list[str], with_lead: bool = False) -> tuple[list
         if len(rest) >= 10 and len(first) >= 4:
             sources.append(rest)
             targets.append(first[:LEAD_CHARACTERS])
-            if with_lead:
-                sources.append(document)
-                targets.append(first[:LEAD_CHARACTERS])
     return sources, targets
 
 
 def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    # The first phase uses the main phase's optimisation settings (its own peak rate if set), over its own steps.
+    # The first phase uses the main phase's optimisation settings, over its own number of steps.
     steps = recipe.lead_pretraining_steps
     warm_up = (
-        dataclasses.replace(
-            recipe.train,
-            max_steps=steps,
-            lr=recipe.lead_pretraining_lr or recipe.train.lr,
-            eval_every=0,
-            max_minutes=0.0,
-            best_metric="",
-        )
+        dataclasses.replace(recipe.train, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="")
         if steps
         else None
     )
@@ -89,7 +74,7 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
     def warm_up_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
         # Only the training split of an extra source: its validation and test text stay unseen.
         more = [record_text(r) for r in read_split(extra, "train")] if extra else []
-        return lead_bias_pairs(documents + more, with_lead=recipe.lead_copy_pairs)
+        return lead_bias_pairs(documents + more)
 
     return finetune_text_to_text(
         recipe, out_dir, TASK, rouge, evaluate_run, resume, progress, warm_up_pairs=warm_up_pairs, warm_up=warm_up
