@@ -441,7 +441,12 @@ def _print_task_metrics(metrics: dict) -> None:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "training_minutes"}
     typer.echo(", ".join(f"{name} {value:.4g}" for name, value in numbers.items()))
     for name, values in metrics.get("baselines", {}).items():
-        typer.echo(f"  baseline {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        numbers = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+        typer.echo(f"  baseline {name}: {numbers}")
+        for key, d in values.get("difference", {}).items():
+            typer.echo(
+                f"    model minus {name}, {key}: {d['mean']:+.2f} (95% interval {d['low']:+.2f} to {d['high']:+.2f})"
+            )
 
 
 @app.command()

@@ -146,6 +146,26 @@ def test_finetune_and_eval_a_task_through_the_cli(tmp_path):
     assert (tmp_path / "run" / "report.md").read_bytes() == own_report
 
 
+def test_summarize_through_the_cli_prints_the_difference_from_the_lead(tmp_path):
+    data = tmp_path / "posts"
+    data.mkdir()
+    rows = [{"document": line, "summary": line[:8]} for line in CORPUS[:3]] * 10
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.jsonl").write_text(
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+        )
+    tiny = [
+        "--vocab_size", "300", "--model.hidden_size", "32", "--model.num_encoder_layers", "1",
+        "--model.num_decoder_layers", "1", "--model.num_heads", "2", "--model.intermediate_size", "64",
+        "--max_target_length", "12", "--num_beams", "2",
+    ]  # fmt: skip
+    run = str(tmp_path / "run")
+    result = lmforge_cli("finetune", "--task", "summarize", "--data", str(data), "--out", run, "--max-steps=2", *tiny)
+    assert result.returncode == 0, result.stderr
+    assert "baseline lead: rouge1" in result.stdout
+    assert "model minus lead, rougeL:" in result.stdout and "95% interval" in result.stdout
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

@@ -1,6 +1,7 @@
 """Metrics against sacrebleu on known inputs, hand-computed ROUGE/QA/classification numbers, and a padded batch
 of choices against each choice scored alone."""
 
+import numpy as np
 import pytest
 import sacrebleu
 import torch
@@ -14,9 +15,11 @@ from lmforge.evaluate.metrics import (
     choice_logprobs,
     classification_metrics,
     mcq_accuracy,
+    paired_difference,
     plot_confusion_matrix,
     qa_exact_match_f1,
     rouge,
+    rouge_per_example,
 )
 from lmforge.models.decoder import Decoder, DecoderConfig
 
@@ -93,6 +96,25 @@ def test_rouge_mixed_chinese_english_and_averaging():
     assert mixed["rougeL"] == pytest.approx(100 * 10 / 11, abs=1e-6)
     both = rouge(["我爱Python编程", "今天天气很好"], ["我爱 python 和编程", "今天天气不错"])
     assert both["rouge1"] == pytest.approx((100 * 10 / 11 + 100 * 2 / 3) / 2, abs=1e-6)
+    per_example = rouge_per_example(["我爱Python编程", "今天天气很好"], ["我爱 python 和编程", "今天天气不错"])
+    assert per_example["rouge1"] == pytest.approx([100 * 10 / 11, 100 * 2 / 3], abs=1e-6)
+
+
+def test_paired_difference_interval_covers_the_true_gain_and_narrows_with_examples():
+    rng = np.random.default_rng(1)
+    # System A beats B by 0.5 per example on average, with per-example noise sd 1 on the difference.
+    shared = rng.normal(20, 10, 2000)  # what both systems share (hard and easy examples) cancels when paired
+    ours, theirs = shared + 0.5 + rng.normal(0, 1, 2000), shared
+    many = paired_difference(ours.tolist(), theirs.tolist())
+    assert many["mean"] == pytest.approx(float(np.mean(ours - theirs)))
+    assert many["low"] < 0.5 < many["high"] and many["low"] > 0  # the gain is found, and 0 is excluded
+    assert many["high"] - many["low"] == pytest.approx(2 * 1.96 / np.sqrt(2000), rel=0.15)  # sd / sqrt(n)
+    few = paired_difference(ours[:40].tolist(), theirs[:40].tolist())
+    width_ratio = (few["high"] - few["low"]) / (many["high"] - many["low"])
+    assert width_ratio == pytest.approx(np.sqrt(2000 / 40), rel=0.3)  # 50x fewer examples: ~7x wider
+    assert paired_difference([3.0, 4.0], [1.0, 2.0]) == {"mean": 2.0, "low": 2.0, "high": 2.0}
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_classification_metrics_hand_computed():

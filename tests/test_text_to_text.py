@@ -148,6 +148,12 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
     assert [r["step"] for r in read_jsonl(run / "warm-up" / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
     assert {"rouge1", "rouge2", "rougeL"} <= set(metrics) and {"rouge1", "rouge2", "rougeL"} <= set(metrics["greedy"])
     assert "lead" in metrics["baselines"] and "lead" in (run / "report.md").read_text(encoding="utf-8")
+    # The model's paired difference from the lead, per metric, with its bootstrap interval.
+    for key in ("rouge1", "rouge2", "rougeL"):
+        difference = metrics["baselines"]["lead"]["difference"][key]
+        assert difference["mean"] == pytest.approx(metrics["beam"][key] - metrics["baselines"]["lead"][key])
+        assert difference["low"] <= difference["mean"] <= difference["high"]
+    assert "minus baseline 'lead'" in (run / "report.md").read_text(encoding="utf-8")
     losses = training_losses(run)
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
     # Evaluation alone, with a decoding override.

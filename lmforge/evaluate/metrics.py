@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,19 +95,55 @@ def chinese_rouge_tokens(text: str) -> list[str]:
     return tokens
 
 
-def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """ROUGE-1/2/L F1 (0..100) averaged over examples, on `chinese_rouge_tokens`. Keys: rouge1, rouge2, rougeL."""
+def rouge_per_example(hypotheses: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 (0..100) of each pair, on `chinese_rouge_tokens`. Keys: rouge1, rouge2, rougeL."""
     from rouge_score.rouge_scorer import RougeScorer
 
     _check_pairs(hypotheses, references, "ROUGE")
     # rouge-score only calls .tokenize(text); a duck-typed object avoids subclassing its Tokenizer.
     scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=SimpleNamespace(tokenize=chinese_rouge_tokens))
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    values: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeL": []}
     for hypothesis, reference in zip(hypotheses, references):
         scores = scorer.score(reference, hypothesis)  # NOTE: rouge-score takes (target, prediction)
-        for name in totals:
-            totals[name] += scores[name].fmeasure
-    return {name: 100 * total / len(references) for name, total in totals.items()}
+        for name, column in values.items():
+            column.append(100 * scores[name].fmeasure)
+    return values
+
+
+def rouge(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (0..100) averaged over examples, on `chinese_rouge_tokens`. Keys: rouge1, rouge2, rougeL."""
+    return means(rouge_per_example(hypotheses, references))
+
+
+def means(columns: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's mean over its per-example values."""
+    return {name: sum(column) / len(column) for name, column in columns.items()}
+
+
+def paired_difference(
+    ours: Sequence[float], theirs: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Mean per-example difference ours - theirs, with a percentile bootstrap interval over examples.
+
+    Both systems are scored on the same examples, so resampling the differences (not each system alone) keeps
+    what is shared between them out of the interval. Returns {"mean", "low", "high"}.
+    """
+    from scipy.stats import bootstrap
+
+    if len(ours) != len(theirs) or not ours:
+        raise ValueError(f"paired scores need equal, non-zero lengths, not {len(ours)} and {len(theirs)}")
+    differences = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+    if np.all(differences == differences[0]):  # no spread: the interval is the point (scipy would warn, then NaN)
+        return {"mean": float(differences[0]), "low": float(differences[0]), "high": float(differences[0])}
+    interval = bootstrap(
+        (differences,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=resamples,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    ).confidence_interval
+    return {"mean": float(differences.mean()), "low": float(interval.low), "high": float(interval.high)}
 
 
 def _label_order(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> list[Hashable]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lmforge.config import option
 from lmforge.data.sources import read_split, record_text
-from lmforge.evaluate.metrics import rouge
+from lmforge.evaluate.metrics import rouge, rouge_per_example
 from lmforge.tasks.examples import TaskData
 from lmforge.tasks.text_to_text import TextToTextRecipe, evaluate_text_to_text, finetune_text_to_text
 
@@ -113,4 +113,5 @@ def evaluate_run(
         num_beams=num_beams,
         length_penalty=length_penalty,
         no_repeat_ngram_size=no_repeat_ngram_size,
+        per_example=rouge_per_example,
     )

@@ -24,6 +24,7 @@ from lmforge.config import option, to_dict
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import pick_device
 from lmforge.errors import UserError
+from lmforge.evaluate.metrics import means, paired_difference
 from lmforge.evaluate.report import plot_losses
 from lmforge.generate.seq2seq_search import beam_search, greedy_search
 from lmforge.models import load_model, save_model
@@ -43,6 +44,8 @@ from lmforge.train.trainer import TrainConfig, train
 
 IGNORE = -100  # F.cross_entropy's ignore_index
 Score = Callable[[list[str], list[str]], dict[str, float]]  # (hypotheses, references) -> metrics
+# (hypotheses, references) -> each metric's value for every example; its means are the metrics
+PerExampleScore = Callable[[list[str], list[str]], dict[str, list[float]]]
 
 
 @dataclass
@@ -311,12 +314,14 @@ def evaluate_text_to_text(
     num_beams: int | None = None,
     length_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
+    per_example: PerExampleScore | None = None,
 ) -> dict:
     """Decode a split greedily and with beam search, score both beside the baselines, write report.md/metrics.json.
 
     baselines: name -> function from the split's sources to its outputs. num_beams and length_penalty default
     to the run's task.json. The top-level scores in metrics.json are those of the beam search (greedy's when
-    num_beams is 1).
+    num_beams is 1). With `per_example` (a metric averaged over examples), each baseline also gets the model's
+    paired difference from it with a 95% bootstrap interval: metrics.json baselines.NAME.difference.
     """
     model_dir, out_dir = report_folders(model_dir, out_dir)
     task = read_json(model_dir / "task.json")
@@ -348,9 +353,19 @@ def evaluate_text_to_text(
     outputs = {"greedy": decode(1)}
     if num_beams > 1:
         outputs["beam"] = decode(num_beams)
-    scores = {kind: score(texts, references) for kind, texts in outputs.items()}
     final = "beam" if num_beams > 1 else "greedy"
-    baseline_scores = {name: score(baseline(sources), references) for name, baseline in baselines.items()}
+    baseline_outputs = {name: baseline(sources) for name, baseline in baselines.items()}
+    differences: dict[str, dict[str, dict[str, float]]] = {}
+    if per_example is None:
+        scores = {kind: score(texts, references) for kind, texts in outputs.items()}
+        baseline_scores = {name: score(texts, references) for name, texts in baseline_outputs.items()}
+    else:
+        values = {kind: per_example(texts, references) for kind, texts in outputs.items()}
+        baseline_values = {name: per_example(texts, references) for name, texts in baseline_outputs.items()}
+        scores = {kind: means(per_metric) for kind, per_metric in values.items()}
+        baseline_scores = {name: means(per_metric) for name, per_metric in baseline_values.items()}
+        for name, theirs in baseline_values.items():
+            differences[name] = {key: paired_difference(values[final][key], theirs[key]) for key in theirs}
 
     names = {"greedy": "lmforge seq2seq, greedy", "beam": f"lmforge seq2seq, beam search ({num_beams})"}
     rows = [(names[kind], values) for kind, values in scores.items()]
@@ -367,7 +382,10 @@ def evaluate_text_to_text(
             "max_new_tokens": task["max_target_length"],
         },
         **scores,
-        "baselines": {name: _numbers(values) for name, values in baseline_scores.items()},
+        "baselines": {
+            name: {**_numbers(values), **({"difference": differences[name]} if name in differences else {})}
+            for name, values in baseline_scores.items()
+        },
         "training_minutes": training_minutes,
     }
     if "direction" in task:
@@ -375,6 +393,16 @@ def evaluate_text_to_text(
     notes = list(notes)
     if training_minutes is not None:
         notes.insert(0, f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+    for name, by_metric in differences.items():
+        spans = [
+            f"{heading} {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            for key, heading in columns
+            if (d := by_metric.get(key))
+        ]
+        notes.append(
+            f"{names[final]} minus baseline '{name}', per example, with a 95% paired bootstrap interval: "
+            f"{', '.join(spans)}. An interval that contains 0 is no evidence of a difference."
+        )
     examples = [
         {"source": source[:80], "reference": reference, "output": output}
         for source, reference, output in list(zip(sources, references, outputs[final]))[:8]
