@@ -441,8 +441,8 @@ def _print_task_metrics(metrics: dict) -> None:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "training_minutes"}
     typer.echo(", ".join(f"{name} {value:.4g}" for name, value in numbers.items()))
     for name, values in metrics.get("baselines", {}).items():
-        numbers = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
-        typer.echo(f"  baseline {name}: {numbers}")
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+        typer.echo(f"  baseline {name}: {scores}")
         for key, d in values.get("difference", {}).items():
             typer.echo(
                 f"    model minus {name}, {key}: {d['mean']:+.2f} (95% interval {d['low']:+.2f} to {d['high']:+.2f})"
