@@ -345,6 +345,10 @@ def evaluate(
     no_repeat_ngram_size: Annotated[
         int | None, typer.Option(help="never repeat an n-gram of this many tokens (translate, summarize)")
     ] = None,
+    mbr_samples: Annotated[
+        int | None,
+        typer.Option(help="minimum Bayes risk decoding over this many samples, 0 = off (translate, summarize)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -359,11 +363,17 @@ def evaluate(
 
         module = task_module(task)
         source = data or module.Recipe().data.source
-        decoding = dict(num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+        decoding = dict(
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            mbr_samples=mbr_samples,
+        )
         decoding = {key: value for key, value in decoding.items() if value is not None}
         if decoding and task not in ("translate", "summarize"):
             raise UserError(
-                f"--num-beams, --length-penalty and --no-repeat-ngram-size apply to translate and summarize, not {task}"
+                "--num-beams, --length-penalty, --no-repeat-ngram-size and --mbr-samples apply to translate and "
+                f"summarize, not {task}"
             )
         # A folder of its own, so evaluating never overwrites the run's own report (the demo's, a fine-tune's).
         out = out or model / f"eval-{task}-{split}"
@@ -439,7 +449,7 @@ def import_model(
 
 def _print_task_metrics(metrics: dict) -> None:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "training_minutes"}
-    typer.echo(", ".join(f"{name} {value:.4g}" for name, value in numbers.items()))
+    typer.echo(_decoding_label(metrics.get("decoding")) + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
     for name, values in metrics.get("baselines", {}).items():
         scores = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
         typer.echo(f"  baseline {name}: {scores}")
@@ -447,6 +457,15 @@ def _print_task_metrics(metrics: dict) -> None:
             typer.echo(
                 f"    model minus {name}, {key}: {d['mean']:+.2f} (95% interval {d['low']:+.2f} to {d['high']:+.2f})"
             )
+
+
+def _decoding_label(decoding: dict | None) -> str:
+    """Which decoding a text-to-text task's headline numbers come from: "MBR over 32 samples: ", or ""."""
+    if not decoding:
+        return ""
+    if decoding.get("mbr_samples"):
+        return f"MBR over {decoding['mbr_samples']} samples: "
+    return f"beam search ({decoding['num_beams']}): " if decoding["num_beams"] > 1 else "greedy: "
 
 
 @app.command()

@@ -164,6 +164,10 @@ def test_summarize_through_the_cli_prints_the_difference_from_the_lead(tmp_path)
     assert result.returncode == 0, result.stderr
     assert "baseline lead: rouge1" in result.stdout
     assert "model minus lead, rougeL:" in result.stdout and "95% interval" in result.stdout
+    assert "\nbeam search (2): rouge1 " in result.stdout
+    result = lmforge_cli("eval", "--task", "summarize", "--model", run, "--data", str(data), "--mbr-samples", "3")
+    assert result.returncode == 0, result.stderr
+    assert "MBR over 3 samples: rouge1 " in result.stdout and "model minus lead, rougeL:" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -13,12 +13,14 @@ from lmforge.evaluate.metrics import (
     bleu_chrf,
     chinese_rouge_tokens,
     choice_logprobs,
+    chrf,
     classification_metrics,
     mcq_accuracy,
     paired_difference,
     plot_confusion_matrix,
     qa_exact_match_f1,
     rouge,
+    rouge_l,
     rouge_per_example,
 )
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -98,6 +100,16 @@ def test_rouge_mixed_chinese_english_and_averaging():
     assert both["rouge1"] == pytest.approx((100 * 10 / 11 + 100 * 2 / 3) / 2, abs=1e-6)
     per_example = rouge_per_example(["我爱Python编程", "今天天气很好"], ["我爱 python 和编程", "今天天气不错"])
     assert per_example["rouge1"] == pytest.approx([100 * 10 / 11, 100 * 2 / 3], abs=1e-6)
+    # One pair's ROUGE-L as a fraction, MBR decoding's utility.
+    assert rouge_l("我爱Python编程", "我爱 python 和编程") == pytest.approx(10 / 11, abs=1e-9)
+
+
+def test_sentence_chrf_is_sacrebleus_as_a_fraction():
+    for hypothesis, reference in zip(ENGLISH_HYPOTHESES + CHINESE_HYPOTHESES, ENGLISH_REFERENCES + CHINESE_REFERENCES):
+        expected = sacrebleu.sentence_chrf(hypothesis, [reference]).score / 100
+        assert chrf(hypothesis, reference) == pytest.approx(expected, abs=1e-12)
+        assert 0 < chrf(hypothesis, reference) < 1
+    assert chrf("完全相同", "完全相同") == pytest.approx(1.0)
 
 
 def test_paired_difference_interval_covers_the_true_gain_and_narrows_with_examples():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.generate.seq2seq_search import beam_search, greedy_search
+from lmforge.generate.seq2seq_search import beam_search, greedy_search, sample_search
 from lmforge.models import load_model, save_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import load_tensors
@@ -164,6 +164,51 @@ def test_beam_search_scores_at_least_greedy(length_penalty):
             alone = beam_search(model, torch.tensor([source_ids]), None, BOS, EOS, 8, 4, length_penalty)
             assert alone[0] == beam[row]
     assert improved > 0  # the test can tell beam search from greedy search
+
+
+def test_sampling_at_a_vanishing_temperature_is_greedy_search():
+    for seed in range(3):
+        model = peaked_model(seed)
+        source, source_mask = right_pad(random_sequences([6, 2, 4, 5], 8, seed=seed))
+        greedy = greedy_search(model, source, source_mask, BOS, EOS, max_new_tokens=10)
+        samples = sample_search(model, source, source_mask, BOS, EOS, 10, num_samples=3, temperature=1e-6)
+        assert samples == [[tokens] * 3 for tokens in greedy]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_sampled_first_tokens_follow_the_softmax_at_the_temperature(temperature):
+    model = peaked_model(1)
+    sources = random_sequences([5, 3], 8, seed=7)
+    source, source_mask = right_pad(sources)
+    generator = torch.Generator().manual_seed(0)
+    samples = sample_search(model, source, source_mask, BOS, EOS, 1, 4000, temperature, generator=generator)
+    for source_ids, drawn in zip(sources, samples):
+        with torch.no_grad():
+            logits = model(torch.tensor([source_ids]), None, torch.tensor([[BOS]]))[0, -1]
+        expected = (logits / temperature).softmax(dim=-1)
+        first = torch.tensor([tokens[0] if tokens else EOS for tokens in drawn])
+        observed = torch.bincount(first, minlength=expected.numel()).float() / len(drawn)
+        # 4,000 draws: each frequency lies within 0.03 of its probability (over 4 standard deviations).
+        assert (observed - expected).abs().max().item() < 0.03
+    assert samples[0] != samples[1]  # the two sources really have different distributions
+
+
+def test_seeded_sampling_repeats_and_respects_ngram_blocking():
+    model = peaked_model(2)
+    source, source_mask = right_pad(random_sequences([6, 4], 8, seed=3))
+
+    def draw(seed: int) -> list[list[list[int]]]:
+        generator = torch.Generator().manual_seed(seed)
+        return sample_search(model, source, source_mask, BOS, EOS, 12, 16, no_repeat_ngram_size=2, generator=generator)
+
+    first = draw(0)
+    assert first == draw(0) and first != draw(1)
+    assert [len(per_source) for per_source in first] == [16, 16]
+    for tokens in (tokens for per_source in first for tokens in per_source):
+        bigrams = list(zip(tokens, tokens[1:]))
+        assert len(bigrams) == len(set(bigrams)) and EOS not in tokens
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_search(model, source, source_mask, BOS, EOS, 4, 0)
 
 
 def reversal_batch(generator: torch.Generator, size: int) -> list[list[int]]:

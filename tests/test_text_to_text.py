@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
+from lmforge.evaluate.metrics import rouge
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import read_json, read_jsonl
 from lmforge.tasks import summarize, translate
@@ -19,6 +20,7 @@ from lmforge.tasks.text_to_text import (
     IGNORE,
     collate,
     encode_targets,
+    evaluate_text_to_text,
     seq2seq_loss,
     text_pairs,
     train_tokenizer,
@@ -162,6 +164,24 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
     )
     assert greedy_only["decoding"]["num_beams"] == 1 and "beam" not in greedy_only
     assert greedy_only["decoding"]["no_repeat_ngram_size"] == 2  # from the run's task.json
+    assert greedy_only["decoding"]["mbr_samples"] == 0 and "mbr" not in greedy_only
+
+    # Minimum Bayes risk decoding: reported last, so its scores are the headline and the lead difference's.
+    mbr = summarize.evaluate_run(run, TaskData(source=data), "valid", tmp_path / "mbr", progress=False, mbr_samples=6)
+    assert mbr["decoding"]["mbr_samples"] == 6 and mbr["decoding"]["mbr_temperature"] == 0.7
+    assert {"greedy", "beam", "mbr"} <= set(mbr)
+    assert {key: mbr[key] for key in ("rouge1", "rouge2", "rougeL")} == mbr["mbr"]
+    difference = mbr["baselines"]["lead"]["difference"]["rougeL"]["mean"]
+    assert difference == pytest.approx(mbr["mbr"]["rougeL"] - mbr["baselines"]["lead"]["rougeL"])
+    report = (tmp_path / "mbr" / "report.md").read_text(encoding="utf-8")
+    assert "MBR over 6 samples (temperature 0.7) minus baseline 'lead'" in report
+    again = summarize.evaluate_run(run, TaskData(source=data), "valid", tmp_path / "2", progress=False, mbr_samples=6)
+    assert again["mbr"] == mbr["mbr"]  # sampling is seeded: the same split decodes the same way
+    with pytest.raises(UserError, match="no utility for minimum Bayes risk"):
+        evaluate_text_to_text(
+            "summarize", run, TaskData(source=data), "valid", tmp_path / "none", score=rouge, columns=[],
+            baselines={}, notes=[], progress=False, mbr_samples=2,
+        )  # fmt: skip
 
 
 def test_lead_bias_pairs_predict_the_lead_from_the_rest():
@@ -248,3 +268,9 @@ def test_label_smoothing_spreads_a_share_over_the_copy_models_probabilities(tmp_
     assert smoothed.item() != pytest.approx(plain.item(), rel=1e-3)
     with pytest.raises(ValueError, match="label_smoothing"):
         summarize.Recipe(label_smoothing=1.0)
+
+
+@pytest.mark.parametrize("changes", [{"mbr_samples": -1}, {"mbr_temperature": 0.0}])
+def test_mbr_settings_are_checked(changes):
+    with pytest.raises(ValueError, match=next(iter(changes))):
+        translate.Recipe(**changes)

@@ -18,6 +18,7 @@ attention_mask) to logits; does not know tokenizers, datasets or task prompts.
 
 from __future__ import annotations
 
+import functools
 import io
 import unicodedata
 from collections.abc import Hashable, Sequence
@@ -95,13 +96,35 @@ def chinese_rouge_tokens(text: str) -> list[str]:
     return tokens
 
 
-def rouge_per_example(hypotheses: list[str], references: list[str]) -> dict[str, list[float]]:
-    """ROUGE-1/2/L F1 (0..100) of each pair, on `chinese_rouge_tokens`. Keys: rouge1, rouge2, rougeL."""
+def chrf(hypothesis: str, reference: str) -> float:
+    """sacrebleu's sentence chrF (0..1) of one pair: translation's utility for MBR decoding."""
+    return _chrf().sentence_score(hypothesis, [reference]).score / 100
+
+
+@functools.cache
+def _chrf():
+    from sacrebleu.metrics import CHRF
+
+    return CHRF()
+
+
+@functools.cache
+def _rouge_scorer(*kinds: str):
     from rouge_score.rouge_scorer import RougeScorer
 
-    _check_pairs(hypotheses, references, "ROUGE")
     # rouge-score only calls .tokenize(text); a duck-typed object avoids subclassing its Tokenizer.
-    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=SimpleNamespace(tokenize=chinese_rouge_tokens))
+    return RougeScorer(list(kinds), tokenizer=SimpleNamespace(tokenize=chinese_rouge_tokens))
+
+
+def rouge_l(hypothesis: str, reference: str) -> float:
+    """ROUGE-L F1 (0..1) of one pair, on `chinese_rouge_tokens`: summarization's utility for MBR decoding."""
+    return _rouge_scorer("rougeL").score(reference, hypothesis)["rougeL"].fmeasure
+
+
+def rouge_per_example(hypotheses: list[str], references: list[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F1 (0..100) of each pair, on `chinese_rouge_tokens`. Keys: rouge1, rouge2, rougeL."""
+    _check_pairs(hypotheses, references, "ROUGE")
+    scorer = _rouge_scorer("rouge1", "rouge2", "rougeL")
     values: dict[str, list[float]] = {"rouge1": [], "rouge2": [], "rougeL": []}
     for hypothesis, reference in zip(hypotheses, references):
         scores = scorer.score(reference, hypothesis)  # NOTE: rouge-score takes (target, prediction)

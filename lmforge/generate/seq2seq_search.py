@@ -1,16 +1,20 @@
-"""Greedy and beam search for the encoder-decoder (`lmforge.models.seq2seq.Seq2Seq`).
+"""Greedy search, sampling and beam search for the encoder-decoder (`lmforge.models.seq2seq.Seq2Seq`).
 
 The source is encoded once and each decoder layer's cross-attention keys and
 values are projected once; every step then feeds one token per row through the
-decoder's self-attention `KVCache`. Rows (greedy) or sources (beam) that finish
+decoder's self-attention `KVCache`. Rows (greedy, samples) or sources (beam) that finish
 leave the batch, so later steps only pay for live work. Token ids in, token ids
 out, without bos or eos; padding, tokenizers and text live elsewhere.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from lmforge.generate.sampling import SamplingConfig, next_tokens
 
 
 def _room(model: nn.Module, max_new_tokens: int) -> int:
@@ -47,29 +51,26 @@ def _keep_rows(rows: torch.Tensor, memory_kv, source_mask):
     return memory_kv, source_mask[rows] if source_mask is not None else None
 
 
-@torch.inference_mode()
-def greedy_search(
+def _decode_rows(
     model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    memory_kv,
+    source_mask: torch.Tensor | None,
     bos_id: int,
     eos_id: int,
     max_new_tokens: int,
-    no_repeat_ngram_size: int = 0,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    no_repeat_ngram_size: int,
 ) -> list[list[int]]:
-    """Right-padded sources (B, S) -> each row's most likely next token, step by step, until eos or the limit."""
-    batch = input_ids.shape[0]
-    max_new_tokens = _room(model, max_new_tokens)
+    """One token per row per step, chosen by `pick` from the logits (rows, V) -> (rows,), until eos or the limit."""
+    batch, device = memory_kv[0][0].shape[0], memory_kv[0][0].device
     outputs: list[list[int]] = [[] for _ in range(batch)]
-    memory_kv = model.cross_kv(model.encode(input_ids, attention_mask), input_ids)
-    source_mask = attention_mask
     cache = model.new_cache(batch, max_new_tokens)
-    sources = list(range(batch))  # which source each live row decodes
-    tokens = torch.full((batch,), bos_id, dtype=torch.long, device=input_ids.device)
+    sources = list(range(batch))  # which output each live row writes
+    tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
         logits = model.decode(tokens[:, None], memory_kv, source_mask, cache=cache)[:, -1]  # (rows, V)
         ban_repeated_ngrams(logits, [outputs[source] for source in sources], no_repeat_ngram_size)
-        tokens = logits.argmax(dim=-1)  # (rows,)
+        tokens = pick(logits)  # (rows,)
         live = []
         for row, (source, token) in enumerate(zip(sources, tokens.tolist())):
             if token != eos_id:
@@ -84,6 +85,54 @@ def greedy_search(
             tokens = tokens[rows]
             sources = [sources[row] for row in live]
     return outputs
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    no_repeat_ngram_size: int = 0,
+) -> list[list[int]]:
+    """Right-padded sources (B, S) -> each row's most likely next token, step by step, until eos or the limit."""
+    memory_kv = model.cross_kv(model.encode(input_ids, attention_mask), input_ids)
+    return _decode_rows(
+        model, memory_kv, attention_mask, bos_id, eos_id, _room(model, max_new_tokens),
+        lambda logits: logits.argmax(dim=-1), no_repeat_ngram_size,
+    )  # fmt: skip
+
+
+@torch.inference_mode()
+def sample_search(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bos_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    num_samples: int,
+    temperature: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[list[list[int]]]:
+    """Right-padded sources (B, S) -> `num_samples` outputs per source, each token drawn from softmax(logits / T).
+
+    The sources are encoded once; their cross-attention keys and values are then repeated for the samples.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, not {num_samples}")
+    sampling = SamplingConfig(temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    memory_kv = model.cross_kv(model.encode(input_ids, attention_mask), input_ids)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(num_samples)
+    memory_kv, source_mask = _keep_rows(rows, memory_kv, attention_mask)
+    outputs = _decode_rows(
+        model, memory_kv, source_mask, bos_id, eos_id, _room(model, max_new_tokens),
+        lambda logits: next_tokens(logits, sampling, generator=generator), no_repeat_ngram_size,
+    )  # fmt: skip
+    return [outputs[start : start + num_samples] for start in range(0, len(outputs), num_samples)]
 
 
 @torch.inference_mode()

@@ -3,9 +3,9 @@
 The default data is LCSTS (`../shared/data/summarization`): Weibo news posts of
 77-152 characters and their headlines of at most 30. ROUGE-1/2/L F1 are
 computed on Chinese characters and alphanumeric words
-(`lmforge.evaluate.metrics.rouge`). The report sets greedy and beam-search
-decoding beside the "lead" baseline: the document's first sentence, cut to 30
-characters.
+(`lmforge.evaluate.metrics.rouge`). The report sets greedy, beam-search and
+minimum-Bayes-risk decoding (ROUGE-L as the utility) beside the "lead"
+baseline: the document's first sentence, cut to 30 characters.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lmforge.config import option
 from lmforge.data.sources import read_split, record_text
-from lmforge.evaluate.metrics import rouge, rouge_per_example
+from lmforge.evaluate.metrics import rouge, rouge_l, rouge_per_example
 from lmforge.tasks.examples import TaskData
 from lmforge.tasks.text_to_text import TextToTextRecipe, evaluate_text_to_text, finetune_text_to_text
 
@@ -88,11 +88,12 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     training_minutes: float | None = None,
     progress: bool = True,
-    num_beams: int | None = None,
-    length_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
+    **decoding,
 ) -> dict:
-    """ROUGE-1/2/L of greedy and beam-search summaries of a split, beside the lead baseline."""
+    """ROUGE-1/2/L of greedy, beam-search and MBR summaries of a split, beside the lead baseline.
+
+    decoding: num_beams, length_penalty, no_repeat_ngram_size or mbr_samples instead of the run's task.json.
+    """
     notes = [
         "ROUGE F1 on Chinese characters and alphanumeric words (punctuation dropped), averaged over examples.",
         f"Baseline 'lead' is the document's first sentence (up to the first 。！？!?), cut to {LEAD_CHARACTERS} "
@@ -110,8 +111,7 @@ def evaluate_run(
         notes=notes,
         training_minutes=training_minutes,
         progress=progress,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
+        utility=rouge_l,
+        **decoding,
         per_example=rouge_per_example,
     )

@@ -26,7 +26,8 @@ from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import means, paired_difference
 from lmforge.evaluate.report import plot_losses
-from lmforge.generate.seq2seq_search import beam_search, greedy_search
+from lmforge.generate.mbr import Utility, minimum_bayes_risk
+from lmforge.generate.seq2seq_search import beam_search, greedy_search, sample_search
 from lmforge.models import load_model, save_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import read_json, read_jsonl, write_json
@@ -63,6 +64,10 @@ class TextToTextRecipe:
     num_beams: int = option(4, "beams for the test-split decoding (1 = greedy only)")
     length_penalty: float = option(1.0, "beam hypotheses score log-prob / length**length_penalty")
     no_repeat_ngram_size: int = option(0, "when decoding, never repeat an n-gram of this many tokens (0 = off)")
+    mbr_samples: int = option(
+        0, "also decode the test split by minimum Bayes risk over this many samples per source (0 = off)"
+    )
+    mbr_temperature: float = option(0.7, "sampling temperature of the MBR candidates")
     valid_examples: int = option(100, "first validation examples decoded greedily for the metric during training")
     label_smoothing: float = option(
         0.0, "training loss: this share of each target's probability spread over the vocabulary (0 = plain)"
@@ -82,6 +87,10 @@ class TextToTextRecipe:
             raise ValueError(f"num_beams must be >= 1, not {self.num_beams}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, not {self.no_repeat_ngram_size}")
+        if self.mbr_samples < 0:
+            raise ValueError(f"mbr_samples must be >= 0, not {self.mbr_samples}")
+        if self.mbr_temperature <= 0:
+            raise ValueError(f"mbr_temperature must be > 0, not {self.mbr_temperature}")
         if self.valid_examples < 0:
             raise ValueError(f"valid_examples must be >= 0, not {self.valid_examples}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -209,6 +218,55 @@ def generate_texts(
     return outputs
 
 
+@torch.no_grad()
+def mbr_texts(
+    model: Seq2Seq,
+    tokenizer: Tokenizer,
+    sources: list[str],
+    num_samples: int,
+    utility: Utility,
+    temperature: float = 0.7,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    max_source_length: int | None = None,
+    progress: bool = False,
+    no_repeat_ngram_size: int = 0,
+    seed: int = 0,
+) -> list[str]:
+    """One output text per source: of `num_samples` sampled outputs, the minimum-Bayes-risk choice under `utility`.
+
+    Seeded, so a split decodes the same way every time. batch_size counts sources (batch_size * num_samples rows).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    rows = encode_single(tokenizer, sources, max_source_length or model.config.max_position_embeddings)
+    order = sorted(range(len(rows)), key=lambda index: len(rows[index]))
+    outputs = [""] * len(rows)
+    description = f"MBR ({num_samples} samples)"
+    with tqdm(total=len(rows), desc=description, unit="text", disable=not progress, leave=False) as bar:
+        for chunk in in_batches(order, batch_size):
+            input_ids, attention_mask = pad_right(tokenizer, [rows[index] for index in chunk])
+            samples = sample_search(
+                model,
+                input_ids.to(device),
+                attention_mask.to(device),
+                tokenizer.bos_id,
+                tokenizer.eos_id,
+                max_new_tokens,
+                num_samples,
+                temperature=temperature,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                generator=generator,
+            )
+            for index, candidates in zip(chunk, samples):
+                outputs[index] = minimum_bayes_risk([tokenizer.decode(ids).strip() for ids in candidates], utility)
+            bar.update(len(chunk))
+    model.train(was_training)
+    return outputs
+
+
 def finetune_text_to_text(
     recipe: TextToTextRecipe,
     out_dir: str | Path,
@@ -292,6 +350,8 @@ def finetune_text_to_text(
         "num_beams": recipe.num_beams,
         "length_penalty": recipe.length_penalty,
         "no_repeat_ngram_size": recipe.no_repeat_ngram_size,
+        "mbr_samples": recipe.mbr_samples,
+        "mbr_temperature": recipe.mbr_temperature,
     }
     write_json(out_dir / "task.json", {**task, **decoding})
     write_json(out_dir / "recipe.json", to_dict(recipe))
@@ -315,13 +375,16 @@ def evaluate_text_to_text(
     length_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     per_example: PerExampleScore | None = None,
+    utility: Utility | None = None,
+    mbr_samples: int | None = None,
 ) -> dict:
-    """Decode a split greedily and with beam search, score both beside the baselines, write report.md/metrics.json.
+    """Decode a split greedily, with beam search and by MBR, score each beside the baselines, write the report.
 
-    baselines: name -> function from the split's sources to its outputs. num_beams and length_penalty default
-    to the run's task.json. The top-level scores in metrics.json are those of the beam search (greedy's when
-    num_beams is 1). With `per_example` (a metric averaged over examples), each baseline also gets the model's
-    paired difference from it with a 95% bootstrap interval: metrics.json baselines.NAME.difference.
+    baselines: name -> function from the split's sources to its outputs. The decoding settings default to the
+    run's task.json; MBR decoding (`mbr_samples` > 0) needs the task's `utility`. The top-level scores in
+    metrics.json are those of the last decoding: MBR's, else the beam search's (greedy's when num_beams is 1).
+    With `per_example` (a metric averaged over examples), each baseline also gets that decoding's paired
+    difference from it with a 95% bootstrap interval: metrics.json baselines.NAME.difference.
     """
     model_dir, out_dir = report_folders(model_dir, out_dir)
     task = read_json(model_dir / "task.json")
@@ -331,8 +394,14 @@ def evaluate_text_to_text(
     length_penalty = task["length_penalty"] if length_penalty is None else length_penalty
     if no_repeat_ngram_size is None:
         no_repeat_ngram_size = task.get("no_repeat_ngram_size", 0)
+    mbr_samples = task.get("mbr_samples", 0) if mbr_samples is None else mbr_samples
+    mbr_temperature = task.get("mbr_temperature", 0.7)
     if num_beams < 1:
         raise UserError(f"num_beams must be >= 1, not {num_beams}")
+    if mbr_samples < 0:
+        raise UserError(f"mbr_samples must be >= 0, not {mbr_samples}")
+    if mbr_samples and utility is None:
+        raise UserError(f"task '{task_name}' has no utility for minimum Bayes risk decoding; use mbr_samples 0")
     model = load_model(model_dir, pick_device("auto"))
     tokenizer = Tokenizer.load(model_dir)
     sources, references = text_pairs(data, split, task["source_field"], task["target_field"])
@@ -353,7 +422,20 @@ def evaluate_text_to_text(
     outputs = {"greedy": decode(1)}
     if num_beams > 1:
         outputs["beam"] = decode(num_beams)
-    final = "beam" if num_beams > 1 else "greedy"
+    if mbr_samples:
+        outputs["mbr"] = mbr_texts(
+            model,
+            tokenizer,
+            sources,
+            mbr_samples,
+            utility,
+            temperature=mbr_temperature,
+            max_new_tokens=task["max_target_length"],
+            max_source_length=task["max_source_length"],
+            progress=progress,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+    final = list(outputs)[-1]  # the most thorough decoding asked for is the one reported
     baseline_outputs = {name: baseline(sources) for name, baseline in baselines.items()}
     differences: dict[str, dict[str, dict[str, float]]] = {}
     if per_example is None:
@@ -367,7 +449,11 @@ def evaluate_text_to_text(
         for name, theirs in baseline_values.items():
             differences[name] = {key: paired_difference(values[final][key], theirs[key]) for key in theirs}
 
-    names = {"greedy": "lmforge seq2seq, greedy", "beam": f"lmforge seq2seq, beam search ({num_beams})"}
+    names = {
+        "greedy": "lmforge seq2seq, greedy",
+        "beam": f"lmforge seq2seq, beam search ({num_beams})",
+        "mbr": f"lmforge seq2seq, MBR over {mbr_samples} samples (temperature {mbr_temperature})",
+    }
     rows = [(names[kind], values) for kind, values in scores.items()]
     rows += [(f"baseline: {name}", values) for name, values in baseline_scores.items()]
     metrics = {
@@ -380,6 +466,8 @@ def evaluate_text_to_text(
             "length_penalty": length_penalty,
             "no_repeat_ngram_size": no_repeat_ngram_size,
             "max_new_tokens": task["max_target_length"],
+            "mbr_samples": mbr_samples,
+            "mbr_temperature": mbr_temperature,
         },
         **scores,
         "baselines": {

@@ -2,7 +2,8 @@
 
 The data's `src` is Chinese and `tgt` English (`../shared/data/translation`,
 Tatoeba); `direction: en-zh` swaps the two. BLEU uses sacrebleu's `zh`
-tokenizer for Chinese targets and `13a` for English ones. The report sets
+tokenizer for Chinese targets and `13a` for English ones (and sentence chrF is
+the utility of MBR decoding, when a recipe turns it on). The report sets
 greedy and beam-search decoding beside the trivial baseline that copies the
 source, which scores above zero only through shared names, numbers and
 punctuation.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.config import option
-from lmforge.evaluate.metrics import bleu_chrf
+from lmforge.evaluate.metrics import bleu_chrf, chrf
 from lmforge.run_folder import read_json
 from lmforge.tasks.examples import TaskData
 from lmforge.tasks.text_to_text import Score, TextToTextRecipe, evaluate_text_to_text, finetune_text_to_text
@@ -61,11 +62,12 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     training_minutes: float | None = None,
     progress: bool = True,
-    num_beams: int | None = None,
-    length_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
+    **decoding,
 ) -> dict:
-    """BLEU and chrF of greedy and beam-search translations of a split, beside copying the source."""
+    """BLEU and chrF of greedy, beam-search (and MBR) translations of a split, beside copying the source.
+
+    decoding: num_beams, length_penalty, no_repeat_ngram_size or mbr_samples instead of the run's task.json.
+    """
     target_lang = read_json(Path(model_dir) / "task.json").get("target_lang", "en")
     notes = [
         f"BLEU: sacrebleu, tokenizer {'zh' if target_lang == 'zh' else '13a'}; chrF: sacrebleu defaults.",
@@ -83,7 +85,6 @@ def evaluate_run(
         notes=notes,
         training_minutes=training_minutes,
         progress=progress,
-        num_beams=num_beams,
-        length_penalty=length_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
+        utility=chrf,
+        **decoding,
     )
