@@ -13,12 +13,14 @@ all the others.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
-Utility = Callable[[str, str], float]  # (hypothesis, pseudo-reference) -> how good the hypothesis is, higher better
+Candidate = TypeVar("Candidate", bound=Hashable)  # a text, or a tuple of token ids
+Utility = Callable[[Candidate, Candidate], float]  # (hypothesis, pseudo-reference) -> how good, higher is better
 
 
-def minimum_bayes_risk(candidates: list[str], utility: Utility) -> str:
+def minimum_bayes_risk(candidates: list[Candidate], utility: Utility) -> Candidate:
     """The candidate whose summed utility against all candidates (itself included) is highest.
 
     Candidates are both the hypotheses and the evidence: a text sampled k times counts k times as evidence,
