@@ -166,6 +166,37 @@ def mean_loss(model: Seq2Seq, batches: list[dict[str, torch.Tensor]]) -> float:
 
 
 @torch.no_grad()
+def _decode_by_length(
+    model: Seq2Seq,
+    tokenizer: Tokenizer,
+    sources: list[str],
+    max_source_length: int | None,
+    batch_size: int,
+    description: str,
+    progress: bool,
+    decode_batch: Callable[[torch.Tensor, torch.Tensor], list[str]],
+) -> list[str]:
+    """The sources' texts from `decode_batch` (right-padded input ids and mask -> texts), in the sources' order.
+
+    Decoding runs in eval mode, in batches of sources of similar length; the model's mode is restored after.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = encode_single(tokenizer, sources, max_source_length or model.config.max_position_embeddings)
+    # Sorting by length keeps padding, and so wasted work, small.
+    order = sorted(range(len(rows)), key=lambda index: len(rows[index]))
+    outputs = [""] * len(rows)
+    with tqdm(total=len(rows), desc=description, unit="text", disable=not progress, leave=False) as bar:
+        for chunk in in_batches(order, batch_size):
+            input_ids, attention_mask = pad_right(tokenizer, [rows[index] for index in chunk])
+            for index, text in zip(chunk, decode_batch(input_ids.to(device), attention_mask.to(device))):
+                outputs[index] = text
+            bar.update(len(chunk))
+    model.train(was_training)
+    return outputs
+
+
 def generate_texts(
     model: Seq2Seq,
     tokenizer: Tokenizer,
@@ -182,43 +213,33 @@ def generate_texts(
 
     batch_size counts sources, so a beam-search batch holds batch_size * num_beams rows.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = encode_single(tokenizer, sources, max_source_length or model.config.max_position_embeddings)
-    # Sorting by length keeps padding, and so wasted work, small.
-    order = sorted(range(len(rows)), key=lambda index: len(rows[index]))
-    outputs = [""] * len(rows)
+
+    def decode_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        if num_beams == 1:
+            ids = greedy_search(
+                model, input_ids, attention_mask, tokenizer.bos_id, tokenizer.eos_id, max_new_tokens,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )  # fmt: skip
+        else:
+            ids = beam_search(
+                model,
+                input_ids,
+                attention_mask,
+                tokenizer.bos_id,
+                tokenizer.eos_id,
+                max_new_tokens,
+                num_beams=num_beams,
+                length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )
+        return [tokenizer.decode(tokens).strip() for tokens in ids]
+
     description = "greedy" if num_beams == 1 else f"beam search ({num_beams})"
-    with tqdm(total=len(rows), desc=description, unit="text", disable=not progress, leave=False) as bar:
-        for chunk in in_batches(order, batch_size):
-            input_ids, attention_mask = pad_right(tokenizer, [rows[index] for index in chunk])
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            if num_beams == 1:
-                ids = greedy_search(
-                    model, input_ids, attention_mask, tokenizer.bos_id, tokenizer.eos_id, max_new_tokens,
-                    no_repeat_ngram_size=no_repeat_ngram_size,
-                )  # fmt: skip
-            else:
-                ids = beam_search(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    tokenizer.bos_id,
-                    tokenizer.eos_id,
-                    max_new_tokens,
-                    num_beams=num_beams,
-                    length_penalty=length_penalty,
-                    no_repeat_ngram_size=no_repeat_ngram_size,
-                )
-            for index, tokens in zip(chunk, ids):
-                outputs[index] = tokenizer.decode(tokens).strip()
-            bar.update(len(chunk))
-    model.train(was_training)
-    return outputs
+    return _decode_by_length(
+        model, tokenizer, sources, max_source_length, batch_size, description, progress, decode_batch
+    )
 
 
-@torch.no_grad()
 def mbr_texts(
     model: Seq2Seq,
     tokenizer: Tokenizer,
@@ -237,34 +258,27 @@ def mbr_texts(
 
     Seeded, so a split decodes the same way every time. batch_size counts sources (batch_size * num_samples rows).
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    rows = encode_single(tokenizer, sources, max_source_length or model.config.max_position_embeddings)
-    order = sorted(range(len(rows)), key=lambda index: len(rows[index]))
-    outputs = [""] * len(rows)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+
+    def decode_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        samples = sample_search(
+            model,
+            input_ids,
+            attention_mask,
+            tokenizer.bos_id,
+            tokenizer.eos_id,
+            max_new_tokens,
+            num_samples,
+            temperature=temperature,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            generator=generator,
+        )
+        return [minimum_bayes_risk([tokenizer.decode(ids).strip() for ids in texts], utility) for texts in samples]
+
     description = f"MBR ({num_samples} samples)"
-    with tqdm(total=len(rows), desc=description, unit="text", disable=not progress, leave=False) as bar:
-        for chunk in in_batches(order, batch_size):
-            input_ids, attention_mask = pad_right(tokenizer, [rows[index] for index in chunk])
-            samples = sample_search(
-                model,
-                input_ids.to(device),
-                attention_mask.to(device),
-                tokenizer.bos_id,
-                tokenizer.eos_id,
-                max_new_tokens,
-                num_samples,
-                temperature=temperature,
-                no_repeat_ngram_size=no_repeat_ngram_size,
-                generator=generator,
-            )
-            for index, candidates in zip(chunk, samples):
-                outputs[index] = minimum_bayes_risk([tokenizer.decode(ids).strip() for ids in candidates], utility)
-            bar.update(len(chunk))
-    model.train(was_training)
-    return outputs
+    return _decode_by_length(
+        model, tokenizer, sources, max_source_length, batch_size, description, progress, decode_batch
+    )
 
 
 def finetune_text_to_text(
