@@ -30,8 +30,6 @@ def minimum_bayes_risk(candidates: list[Candidate], utility: Utility) -> Candida
         raise ValueError("minimum Bayes risk needs at least one candidate")
     counts = Counter(candidates)  # insertion-ordered: the first-seen candidate wins a tie
     distinct = list(counts)
-    if len(distinct) == 1:
-        return distinct[0]
     expected = [
         sum(count * utility(hypothesis, evidence) for evidence, count in counts.items()) for hypothesis in distinct
     ]
