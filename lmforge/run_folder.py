@@ -1,11 +1,15 @@
-"""The run folder: the unit every lmforge command passes around.
+"""The run folder: the unit every lmforge command passes around, and the only place its file names are spelt.
 
 A run folder holds `config.json` (the model config), `model.safetensors`, the
-tokenizer files, `generation_config.json`, `metrics.jsonl`, `loss.png`,
-`report.md`, and `checkpoints/` while a run is resumable. Everything here is
-safetensors or JSON, and every write goes to a temporary file that is fsynced
-and then renamed, so a killed process never leaves a half-written file behind.
-This module knows file formats and atomicity, not what a model is.
+tokenizer files, `generation_config.json`, `task.json`, `recipe.json`,
+`metrics.jsonl`, `metrics.json`, `loss.png`, `report.md`, `tensorboard/`, and
+`checkpoints/` (plus `best/`) while a run is resumable; a LoRA run holds
+`adapter_config.json` + `adapter_model.safetensors` instead of full weights.
+`RunFolder` names each of them; everything else asks it instead of joining
+strings. Everything here is safetensors or JSON, and every write goes to a
+temporary file that is fsynced and then renamed, so a killed process never
+leaves a half-written file behind. This module knows file names, formats and
+atomicity, not what a model is.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +116,126 @@ def refuse_pickle_weights(folder: Path, saved_with: str) -> None:
             f"class it was saved from (e.g. {saved_with}.from_pretrained(folder)), call save_pretrained(new_folder, "
             "safe_serialization=True), copy the tokenizer files over, and use new_folder"
         )
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder: the path of every file lmforge reads or writes in it, and typed reads and writes.
+
+    A Hugging Face model folder shares the names that both formats use (config.json, model.safetensors,
+    tokenizer files, generation_config.json), so importers and exporters use this type too.
+    """
+
+    path: Path
+
+    CONFIG = "config.json"
+    WEIGHTS = "model.safetensors"
+    WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded Hugging Face weights
+    TOKENIZER = "tokenizer.json"
+    TOKENIZER_CONFIG = "tokenizer_config.json"
+    GENERATION = "generation_config.json"
+    TASK = "task.json"
+    RECIPE = "recipe.json"
+    METRICS_LOG = "metrics.jsonl"
+    METRICS = "metrics.json"
+    LOSS_PLOT = "loss.png"
+    REPORT = "report.md"
+    TENSORBOARD = "tensorboard"
+    CHECKPOINTS = "checkpoints"
+    BEST = "best"
+    TRAINER_STATE = "trainer_state.json"
+    OPTIMIZER = "optimizer.safetensors"
+    ADAPTER_CONFIG = "adapter_config.json"
+    ADAPTER_WEIGHTS = "adapter_model.safetensors"
+    # The files a model needs besides its weights and config: copied by quantize, prune and ONNX export.
+    COMPANIONS = (TOKENIZER, TOKENIZER_CONFIG, GENERATION)
+    # Folders inside a run that are never runs themselves.
+    INNER_FOLDERS = (CHECKPOINTS, TENSORBOARD, BEST)
+
+    def __init__(self, path: str | Path) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # Paths, one per file.
+    config = property(lambda self: self.path / self.CONFIG)
+    weights = property(lambda self: self.path / self.WEIGHTS)
+    weights_index = property(lambda self: self.path / self.WEIGHTS_INDEX)
+    tokenizer = property(lambda self: self.path / self.TOKENIZER)
+    tokenizer_config = property(lambda self: self.path / self.TOKENIZER_CONFIG)
+    generation = property(lambda self: self.path / self.GENERATION)
+    task = property(lambda self: self.path / self.TASK)
+    recipe = property(lambda self: self.path / self.RECIPE)
+    metrics_log = property(lambda self: self.path / self.METRICS_LOG)
+    metrics = property(lambda self: self.path / self.METRICS)
+    loss_plot = property(lambda self: self.path / self.LOSS_PLOT)
+    report = property(lambda self: self.path / self.REPORT)
+    tensorboard = property(lambda self: self.path / self.TENSORBOARD)
+    checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
+    best = property(lambda self: self.path / self.BEST)
+    adapter_config = property(lambda self: self.path / self.ADAPTER_CONFIG)
+    adapter_weights = property(lambda self: self.path / self.ADAPTER_WEIGHTS)
+
+    # What the folder holds.
+    def has_model(self) -> bool:
+        """A model config is here (lmforge's or Hugging Face's)."""
+        return self.config.is_file()
+
+    def has_weights(self) -> bool:
+        return self.weights.is_file() or self.weights_index.is_file()
+
+    def has_adapter(self) -> bool:
+        return self.adapter_config.is_file()
+
+    def has_tokenizer(self) -> bool:
+        return self.tokenizer.is_file()
+
+    # Reads and writes of the JSON files (atomic writes; a missing or malformed file is a UserError).
+    def read_config(self) -> dict[str, Any]:
+        return read_json(self.config)
+
+    def write_config(self, values: dict[str, Any]) -> None:
+        write_json(self.config, values)
+
+    def read_task(self, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        """task.json: what the model was trained to do; `default` when the folder has none (a pretrained model)."""
+        if default is not None and not self.task.is_file():
+            return default
+        return read_json(self.task)
+
+    def write_task(self, values: dict[str, Any]) -> None:
+        write_json(self.task, values)
+
+    def read_recipe(self, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        if default is not None and not self.recipe.is_file():
+            return default
+        return read_json(self.recipe)
+
+    def write_recipe(self, values: dict[str, Any]) -> None:
+        write_json(self.recipe, values)
+
+    def read_metrics_log(self) -> list[dict[str, Any]]:
+        """Every record of metrics.jsonl (none if the file is missing; a torn last line is skipped)."""
+        return read_jsonl(self.metrics_log)
+
+    def write_metrics(self, values: dict[str, Any]) -> None:
+        write_json(self.metrics, values)
+
+    def read_metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics)
+
+    def write_report(self, text: str) -> None:
+        atomic_write_text(self.report, text)
+
+    def read_weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return load_tensors(self.weights, device)
+
+    def write_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        save_tensors(self.weights, tensors, metadata={"format": "pt"})
