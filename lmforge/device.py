@@ -1,7 +1,8 @@
 """Where tensors live and in what precision: CUDA, then Apple MPS, then CPU, unless the user says.
 
 On CPUs without AMX, fp32 matmuls beat bf16, so fp32 is the CPU default and
-bf16 autocast the GPU default.
+bf16 autocast the GPU default. `evaluating(model)` is the one way code outside
+the training loop switches a model to eval mode and back.
 """
 
 from __future__ import annotations
@@ -46,3 +47,19 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """Put `model` in eval mode with gradients off for the block, then back in the mode it was in.
+
+    Evaluation during training must leave a training model training (dropout on), and a model that
+    was already in eval mode must stay there: one helper instead of a save-and-restore at every caller.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
