@@ -147,6 +147,7 @@ class RunFolder:
     OPTIMIZER = "optimizer.safetensors"
     ADAPTER_CONFIG = "adapter_config.json"
     ADAPTER_WEIGHTS = "adapter_model.safetensors"
+    PRUNE_SUMMARY = "prune.json"  # what `lmforge prune` did: source, sparsity, recovery losses
     # The files a model needs besides its weights and config: copied by quantize, prune and ONNX export.
     COMPANIONS = (TOKENIZER, TOKENIZER_CONFIG, GENERATION)
     # Folders inside a run that are never runs themselves.
@@ -182,6 +183,7 @@ class RunFolder:
     best = property(lambda self: self.path / self.BEST)
     adapter_config = property(lambda self: self.path / self.ADAPTER_CONFIG)
     adapter_weights = property(lambda self: self.path / self.ADAPTER_WEIGHTS)
+    prune_summary = property(lambda self: self.path / self.PRUNE_SUMMARY)
 
     # What the folder holds.
     def has_model(self) -> bool:
@@ -239,3 +241,9 @@ class RunFolder:
 
     def write_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         save_tensors(self.weights, tensors, metadata={"format": "pt"})
+
+    def copy_companions(self, source: str | Path) -> None:
+        """Copy the COMPANIONS that `source` has (tokenizer, generation settings) into this folder, atomically."""
+        for name in self.COMPANIONS:
+            if (Path(source) / name).is_file():
+                atomic_write_bytes(self.path / name, (Path(source) / name).read_bytes())

@@ -1,7 +1,8 @@
-"""Model families by name, and saving / loading a model as `config.json` + `model.safetensors`.
+"""Model families by name, and saving / loading a model as a run folder's config and weights.
 
 `MODEL_FAMILIES` is the one registry: the name stored in config.json picks the
-config dataclass and the module to build.
+config dataclass and the module to build. A quantized folder (its config has a
+`quantization` entry) gets its quantized layers from `models/quantized.py` first.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder, EncoderConfig
+from lmforge.models.quantized import prepare_quantized
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
+from lmforge.run_folder import RunFolder
 
 MODEL_FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {
     "decoder": (DecoderConfig, Decoder),
@@ -41,10 +43,15 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def model_config(model: nn.Module) -> dict:
+    """What config.json holds for `model`: its family and its config dataclass's fields."""
+    return {"family": family_of(model), **dataclasses.asdict(model.config)}
+
+
 def save_model(folder: str | Path, model: nn.Module) -> None:
-    folder = Path(folder)
-    write_json(folder / "config.json", {"family": family_of(model), **dataclasses.asdict(model.config)})
-    save_tensors(folder / "model.safetensors", model_state(model), metadata={"format": "pt"})
+    run = RunFolder(folder)
+    run.write_config(model_config(model))
+    run.write_weights(model_state(model))
 
 
 def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -55,28 +62,25 @@ def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where
 
 
 def read_model_config(folder: str | Path):
-    values = dict(read_json(Path(folder) / "config.json"))
+    values = dict(RunFolder(folder).read_config())
     family = values.pop("family", "decoder")
     values.pop("quantization", None)  # how the weights are stored, not the network: load_model reads it
     if family not in MODEL_FAMILIES:
         raise UserError(
-            f"{folder}/config.json names unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}"
+            f"{RunFolder(folder).config} names unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}"
         )
     config_class, module_class = MODEL_FAMILIES[family]
     return from_dict(config_class, values, "model"), module_class
 
 
 def load_model(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Build the model that `folder/config.json` describes and load `folder/model.safetensors` into it."""
+    """Build the model that the folder's config describes and load its weights into it (quantized or not)."""
+    run = RunFolder(folder)
     config, module_class = read_model_config(folder)
     model = module_class(config)
-    tensors = load_tensors(Path(folder) / "model.safetensors")
-    quantization = read_json(Path(folder) / "config.json").get("quantization")
+    tensors = run.read_weights()
+    quantization = run.read_config().get("quantization")
     if quantization:
-        # Imported here: compress/ builds on this module, and only quantized folders need it.
-        from lmforge.compress.quantize import load_quantized
-
-        load_quantized(model, quantization, tensors, str(folder))
-    else:
-        load_model_weights(model, tensors, str(folder))
+        tensors = prepare_quantized(model, quantization, tensors, str(folder))
+    load_model_weights(model, tensors, str(folder))
     return model.to(device).eval()
