@@ -14,22 +14,15 @@ from typer.testing import CliRunner
 import lmforge
 from lmforge.cli import app
 from lmforge.compress.prune import apply_masks, magnitude_masks, prune_targets, recover
-from lmforge.compress.quantize import (
-    Int4Linear,
-    Int8Linear,
-    pack_int4,
-    quantize_model,
-    quantize_run,
-    quantized_layers,
-    unpack_int4,
-)
-from lmforge.data.batches import LMWindows
+from lmforge.compress.quantize import quantize_model, quantize_run
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import LMWindows
 from lmforge.errors import UserError
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import save_generation_config
 from lmforge.models import load_model, save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.quantized import Int4Linear, Int8Linear, pack_int4, quantized_layers, unpack_int4
 from lmforge.run_folder import load_tensors
 from lmforge.train.trainer import TrainConfig
 

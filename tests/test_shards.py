@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from lmforge.cli import app, main
 from lmforge.data import shards
-from lmforge.data.batches import LMWindows, split_tokens, token_cache
-from lmforge.data.shards import ShardedTokens, prepare_shards
+from lmforge.data.shards import prepare_shards
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import LMWindows, ShardedTokens, read_index, split_tokens, token_cache
 from lmforge.errors import UserError
 
 SHARD_TOKENS = 500
@@ -49,7 +49,7 @@ def cached(corpus, split, tokenizer, root):
 def test_shards_hold_exactly_the_token_cache_stream(prepared, corpus, tokenizer, tmp_path, split):
     tokens = ShardedTokens(prepared, split, tokenizer, verify=True)
     expected = cached(corpus, split, tokenizer, tmp_path)
-    entry = shards.read_index(prepared)["splits"][split]
+    entry = read_index(prepared)["splits"][split]
     assert len(tokens) == len(expected) == entry["tokens"] > SHARD_TOKENS
     assert np.array_equal(tokens[:], expected)
     assert entry["documents"] == (expected == tokenizer.bos_id).sum() == (expected == tokenizer.eos_id).sum()
@@ -147,7 +147,7 @@ def test_cli_prepares_and_errors_are_one_line(corpus, tokenizer, tmp_path, monke
     arguments = ["data", "prepare", "--data", str(corpus), "--tokenizer", str(tmp_path / "tok")]
     result = CliRunner().invoke(app, [*arguments, "--out", str(tmp_path / "out"), "--shard-tokens", "1000"])
     assert result.exit_code == 0, result.output
-    index = shards.read_index(tmp_path / "out")
+    index = read_index(tmp_path / "out")
     shard_count = sum(len(entry["shards"]) for entry in index["splits"].values())
     assert result.stdout.startswith(f"{shard_count} shards, {sum(e['tokens'] for e in index['splits'].values()):,}")
     assert " documents, " in result.output and " MB in " in result.stdout

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from lmforge.data import batches
-from lmforge.data.batches import LMWindows, token_cache
+from lmforge.data import tokens
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import LMWindows, token_cache
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_cache_is_built_once_and_reused(tmp_path, tokenizer, monkeypatch):
     def no_encoding(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(batches, "_encoded_documents", no_encoding)
+    monkeypatch.setattr(tokens, "_encoded_documents", no_encoding)
     assert np.array_equal(token_cache(str(corpus), "train", tokenizer, root=tmp_path, progress=False), first)
     # A different split or a changed file is a different cache entry.
     corpus.write_text("另一段文字。\n" * 300, encoding="utf-8")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data.batches import LMWindows
+from lmforge.data.tokens import LMWindows
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.train.checkpoint import latest_checkpoint
 from lmforge.train.objectives import causal_lm_loss

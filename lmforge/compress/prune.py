@@ -21,19 +21,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.data.batches import LMWindows, token_cache
+from lmforge.compress import check_folders
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.device import pick_device
+from lmforge.data.tokens import LMWindows, lm_windows
+from lmforge.device import autocast_dtype, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_lm
 from lmforge.models import load_model, save_model
-from lmforge.run_folder import atomic_write_bytes, read_json, write_json
+from lmforge.models.decoder import Decoder
+from lmforge.run_folder import RunFolder, write_json
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainConfig, train
 
 SCOPES = {"layer": "the same sparsity in every layer", "global": "the smallest weights of all layers together"}
 KEEP_DENSE = ("lm_head",)
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def prune_targets(model: nn.Module) -> dict[str, nn.Linear]:
@@ -98,6 +99,7 @@ def recover(
     """Fine-tune a pruned model on next-token prediction with its masks fixed; the trainer's metric records.
 
     The run starts and ends with a validation pass, so the records hold the loss before and after.
+    Validation runs under the same autocast as training (bf16 on CUDA with precision "auto").
     """
     handles = [
         model.get_submodule(name).weight.register_hook(lambda gradient, keep=keep: gradient * keep)
@@ -109,6 +111,7 @@ def recover(
         token_bytes=token_bytes,
         batch_size=config.batch_size,
         max_windows=config.eval_windows,
+        autocast_dtype=autocast_dtype(next(model.parameters()).device, config.precision),
     )
     batches = functools.partial(train_windows.training_batch, batch_size=config.batch_size)
     try:
@@ -116,6 +119,41 @@ def recover(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _recover_run(
+    model: nn.Module, masks: dict[str, torch.Tensor], model_dir: Path, out: Path, data: str, steps: int,
+    lr: float, batch_size: int, eval_windows: int, progress: bool,
+) -> dict:  # fmt: skip
+    """Recovery fine-tuning of a pruned decoder on `data` into `out`; the validation loss before and after."""
+    if not isinstance(model, Decoder):
+        raise UserError("recovery fine-tuning is for decoders (next-token prediction); prune without it")
+    tokenizer = Tokenizer.load(model_dir)
+    context = model.config.max_position_embeddings
+    train_windows = lm_windows(data, "train", tokenizer, context, progress=progress)
+    valid_windows = lm_windows(data, "valid", tokenizer, context, progress=progress)
+    if len(train_windows) == 0 or len(valid_windows) == 0:
+        raise UserError(f"{data} is too small for recovery: each split needs more than {context} tokens")
+    config = TrainConfig(
+        max_steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        eval_every=0,
+        eval_windows=eval_windows,
+        save_every=steps,
+        keep_last=1,
+    )
+    started = time.perf_counter()
+    records = recover(model, masks, train_windows, valid_windows, tokenizer.token_bytes(), config, out, progress)
+    validations = [record["valid_loss"] for record in records if "valid_loss" in record]
+    # The trainer's checkpoint would resume a recovery nobody can ask to resume: only the result is kept.
+    shutil.rmtree(RunFolder(out).checkpoints, ignore_errors=True)
+    return {
+        "valid_loss_before": validations[0],
+        "valid_loss_after": validations[-1],
+        "minutes": (time.perf_counter() - started) / 60,
+    }
 
 
 def prune_run(
@@ -137,12 +175,7 @@ def prune_run(
     and with recovery "valid_loss_before" / "valid_loss_after" and "minutes"}.
     """
     model_dir, out = Path(model_dir), Path(out)
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} is not a model folder: it has no config.json")
-    if read_json(model_dir / "config.json").get("quantization"):
-        raise UserError(f"{model_dir} is quantized; prune its float run folder (then quantize the result)")
-    if out.resolve() == model_dir.resolve():
-        raise UserError("--out must be a new folder, not the model folder itself")
+    check_folders(model_dir, out, "is quantized; prune its float run folder (then quantize the result)")
     if recover_steps < 0:
         raise UserError(f"--recover-steps must be >= 0, not {recover_steps}")
     model = load_model(model_dir, pick_device(device))
@@ -151,34 +184,9 @@ def prune_run(
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
     if recover_steps:
-        if not hasattr(model, "new_cache"):
-            raise UserError("recovery fine-tuning is for decoders (next-token prediction); prune without it")
-        tokenizer = Tokenizer.load(model_dir)
-        context = model.config.max_position_embeddings
-        train_windows = LMWindows(token_cache(data, "train", tokenizer, progress=progress), context)
-        valid_windows = LMWindows(token_cache(data, "valid", tokenizer, progress=progress), context)
-        if len(train_windows) == 0 or len(valid_windows) == 0:
-            raise UserError(f"{data} is too small for recovery: each split needs more than {context} tokens")
-        config = TrainConfig(
-            max_steps=recover_steps,
-            batch_size=batch_size,
-            lr=recover_lr,
-            warmup_steps=max(1, recover_steps // 10),
-            eval_every=0,
-            eval_windows=eval_windows,
-            save_every=recover_steps,
-            keep_last=1,
+        summary = _recover_run(
+            model, masks, model_dir, out, data, recover_steps, recover_lr, batch_size, eval_windows, progress
         )
-        started = time.perf_counter()
-        records = recover(model, masks, train_windows, valid_windows, tokenizer.token_bytes(), config, out, progress)
-        validations = [record["valid_loss"] for record in records if "valid_loss" in record]
-        summary.update(
-            valid_loss_before=validations[0],
-            valid_loss_after=validations[-1],
-            minutes=(time.perf_counter() - started) / 60,
-        )
-        # The trainer's checkpoint would resume a recovery nobody can ask to resume: only the result is kept.
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     model.cpu()
     per_layer = sparsity_of(model, masks)
     zeros = sum((model.get_submodule(name).weight == 0).sum().item() for name in masks)
@@ -186,9 +194,7 @@ def prune_run(
     if any((model.get_submodule(name).weight[~keep.cpu()] != 0).any() for name, keep in masks.items()):
         raise RuntimeError("a pruned weight changed during recovery")  # the gradient hooks above prevent this
     save_model(out, model)
-    for name in COPIED_FILES:
-        if (model_dir / name).is_file():
-            atomic_write_bytes(out / name, (model_dir / name).read_bytes())
+    RunFolder(out).copy_companions(model_dir)
     summary.update(
         sparsity=zeros / weights,
         layers=len(masks),
@@ -197,7 +203,7 @@ def prune_run(
         per_layer=(min(per_layer.values()), max(per_layer.values())),
     )
     write_json(
-        out / "prune.json",
+        RunFolder(out).prune_summary,
         {"source": str(model_dir), "scope": scope, "target_sparsity": sparsity, "recover_steps": recover_steps,
          "data": data if recover_steps else None, **summary},
     )  # fmt: skip

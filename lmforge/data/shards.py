@@ -10,21 +10,18 @@ written last, records what was read and what came out (token and document
 counts, a SHA-256 per shard), and the tokenizer is saved beside it, so the
 folder alone is enough to train from.
 
-`ShardedTokens` presents one split as a single read-only sequence that maps
-shards only when touched, which is all `LMWindows` needs (`len` and slices).
-
-This module knows files of token ids, not models or training; where windows
-start and in which order they are drawn is `batches.py`'s business.
+Reading a prepared folder back (`ShardedTokens`, `is_prepared`, `read_index`)
+and the windows drawn from it are `data/tokens.py`'s: this module only writes.
+It knows files of token ids, not models or training.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import itertools
 import os
 import re
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -32,21 +29,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data.batches import ENCODE_BATCH, encode_documents, token_dtype
 from lmforge.data.sources import SPLITS, read_records, record_text, source_fingerprint, split_of
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import ENCODE_BATCH, INDEX_FILE, SHARDS_FORMAT, encode_documents, token_dtype
 from lmforge.errors import UserError
-from lmforge.run_folder import read_json, write_json
+from lmforge.run_folder import RunFolder, read_json, write_json
 
-SHARDS_FORMAT = 1
-INDEX_FILE = "index.json"
 # 100M tokens (200 MB as uint16) per shard, the size of the FineWeb shards modded-nanogpt trains from:
 # few enough files for any file system, small enough to copy, checksum and cache one at a time.
 DEFAULT_SHARD_TOKENS = 100_000_000
-# Shards kept mapped at once: random windows touch shards all over a large corpus, and each map holds a descriptor.
-MAX_OPEN_SHARDS = 64
 # The files a prepared folder may hold; anything else means --out is someone else's folder.
-_OWN_FILE = re.compile(r"(index\.json|tokenizer\.json|tokenizer_config\.json|(train|valid|test)_\d{5}\.bin|\..+\.tmp)")
+_OWN_FILE = re.compile(
+    "|".join(map(re.escape, (INDEX_FILE, RunFolder.TOKENIZER, RunFolder.TOKENIZER_CONFIG)))
+    + r"|(train|valid|test)_\d{5}\.bin|\..+\.tmp"
+)
 # What must match for a folder's shards to be the ones asked for.
 _DESCRIPTION_KEYS = (
     "format", "source_fingerprint", "tokenizer", "dtype", "shard_tokens", "valid_fraction", "test_fraction"
@@ -272,109 +268,3 @@ class _ShardWriter:
         self.handle = None
         os.replace(self.temp_path, self.folder / self.name)
         self.shards.append({"file": self.name, "tokens": self.count, "sha256": self.hash.hexdigest()})
-
-
-def is_prepared(source: str | Path) -> bool:
-    """Whether `source` names a folder made by `prepare_shards` (rather than a data file or a built-in corpus)."""
-    return (Path(source) / INDEX_FILE).is_file()
-
-
-def read_index(folder: str | Path) -> dict:
-    """A prepared folder's index, checked to be one this version reads."""
-    index = read_json(Path(folder) / INDEX_FILE)
-    if not isinstance(index, dict) or index.get("format") != SHARDS_FORMAT:
-        found = index.get("format") if isinstance(index, dict) else None
-        raise UserError(
-            f"{folder}/{INDEX_FILE} has shard format {found!r}, this lmforge reads format {SHARDS_FORMAT}; "
-            "prepare the data again with lmforge data prepare --overwrite"
-        )
-    return index
-
-
-class ShardedTokens:
-    """One split of a prepared folder as one read-only token sequence: `len`, `[i]` and `[start:stop]`.
-
-    Shards are memory-mapped when first touched and never concatenated, so
-    opening a split of any size costs a few file stats. Their sizes are checked
-    on opening; their SHA-256s too with `verify=True` (this reads every byte).
-    Give `tokenizer` to refuse shards made by a different one.
-    """
-
-    def __init__(
-        self, folder: str | Path, split: str, tokenizer: Tokenizer | None = None, verify: bool = False
-    ) -> None:
-        self.folder = Path(folder)
-        self.split = split
-        self.index = read_index(self.folder)
-        if tokenizer is not None and tokenizer.fingerprint != self.index["tokenizer"]:
-            raise UserError(
-                f"{self.folder} was prepared with tokenizer {self.index['tokenizer']}, not this one "
-                f"({tokenizer.fingerprint}); train with the tokenizer saved in {self.folder} or prepare the data again"
-            )
-        if split not in self.index["splits"]:
-            raise UserError(f"{self.folder} has no '{split}' split; it has {', '.join(self.index['splits'])}")
-        self.dtype = np.dtype(self.index["dtype"])
-        self.shards = self.index["splits"][split]["shards"]
-        # starts[k] is the position of shard k's first token in the split; starts[-1] is the split's length.
-        self.starts = [0, *itertools.accumulate(shard["tokens"] for shard in self.shards)]
-        for shard in self.shards:
-            self._check(shard, verify)
-        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
-
-    def _check(self, shard: dict, verify: bool) -> None:
-        path = self.folder / shard["file"]
-        again = f"prepare the data again (lmforge data prepare --overwrite --out {self.folder})"
-        if not path.is_file():
-            raise UserError(f"shard {path} is missing; {again}")
-        expected = shard["tokens"] * self.dtype.itemsize
-        if path.stat().st_size != expected:
-            raise UserError(
-                f"shard {path} has {path.stat().st_size:,} bytes, its index says {expected:,} "
-                f"(truncated or overwritten); {again}"
-            )
-        if verify:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while chunk := handle.read(1 << 24):
-                    digest.update(chunk)
-            if digest.hexdigest() != shard["sha256"]:
-                raise UserError(f"shard {path} does not match its SHA-256 in {INDEX_FILE} (corrupted); {again}")
-
-    def __getstate__(self) -> dict:
-        # Another process (a DataLoader worker, a rank) maps the shards itself rather than receiving their bytes.
-        return {**self.__dict__, "_maps": OrderedDict()}
-
-    def __len__(self) -> int:
-        return self.starts[-1]
-
-    def __getitem__(self, key: int | slice) -> np.ndarray:
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            if step != 1:
-                raise IndexError("ShardedTokens slices take no step")
-            return self._range(start, max(start, stop))
-        position = int(key) + len(self) if int(key) < 0 else int(key)
-        if not 0 <= position < len(self):
-            raise IndexError(f"token {key} is outside a split of {len(self)} tokens")
-        return self._range(position, position + 1)[0]
-
-    def _range(self, start: int, stop: int) -> np.ndarray:
-        pieces = []
-        shard = bisect.bisect_right(self.starts, start) - 1
-        while start < stop:
-            offset = self.starts[shard]
-            end = min(stop, self.starts[shard + 1])
-            pieces.append(self._map(shard)[start - offset : end - offset])
-            start, shard = end, shard + 1
-        if len(pieces) == 1:
-            return np.asarray(pieces[0])  # a view of the map: no copy
-        return np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
-
-    def _map(self, shard: int) -> np.memmap:
-        if shard in self._maps:
-            self._maps.move_to_end(shard)
-        else:
-            self._maps[shard] = np.memmap(self.folder / self.shards[shard]["file"], dtype=self.dtype, mode="r")
-            if len(self._maps) > MAX_OPEN_SHARDS:
-                self._maps.popitem(last=False)  # views handed out keep their map alive
-        return self._maps[shard]

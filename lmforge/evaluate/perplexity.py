@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.batches import LMWindows, token_cache
-from lmforge.device import autocast
+from lmforge.data.tokens import LMWindows, lm_windows
+from lmforge.device import autocast, evaluating
 from lmforge.errors import UserError
 
 
@@ -28,7 +28,6 @@ def text_units(token_bytes: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
     return byte_counts, char_counts
 
 
-@torch.no_grad()
 def evaluate_lm(
     model: nn.Module,
     windows: LMWindows,
@@ -38,20 +37,18 @@ def evaluate_lm(
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Loss (nats/token), perplexity, bits per byte and bits per character over the first `max_windows` windows."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     byte_counts, char_counts = text_units(token_bytes)
     total_nll, total_tokens, total_bytes, total_chars = 0.0, 0, 0.0, 0.0
-    for inputs, targets in windows.evaluation_batches(batch_size, max_windows):
-        with autocast(device, autocast_dtype):
-            logits = model(inputs.to(device))
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += targets.numel()
-        total_bytes += byte_counts[targets].sum().item()
-        total_chars += char_counts[targets].sum().item()
-    model.train(was_training)
+    with evaluating(model):
+        for inputs, targets in windows.evaluation_batches(batch_size, max_windows):  # (B, T), (B, T)
+            with autocast(device, autocast_dtype):
+                logits = model(inputs.to(device))  # (B, T, vocab)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+            total_nll += nll.item()
+            total_tokens += targets.numel()
+            total_bytes += byte_counts[targets].sum().item()
+            total_chars += char_counts[targets].sum().item()
     if total_tokens == 0:
         raise ValueError("no evaluation windows: the evaluation split is shorter than one context")
     loss = total_nll / total_tokens
@@ -67,10 +64,10 @@ def evaluate_lm(
 
 
 def evaluate_source(lm, source: str, split: str = "valid", max_windows: int | None = None) -> dict[str, float]:
-    """Evaluate an `LM` on one split of a data source, in windows of the model's full context."""
+    """Evaluate an `LM` on one split of a data source (or a prepared folder), in windows of the model's full context."""
     if split not in ("train", "valid", "test"):
         raise UserError(f"unknown split {split!r}; use train, valid or test")
-    windows = LMWindows(token_cache(source, split, lm.tokenizer), lm.model.config.max_position_embeddings)
+    windows = lm_windows(source, split, lm.tokenizer, lm.model.config.max_position_embeddings)
     if len(windows) == 0:
         raise UserError(f"the {split} split of {source} is shorter than one context window")
     return evaluate_lm(lm.model, windows, lm.tokenizer.token_bytes(), max_windows=max_windows)

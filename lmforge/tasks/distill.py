@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import option, to_dict
-from lmforge.data.batches import LMWindows, token_cache
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import LMWindows, token_cache
 from lmforge.device import autocast_dtype, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_lm, evaluate_source

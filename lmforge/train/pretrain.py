@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from lmforge.config import from_dict, load_yaml, merge, option, to_dict
-from lmforge.data.batches import LMWindows, split_tokens
-from lmforge.data.shards import is_prepared
 from lmforge.data.sources import read_split, record_text
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import LMWindows, is_prepared, split_tokens
 from lmforge.device import autocast_dtype, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_lm
