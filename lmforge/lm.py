@@ -25,8 +25,8 @@ from lmforge.generate.compiled import check_compilable
 from lmforge.generate.decode import stream_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models import load_model
-from lmforge.run_folder import read_json, write_json
-from lmforge.train.lora import ADAPTER_CONFIG, load_adapter, merge_lora
+from lmforge.models.lora import load_adapter, merge_lora
+from lmforge.run_folder import RunFolder, read_json, write_json
 
 GENERATION_FILE = "generation_config.json"
 
@@ -274,8 +274,8 @@ def load(run_dir: str | Path, device: str | None = None, compiled: bool = False)
     loads its base model, named in adapter_config.json, and merges the adapters into it.
     """
     run_dir = Path(run_dir)
-    if not (run_dir / "model.safetensors").is_file() and (run_dir / ADAPTER_CONFIG).is_file():
-        base = read_json(run_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not (run_dir / "model.safetensors").is_file() and (run_dir / RunFolder.ADAPTER_CONFIG).is_file():
+        base = read_json(run_dir / RunFolder.ADAPTER_CONFIG).get("base_model_name_or_path")
         if not base or not (Path(base) / "config.json").is_file():
             raise UserError(f"{run_dir} holds LoRA adapters for {base!r}, which is not a model folder here")
         model = load_model(base, pick_device(device))

@@ -19,9 +19,9 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.models import load_model
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.lora import load_adapter
 from lmforge.tasks import chat
 from lmforge.tasks.examples import TaskData
-from lmforge.train.lora import load_adapter
 from lmforge.train.objectives import chat_sft_loss
 
 CONVERSATION = [

@@ -10,16 +10,9 @@ from torch import nn
 from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.lora import LoRAConfig, LoRALinear, load_adapter, merge_lora
 from lmforge.run_folder import load_tensors, save_tensors
-from lmforge.train.lora import (
-    LoRAConfig,
-    LoRALinear,
-    apply_lora,
-    load_adapter,
-    lora_parameters,
-    merge_lora,
-    save_adapter,
-)
+from lmforge.train.lora import apply_lora, lora_parameters, save_adapter
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainConfig, build_optimizer
 

@@ -32,6 +32,7 @@ from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import LM, load, save_generation_config
 from lmforge.models import load_model, save_model
 from lmforge.models.decoder import Decoder
+from lmforge.models.lora import LoRAConfig, merge_lora
 from lmforge.run_folder import read_json, read_jsonl, write_json
 from lmforge.tasks.examples import (
     ExampleBatches,
@@ -42,7 +43,7 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.train.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora, save_adapter
+from lmforge.train.lora import apply_lora, lora_parameters, save_adapter
 from lmforge.train.objectives import chat_sft_loss
 from lmforge.train.trainer import TrainConfig, train
 
