@@ -17,6 +17,8 @@ from tqdm import tqdm
 from lmforge.config import option
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import choice_logprobs, mcq_accuracy
+from lmforge.lm import load
+from lmforge.models.decoder import Decoder
 from lmforge.tasks.examples import TaskData, describe_split, report_folders, task_records, write_task_report
 
 FIELDS = ("question", "choices", "answer")
@@ -42,11 +44,9 @@ def evaluate_run(
     training_minutes: float | None = None,
     progress: bool = True,
 ) -> dict:
-    import lmforge
-
     model_dir, out_dir = report_folders(model_dir, out_dir)
-    lm = lmforge.load(model_dir)
-    if not hasattr(lm.model, "lm_head") or not hasattr(lm.model, "new_cache"):
+    lm = load(model_dir)
+    if not isinstance(lm.model, Decoder):
         raise UserError(f"{model_dir} is not a decoder-only language model; mcq scores decoders")
     tokenizer, context_length = lm.tokenizer, lm.model.config.max_position_embeddings
     records = task_records(data, split, FIELDS, key_field="question")
