@@ -30,7 +30,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from lmforge.errors import UserError
-from lmforge.run_folder import atomic_write_text, read_json, write_json
+from lmforge.run_folder import RunFolder, atomic_write_text, read_json, write_json
 
 # ids 0..6 in this order; <mask> is for masked-LM pretraining of encoders.
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", "<mask>"]
@@ -167,7 +167,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        path = Path(directory) / "tokenizer.json"
+        path = RunFolder(directory).tokenizer
         if not path.is_file():
             raise UserError(f"missing tokenizer file: {path}")
         try:
@@ -175,7 +175,7 @@ class Tokenizer:
         except Exception as error:  # tokenizers raises a bare Exception for malformed files
             raise UserError(f"cannot read {path}: {error}") from None
         tokenizer = cls(backend)
-        config_path = Path(directory) / "tokenizer_config.json"
+        config_path = RunFolder(directory).tokenizer_config
         if config_path.is_file():
             template = read_json(config_path).get("chat_template")
             tokenizer.chat_template = template if isinstance(template, str) else None
@@ -201,8 +201,8 @@ class Tokenizer:
         `model_max_length` is the model's context length; the tokenizer does not
         know it, so it is written only when the caller passes it.
         """
-        directory = Path(directory)
-        atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
+        folder = RunFolder(directory)
+        atomic_write_text(folder.tokenizer, self.backend.to_str())
         # The tokens' own names: an imported tokenizer calls its roles <s>, [CLS], <|endoftext|>...
         token = self.backend.id_to_token
         config = {
@@ -224,7 +224,7 @@ class Tokenizer:
             config["model_max_length"] = model_max_length
         if chat_template or self.chat_template:
             config["chat_template"] = chat_template or self.chat_template
-        write_json(directory / "tokenizer_config.json", config)
+        write_json(folder.tokenizer_config, config)
 
     @property
     def fingerprint(self) -> str:

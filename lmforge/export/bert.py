@@ -18,7 +18,7 @@ from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models import read_model_config
 from lmforge.models.encoder import Encoder, EncoderConfig, Head
-from lmforge.run_folder import load_tensors, read_json, refuse_pickle_weights
+from lmforge.run_folder import RunFolder, load_tensors, read_json, refuse_pickle_weights
 
 # BertConfig's defaults, for config.json files that leave a key out (transformers reads them the same way).
 BERT_DEFAULTS = {
@@ -68,7 +68,7 @@ OUR_HEAD_PREFIXES = ("mlm_head.", "classification_head.", "span_head.")
 
 def read_bert_config(folder: str | Path) -> EncoderConfig:
     """`folder/config.json` of a Hugging Face BERT model -> the EncoderConfig of the same network (head "none")."""
-    path = Path(folder) / "config.json"
+    path = RunFolder(folder).config
     values = {**BERT_DEFAULTS, **read_json(path)}
     if values.get("model_type") != "bert":
         raise UserError(f"{path}: model_type is {values.get('model_type')!r}; only 'bert' folders can be imported")
@@ -143,7 +143,7 @@ def load_bert(
 ) -> Encoder:
     """A Hugging Face BERT folder -> our Encoder with `head`; head weights it lacks keep their random init."""
     folder = Path(folder)
-    weights = folder / "model.safetensors"
+    weights = RunFolder(folder).weights
     if not weights.is_file():
         refuse_pickle_weights(folder, "BertForMaskedLM")
     model = Encoder(with_head(read_bert_config(folder), head, num_labels, pooling))
@@ -159,10 +159,10 @@ def load_encoder(
     The backbone always loads; the folder's head loads only where it is the requested head with the same shape,
     so an MLM-pretrained encoder becomes a classifier with a fresh classification head.
     """
-    folder = Path(folder)
-    if read_json(folder / "config.json").get("family") != "encoder":
+    run = RunFolder(folder)
+    if run.read_config().get("family") != "encoder":
         return load_bert(folder, head, num_labels, pooling)
     config, _ = read_model_config(folder)
     model = Encoder(with_head(config, head, num_labels, pooling))
-    load_backbone(model, load_tensors(folder / "model.safetensors"), str(folder))
+    load_backbone(model, run.read_weights(), str(folder))
     return model.eval()

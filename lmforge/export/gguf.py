@@ -25,6 +25,7 @@ from lmforge.data.chat import chat_template
 from lmforge.data.tokenizer import LLAMA_CPP_PRE_TOKENIZER, QWEN2_SPLIT_PATTERN, Tokenizer
 from lmforge.errors import UserError
 from lmforge.export.hf import to_llama_state
+from lmforge.lm import load
 from lmforge.models import family_of, model_state
 from lmforge.models.decoder import Decoder, DecoderConfig
 
@@ -182,15 +183,13 @@ def _write_atomically(writer, path: Path) -> None:
 
 def export(model_dir: str | Path, out: str | Path, quant: str = "f16") -> Path:
     """Write the decoder in `model_dir` (a run folder, or LoRA adapters over one) to the GGUF file `out`."""
-    import lmforge
-
     gguf = _import_gguf()
     if quant not in QUANTS:
         raise UserError(f"unknown GGUF quantization {quant!r}; known: {', '.join(QUANTS)}")
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out is a folder: {out}; GGUF export writes one file, e.g. {out / 'model.gguf'}")
-    lm = lmforge.load(model_dir, device="cpu")
+    lm = load(model_dir, device="cpu")
     if not isinstance(lm.model, Decoder):
         raise UserError(f"GGUF export is for decoder run folders; {model_dir} holds the {family_of(lm.model)} family")
     config = lm.model.config

@@ -21,16 +21,16 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.export.bert import from_bert_state, load_backbone, read_bert_config, with_head
 from lmforge.generate.sampling import SamplingConfig
-from lmforge.lm import GENERATION_FILE, load, save_generation_config
+from lmforge.lm import load, save_generation_config
 from lmforge.models import model_state, save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder
 from lmforge.run_folder import (
+    RunFolder,
     atomic_write_bytes,
     load_tensors,
     read_json,
     refuse_pickle_weights,
-    save_tensors,
     write_json,
 )
 
@@ -113,8 +113,8 @@ def hf_generation_config(sampling: SamplingConfig, tokenizer: Tokenizer) -> dict
 def export(model_dir: str | Path, out: str | Path) -> Path:
     """Write a decoder run folder (LoRA adapters merged) as a Hugging Face folder that `transformers` loads as is."""
     model_dir, out = Path(model_dir), Path(out)
-    config_path = model_dir / "config.json"
-    family = read_json(config_path).get("family", "decoder") if config_path.is_file() else "decoder"
+    source = RunFolder(model_dir)
+    family = source.read_config().get("family", "decoder") if source.has_model() else "decoder"
     if family != "decoder":
         raise UserError(f"{model_dir} holds a {family!r} model; --format hf exports decoders (language models) only")
     require_empty(out)
@@ -124,23 +124,25 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
         template = chat_template(tokenizer)
     except UserError:  # a tokenizer without chat markers exports without a template
         template = None
-    save_tensors(out / "model.safetensors", to_llama_state(model_state(model)), metadata={"format": "pt"})
+    hf_folder = RunFolder(out)
+    hf_folder.write_weights(to_llama_state(model_state(model)))
     tokenizer.save(out, model_max_length=model.config.max_position_embeddings, chat_template=template)
-    write_json(out / GENERATION_FILE, hf_generation_config(lm.defaults, tokenizer))
+    write_json(hf_folder.generation, hf_generation_config(lm.defaults, tokenizer))
     # Last: a folder without config.json is plainly an unfinished export.
-    write_json(out / "config.json", hf_config(model.config, tokenizer, model.embed_tokens.weight.dtype))
+    hf_folder.write_config(hf_config(model.config, tokenizer, model.embed_tokens.weight.dtype))
     return out
 
 
 def import_folder(folder: str | Path, out: str | Path) -> str:
     """Bring a Hugging Face Llama, Qwen2 or BERT folder into a new run folder `out`; returns our family name."""
     folder, out = Path(folder), Path(out)
-    if not (folder / "config.json").is_file():
+    hf_folder = RunFolder(folder)
+    if not hf_folder.has_model():
         raise UserError(
             f"{folder} is not a Hugging Face model folder (no config.json); download one first, "
             f"e.g. hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir {folder}"
         )
-    values = read_json(folder / "config.json")
+    values = hf_folder.read_config()
     model_type = values.get("model_type")
     architectures = values.get("architectures") or []
     require_empty(out)
@@ -152,7 +154,7 @@ def import_folder(folder: str | Path, out: str | Path) -> str:
             f"{folder} holds {', '.join(architectures) or model_type!r}; lmforge imports Llama and Qwen2 language "
             f"models ({', '.join(DECODER_TYPES.values())}) and BERT encoders"
         )
-    config = read_decoder_config(folder / "config.json", values)
+    config = read_decoder_config(hf_folder.config, values)
     tensors = from_llama_state(read_weights(folder))
     # Buffers older transformers versions saved, and a tied output layer some checkpoints store twice.
     tensors = {
@@ -164,14 +166,13 @@ def import_folder(folder: str | Path, out: str | Path) -> str:
     tokenizer = Tokenizer.from_str(tokenizer_json, tokenizer_config.get("chat_template"))
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids, the model only {config.vocab_size}")
-    sampling = sampling_from_hf(folder / GENERATION_FILE)
+    sampling = sampling_from_hf(hf_folder.generation)
     with torch.device("meta"):  # shapes and names only: the weights are the checkpoint's own tensors
         model = Decoder(config)
     check_fit(model, tensors, str(folder))
     model.load_state_dict(tensors, strict=False, assign=True)  # keeps the checkpoint's dtype (bf16 stays bf16)
     save_model(out, model)
-    atomic_write_bytes(out / "tokenizer.json", tokenizer_json.encode("utf-8"))
-    write_json(out / "tokenizer_config.json", tokenizer_config)
+    write_tokenizer_files(out, tokenizer_json, tokenizer_config)
     save_generation_config(out, sampling, tokenizer)
     return "decoder"
 
@@ -186,8 +187,7 @@ def import_bert(folder: Path, out: Path) -> None:
     tokenizer_json, tokenizer_config = read_tokenizer_files(folder)
     Tokenizer.from_str(tokenizer_json)  # [PAD] [CLS] [SEP] [UNK] are there
     save_model(out, model.eval())
-    atomic_write_bytes(out / "tokenizer.json", tokenizer_json.encode("utf-8"))
-    write_json(out / "tokenizer_config.json", tokenizer_config)
+    write_tokenizer_files(out, tokenizer_json, tokenizer_config)
 
 
 def read_decoder_config(path: Path, values: dict[str, Any]) -> DecoderConfig:
@@ -242,7 +242,7 @@ def read_decoder_config(path: Path, values: dict[str, Any]) -> DecoderConfig:
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a Hugging Face folder: model.safetensors, or the shards model.safetensors.index.json names."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    single, index = RunFolder(folder).weights, RunFolder(folder).weights_index
     if single.is_file():
         return load_tensors(single)
     if index.is_file():
@@ -260,13 +260,13 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def read_tokenizer_files(folder: Path) -> tuple[str, dict[str, Any]]:
     """(tokenizer.json text, tokenizer_config.json with the chat template in it)."""
-    path = folder / "tokenizer.json"
+    path = RunFolder(folder).tokenizer
     if not path.is_file():
         raise UserError(
             f"{folder} has no tokenizer.json; in a trusted environment, write it with transformers: "
             "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
         )
-    config_path = folder / "tokenizer_config.json"
+    config_path = RunFolder(folder).tokenizer_config
     config = read_json(config_path) if config_path.is_file() else {}
     # Recent transformers versions save the template beside the config; some configs list several by name.
     template_path = folder / "chat_template.jinja"
@@ -276,6 +276,12 @@ def read_tokenizer_files(folder: Path) -> tuple[str, dict[str, Any]]:
         named = {entry.get("name"): entry.get("template") for entry in config["chat_template"]}
         config["chat_template"] = named.get("default")
     return path.read_text(encoding="utf-8"), config
+
+
+def write_tokenizer_files(out: Path, tokenizer_json: str, tokenizer_config: dict[str, Any]) -> None:
+    """The tokenizer files of an imported folder, copied as they are (its chat template included)."""
+    atomic_write_bytes(RunFolder(out).tokenizer, tokenizer_json.encode("utf-8"))
+    write_json(RunFolder(out).tokenizer_config, tokenizer_config)
 
 
 def sampling_from_hf(path: Path) -> SamplingConfig:

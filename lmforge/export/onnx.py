@@ -30,14 +30,15 @@ import torch
 from torch import nn
 
 from lmforge.errors import UserError
+from lmforge.lm import load
 from lmforge.models import family_of
 from lmforge.models.decoder import Decoder
 from lmforge.models.encoder import Encoder
-from lmforge.run_folder import atomic_write_bytes
+from lmforge.run_folder import RunFolder, atomic_write_bytes
 
 MODEL_FILE = "model.onnx"
 # Copied next to model.onnx so the folder is all a runtime needs.
-COMPANION_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+COMPANION_FILES = (RunFolder.CONFIG, *RunFolder.COMPANIONS)
 ENCODER_OUTPUTS = {"none": "last_hidden_state", "mlm": "logits", "classify": "logits", "span": "logits"}
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for a model with its weights inside
 
@@ -141,15 +142,13 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes: dict, input_names: l
 
 def export(model_dir: str | Path, out: str | Path) -> Path:
     """Write `out/model.onnx` for the decoder or encoder in `model_dir`, with its config and tokenizer beside it."""
-    import lmforge
-
     missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"ONNX export needs {' and '.join(missing)}: pip install {' '.join(missing)}")
     model_dir, out = Path(model_dir), Path(out)
     if out.is_file():
         raise UserError(f"--out is a file: {out}; ONNX export writes a folder (model.onnx, config, tokenizer)")
-    model = lmforge.load(model_dir, device="cpu").model.float()
+    model = load(model_dir, device="cpu").model.float()
     if sum(parameter.numel() * 4 for parameter in model.parameters()) > MAX_PROTO_BYTES:
         raise UserError("the model is over 2 GB in float32, more than one ONNX file holds with its weights inside")
     if isinstance(model, Decoder):
