@@ -43,12 +43,13 @@ class DecoderConfig:
     initializer_range: float = option(0.02, "std of the normal weight init")
 
     def __post_init__(self) -> None:
-        if self.num_kv_heads is None:
+        if self.num_kv_heads is None:  # plain multi-head attention: one key/value head per query head
             self.num_kv_heads = self.num_heads
         require_positive(
             self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
         )
         require_divisible(self, "hidden_size", "num_heads")
+        # GQA (https://arxiv.org/abs/2305.13245): each key/value head serves num_heads / num_kv_heads query heads.
         require_divisible(self, "num_heads", "num_kv_heads")
 
     @property
@@ -67,21 +68,28 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, rotary, mask, is_causal, cache, layer_index):
+        # x: (B, T, hidden) throughout; normalising the branch input, not the residual stream, is what keeps
+        # deep pre-norm stacks trainable without warm-up tricks (https://arxiv.org/abs/2002.04745).
         x = x + self.self_attn(self.input_layernorm(x), rotary, mask, is_causal, cache, layer_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab): embed, `num_layers` blocks, final norm, output layer."""
+
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)  # weight (vocab, hidden)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)  # pre-norm blocks leave the stream unnormalised
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # weight (vocab, hidden)
+        # One cos/sin table for all layers (no parameters): positions enter only through the rotation of q and k.
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
         self.apply(self._init_weights)
         if config.tie_word_embeddings:
+            # One (vocab, hidden) matrix for input and output (https://arxiv.org/abs/1608.05859): for a small model
+            # the embedding is a large share of all parameters.
             self.lm_head.weight = self.embed_tokens.weight
         # NOTE: GPT-2's scaled init (https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf)
         # for the projections that write into the residual stream keeps its variance flat with depth.
@@ -104,6 +112,7 @@ class Decoder(nn.Module):
         return sum(parameter.numel() for parameter in self.parameters())  # tied weights count once
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
+        # Keys and values per layer, (B, num_kv_heads, max_length, head_dim): GQA shrinks the cache, not just compute.
         config = self.config
         return KVCache(
             config.num_layers,
@@ -130,17 +139,20 @@ class Decoder(nn.Module):
         past_length = cache.length if cache is not None else 0
         length = input_ids.shape[1]
         if segment_ids is not None:
+            # Packed rows: a block-diagonal causal mask, and positions restart at 0 in each document.
             mask, position_ids = packed_attention(segment_ids)
             is_causal = False
         else:
+            # No padding: mask None and is_causal True, which lets SDPA pick its fused causal kernels.
             mask, is_causal = attention_mask_for(attention_mask, length, past_length)
-            position_ids = position_ids_for(attention_mask, length, past_length, input_ids.device)
+            # Left-padded rows count positions from their first real token, so padding does not shift them.
+            position_ids = position_ids_for(attention_mask, length, past_length, input_ids.device)  # (B, T) or (T,)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        rotary = self.rotary(position_ids, x.dtype)
+        rotary = self.rotary(position_ids, x.dtype)  # cos, sin: (B, T, 1, head_dim) or (T, 1, head_dim)
         for index, layer in enumerate(self.layers):
-            x = layer(x, rotary, mask, is_causal, cache, index)
+            x = layer(x, rotary, mask, is_causal, cache, index)  # (B, T, hidden)
         if cache is not None:
-            cache.advance(length)
+            cache.advance(length)  # after all layers: each wrote its keys and values at the same offset
         return self.norm(x)
 
     def forward(
@@ -158,12 +170,12 @@ class Decoder(nn.Module):
         the output layer so the (tokens x vocab) logits never exist in full. Training goes through forward,
         as DDP and FSDP need it to.
         """
-        hidden = self.hidden_states(input_ids, attention_mask, cache, segment_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, cache, segment_ids)  # (B, T, hidden)
         if targets is not None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets)  # scalar
         if last_only:
-            hidden = hidden[:, -1:]
-        return self.lm_head(hidden)
+            hidden = hidden[:, -1:]  # (B, 1, hidden): a long prompt's (T, vocab) logits would be thrown away
+        return self.lm_head(hidden)  # (B, T or 1, vocab)
 
     def decode_step(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, cache: StaticKVCache
@@ -176,7 +188,8 @@ class Decoder(nn.Module):
         """
         x = self.embed_tokens(input_ids)  # (B, 1, hidden)
         rotary = self.rotary(position_ids, x.dtype)
-        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and the one query
         for index, layer in enumerate(self.layers):
-            x = layer(x, rotary, mask, False, cache, index)
-        return self.lm_head(self.norm(x))[:, -1]
+            # NOTE: an explicit mask, never is_causal: the static cache holds unwritten columns past this step.
+            x = layer(x, rotary, mask, False, cache, index)  # (B, 1, hidden)
+        return self.lm_head(self.norm(x))[:, -1]  # (B, vocab)

@@ -72,8 +72,9 @@ class Embeddings(nn.Module):
     ) -> torch.Tensor:
         x = self.word_embeddings(input_ids)  # (B, T, hidden)
         if self.position_embeddings is not None:
-            x = x + self.position_embeddings(position_ids)
+            x = x + self.position_embeddings(position_ids)  # (T, hidden), broadcast over the batch
         if self.token_type_embeddings is not None:
+            # Sentence A / B ids (B, T); without them every token is sentence A, as in BERT.
             x = x + self.token_type_embeddings(
                 token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
             )
@@ -97,6 +98,8 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary, mask: torch.Tensor | None) -> torch.Tensor:
+        # x: (B, T, hidden) in and out; mask (B, 1, 1, T) keeps padding keys out, no causal mask: every token
+        # sees the whole sentence, which is what makes the encoder bidirectional.
         if self.pre_norm:
             x = x + self.dropout(self.self_attn(self.attention_norm(x), rotary, mask))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
@@ -114,6 +117,7 @@ class MaskedLMHead(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # (B, T, hidden) -> (B, T, vocab); `decoder` is BERT's name for this output projection, kept for its weights.
         return self.decoder(self.norm(nn.functional.gelu(self.dense(hidden))))
 
 
@@ -131,14 +135,17 @@ class ClassificationHead(nn.Module):
         if self.pooling == "cls":
             pooled = hidden[:, 0]  # (B, hidden)
         elif attention_mask is None:
-            pooled = hidden.mean(dim=1)
+            pooled = hidden.mean(dim=1)  # (B, hidden)
         else:
+            # Padding must not dilute the mean: sum the real tokens only and divide by their count.
             weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)  # (B, hidden)
         return self.classifier(self.dropout(torch.tanh(self.pooler(pooled))))  # (B, num_labels)
 
 
 class Encoder(nn.Module):
+    """Token ids (B, T) and a padding mask -> hidden states (B, T, hidden), then the one head `config.head` picks."""
+
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.config = config
@@ -151,11 +158,13 @@ class Encoder(nn.Module):
             if config.position == "rotary"
             else None
         )
+        # The head is chosen here, once: forward then returns what the head that exists gives.
         self.mlm_head = MaskedLMHead(config) if config.head == "mlm" else None
         self.classification_head = ClassificationHead(config) if config.head == "classify" else None
-        self.span_head = nn.Linear(config.hidden_size, 2) if config.head == "span" else None
+        self.span_head = nn.Linear(config.hidden_size, 2) if config.head == "span" else None  # start, end logits
         self.apply(self._init_weights)
         if self.mlm_head is not None:
+            # Tied as in BERT: predicting a token reuses the vector that embeds it.
             self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -182,12 +191,12 @@ class Encoder(nn.Module):
 
         Right padding is expected (positions count from the first column, as in BERT).
         """
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, hidden)
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
-        mask = padding_mask_for(attention_mask)
+        mask = padding_mask_for(attention_mask)  # (B, 1, 1, T) bool, or None without an attention mask
         for layer in self.layers:
-            x = layer(x, rotary, mask)
+            x = layer(x, rotary, mask)  # (B, T, hidden)
         return self.final_norm(x) if self.final_norm is not None else x
 
     def forward(
@@ -204,7 +213,8 @@ class Encoder(nn.Module):
         if self.classification_head is not None:
             return self.classification_head(hidden, attention_mask)
         if self.span_head is not None:
-            logits = self.span_head(hidden)
+            logits = self.span_head(hidden)  # (B, T, 2)
+            # Padding positions can never be picked as an answer start or end.
             if attention_mask is not None:
                 logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), float("-inf"))
             return logits

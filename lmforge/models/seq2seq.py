@@ -110,6 +110,7 @@ class Seq2SeqDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotary, mask, is_causal, cache, layer_index, context_kv, source_mask) -> torch.Tensor:
+        # x: (B, T, hidden) in and out; context_kv: this layer's source keys and values, each (B, H, S, head_dim).
         # NOTE: no rotation in cross-attention: a target position relative to a source position means nothing.
         if self.pre_norm:
             x = x + self.dropout(self.self_attn(self.attention_norm(x), rotary, mask, is_causal, cache, layer_index))
@@ -124,6 +125,8 @@ class Seq2SeqDecoderLayer(nn.Module):
 
 
 class Seq2Seq(nn.Module):
+    """Source ids (B, S) -> memory (B, S, hidden) once; decoder ids (B, T) over that memory -> logits (B, T, vocab)."""
+
     def __init__(self, config: Seq2SeqConfig) -> None:
         super().__init__()
         self.config = config
@@ -146,6 +149,8 @@ class Seq2Seq(nn.Module):
             else None
         )
         self.apply(self._init_weights)
+        # One (vocab, hidden) table for source tokens, target tokens and the output layer: both sides share a
+        # tokenizer, and the tied output layer is what lets a source word's vector predict that word.
         shared = self.encoder.embeddings.word_embeddings.weight
         self.decoder_embeddings.word_embeddings.weight = shared
         self.lm_head.weight = shared
@@ -167,6 +172,7 @@ class Seq2Seq(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None) -> KVCache:
         """Cache for the decoder's self-attention; cross-attention keys and values come from `cross_kv`."""
+        # (B, num_heads, max_length, head_dim) per decoder layer: no grouped-query attention on this side.
         weight = self.lm_head.weight
         config = self.config
         return KVCache(
@@ -190,6 +196,8 @@ class Seq2Seq(nn.Module):
 
     def cross_kv(self, memory: torch.Tensor, source_ids: torch.Tensor | None = None) -> CrossKV:
         """Each decoder layer's cross-attention keys and values of `memory`, computed once per source."""
+        # Projected once, not at every decoding step: the source does not change while the target grows.
+        # Per layer: keys and values, each (B, H, S, head_dim).
         memory_kv = [layer.cross_attn.project_context(memory) for layer in self.decoder_layers]
         if self.copy_keys is not None:
             if source_ids is None:
@@ -220,15 +228,16 @@ class Seq2Seq(nn.Module):
             )
         mask, is_causal = attention_mask_for(decoder_attention_mask, length, past_length)
         cross_mask = padding_mask_for(source_mask)  # (B, 1, 1, S)
-        position_ids = torch.arange(past_length, past_length + length, device=decoder_input_ids.device)
+        # Right-padded targets: every row's positions are the same, so one (T,) range serves the batch.
+        position_ids = torch.arange(past_length, past_length + length, device=decoder_input_ids.device)  # (T,)
         x = self.decoder_embeddings(decoder_input_ids, position_ids)  # (B, T, hidden)
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         for index, layer in enumerate(self.decoder_layers):
-            x = layer(x, rotary, mask, is_causal, cache, index, memory_kv[index], cross_mask)
+            x = layer(x, rotary, mask, is_causal, cache, index, memory_kv[index], cross_mask)  # (B, T, hidden)
         if cache is not None:
-            cache.advance(length)
+            cache.advance(length)  # after all layers: each wrote its keys and values at the same offset
         hidden = self.decoder_norm(x) if self.decoder_norm is not None else x
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden)  # (B, T, vocab)
         if self.copy_keys is None:
             return logits
         return self._copy_log_probs(hidden, logits, memory_kv[-1], source_mask)
@@ -241,13 +250,15 @@ class Seq2Seq(nn.Module):
         keys, source_ids = pointer  # (B, S, hidden), (B, S)
         scores = hidden @ keys.transpose(1, 2) / hidden.shape[-1] ** 0.5  # (B, T, S)
         if source_mask is not None:
-            scores = scores.masked_fill(~source_mask[:, None, :].bool(), float("-inf"))
-        attention = scores.float().softmax(dim=-1)
-        generate = torch.sigmoid(self.copy_gate(hidden).float())  # (B, T, 1)
-        probabilities = logits.float().softmax(dim=-1) * generate
+            scores = scores.masked_fill(~source_mask[:, None, :].bool(), float("-inf"))  # padding is never copied
+        # In float32 whatever the autocast: the mixture is summed in probability space, where bf16 loses small terms.
+        attention = scores.float().softmax(dim=-1)  # (B, T, S)
+        generate = torch.sigmoid(self.copy_gate(hidden).float())  # (B, T, 1): g, the share of the vocabulary
+        probabilities = logits.float().softmax(dim=-1) * generate  # (B, T, vocab)
+        # A source token's attention goes to its id; a word appearing twice in the source collects both shares.
         ids = source_ids[:, None, :].expand(-1, hidden.shape[1], -1)  # (B, T, S)
         probabilities = probabilities.scatter_add(-1, ids, attention * (1 - generate))
-        return probabilities.clamp_min(1e-20).log()
+        return probabilities.clamp_min(1e-20).log()  # floor: a zero probability would give -inf and NaN gradients
 
     def forward(
         self,
