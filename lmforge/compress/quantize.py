@@ -22,7 +22,6 @@ from lmforge.models.quantized import (
     Int4Linear,
     Int8Linear,
     quantized_layers,
-    replace_module,
     tied_embeddings,
 )
 from lmforge.run_folder import RunFolder
@@ -68,7 +67,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 32, exclude:
                 layer = Int4Linear.from_linear(linear, group_size)
             else:
                 layer = Int8Linear.from_linear(linear, dynamic_activations=method == "int8-dynamic")
-            replace_module(model, name, layer)
+            model.set_submodule(name, layer)
         for name, source in embeddings.items():
             model.get_parameter(source).copy_(model.get_submodule(name).dequantize())
     return {"method": method, "group_size": group_size if method == "int4" else None, "modules": list(targets)}

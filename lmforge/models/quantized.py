@@ -253,12 +253,6 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, (Int8Linear, Int4Linear))}
 
 
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` where the submodule called `name` (dotted) is."""
-    parent_name, _, attribute = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), attribute, module)
-
-
 def tied_embeddings(model: nn.Module, modules: Sequence[str]) -> dict[str, str]:
     """{quantized module: the embedding weight it is tied to}: stored once, as the quantized layer."""
     tied = model.tied_weights
@@ -292,7 +286,7 @@ def prepare_quantized(
             linear = model.get_submodule(name)
             if not isinstance(linear, nn.Linear):
                 raise UserError(f"{where}/config.json: quantized module {name} is not a linear layer of this model")
-            replace_module(model, name, _empty_layer(method, linear, entry.get("group_size")))
+            model.set_submodule(name, _empty_layer(method, linear, entry.get("group_size")))
     except AttributeError:
         raise UserError(f"{where}/config.json names quantized modules this model does not have") from None
     except ValueError as error:
