@@ -1,11 +1,18 @@
-"""Token cache and LM windows: encoded once, every window once per epoch, batches a pure function of the step."""
+"""Token cache and LM windows: encoded once, every window once per epoch, batches a pure function of the step;
+a prepared shard folder gives the same windows, and the same perplexity, as the source it was made from."""
 
 import numpy as np
 import pytest
+import torch
 
+import lmforge
 from lmforge.data import tokens
+from lmforge.data.shards import prepare_shards
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.data.tokens import LMWindows, token_cache
+from lmforge.data.tokens import LMWindows, ShardedTokens, lm_windows, token_cache
+from lmforge.evaluate.perplexity import evaluate_source
+from lmforge.models import save_model
+from lmforge.models.decoder import Decoder, DecoderConfig
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +48,53 @@ def test_every_window_once_per_epoch_in_a_seeded_order():
     inputs, targets = windows.training_batch(3, 2)
     again = LMWindows(np.arange(10 * 8 + 1, dtype=np.uint16), context=8, seed=5).training_batch(3, 2)
     assert (inputs == again[0]).all() and (targets == inputs + 1).all()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    lines = [f"第{i}段：人民日报社论{'，新年快乐' * (i % 5)}。happy new year {i}" for i in range(1500)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, corpus, tokenizer):
+    """The corpus through `lmforge data prepare`, at the default split fractions, in shards of 500 tokens."""
+    folder = tmp_path_factory.mktemp("prepared")
+    prepare_shards(str(corpus), tokenizer, folder, splits=("train", "valid"), shard_tokens=500, progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_windows_of_a_prepared_folder_are_the_windows_of_its_source(corpus, prepared, tokenizer, tmp_path, split):
+    from_cache = lm_windows(str(corpus), split, tokenizer, context=48, seed=2, root=tmp_path, progress=False)
+    from_shards = lm_windows(str(prepared), split, tokenizer, context=48, seed=2)
+    assert isinstance(from_shards.tokens, ShardedTokens) and isinstance(from_cache.tokens, np.ndarray)
+    assert len(from_shards) == len(from_cache) > 1
+    for step in range(5):
+        for shard_batch, cache_batch in zip(from_shards.training_batch(step, 4), from_cache.training_batch(step, 4)):
+            assert torch.equal(shard_batch, cache_batch)
+    for (inputs, targets), (cache_inputs, cache_targets) in zip(
+        from_shards.evaluation_batches(8), from_cache.evaluation_batches(8), strict=True
+    ):
+        assert torch.equal(inputs, cache_inputs) and torch.equal(targets, cache_targets)
+
+
+def test_perplexity_on_a_prepared_folder_equals_perplexity_on_its_text_file(
+    corpus, prepared, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = Decoder(
+        DecoderConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+            max_position_embeddings=32,
+        )  # fmt: skip
+    )
+    save_model(tmp_path / "run", model)
+    tokenizer.save(tmp_path / "run")
+    lm = lmforge.load(tmp_path / "run", device="cpu")
+    from_text = evaluate_source(lm, str(corpus), "valid")
+    from_shards = evaluate_source(lm, str(prepared), "valid")
+    assert from_text["tokens"] > 32 and from_shards == from_text
