@@ -1,5 +1,5 @@
-"""Quantization and pruning: formats against reference arithmetic done here, models close to fp32, run folders
-that load and generate, exact sparsity, recovery that keeps zeros zero, and the CLI."""
+"""Quantization and pruning: models close to fp32, run folders that load and generate, exact sparsity, recovery
+that keeps zeros zero (for decoders only), and the CLI. The layer formats themselves: test_quantized.py."""
 
 import copy
 import json
@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from typer.testing import CliRunner
 
 import lmforge
 from lmforge.cli import app
-from lmforge.compress.prune import apply_masks, magnitude_masks, prune_targets, recover
+from lmforge.compress.prune import apply_masks, magnitude_masks, prune_run, prune_targets, recover
 from lmforge.compress.quantize import quantize_model, quantize_run
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tokens import LMWindows
@@ -22,7 +20,8 @@ from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import save_generation_config
 from lmforge.models import load_model, save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.models.quantized import Int4Linear, Int8Linear, pack_int4, quantized_layers, unpack_int4
+from lmforge.models.quantized import quantized_layers
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import load_tensors
 from lmforge.train.trainer import TrainConfig
 
@@ -50,75 +49,6 @@ def run_folder(tmp_path_factory):
 
 def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).pow(2).mean().sqrt() / (expected - expected.mean()).pow(2).mean().sqrt()).item()
-
-
-# --- formats --------------------------------------------------------------------------------------------------
-
-
-def test_int8_matches_reference_quantization_and_error_bound():
-    torch.manual_seed(0)
-    linear = nn.Linear(96, 48, bias=True)
-    weight = linear.weight.detach()
-    scales = weight.abs().amax(dim=1) / 127  # symmetric, one scale per output channel
-    reference = torch.round(weight / scales[:, None]).clamp(-127, 127)
-    layer = Int8Linear.from_linear(linear)
-    assert layer.qweight.dtype == torch.int8 and torch.equal(layer.qweight.float(), reference)
-    torch.testing.assert_close(layer.dequantize(), reference * scales[:, None], rtol=0, atol=1e-7)
-    # Rounding to the nearest step: no weight moves more than half a step of its row.
-    assert ((layer.dequantize() - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
-    torch.testing.assert_close(layer.bias, linear.bias.detach())
-
-
-def test_int4_matches_reference_quantization_and_error_bound():
-    torch.manual_seed(0)
-    linear = nn.Linear(128, 32, bias=False)
-    group = 32
-    weight = linear.weight.detach().view(32, 128 // group, group)
-    minimum, maximum = weight.amin(-1), weight.amax(-1)
-    scales = ((maximum - minimum) / 15).half().float()  # stored as float16, as is the offset
-    offsets = minimum.half().float()
-    values = torch.round((weight - offsets[..., None]) / scales[..., None]).clamp(0, 15)
-    reference = (values * scales[..., None] + offsets[..., None]).view(32, 128)
-    layer = Int4Linear.from_linear(linear, group)
-    assert layer.qweight.shape == (32, 64) and layer.qweight.dtype == torch.uint8
-    assert torch.equal(unpack_int4(layer.qweight).float(), values.view(32, 128))
-    torch.testing.assert_close(layer.dequantize(), reference, rtol=0, atol=1e-6)
-    # Half a step, plus what storing the scale and the offset in float16 moved the grid by.
-    exact_scales = (maximum - minimum) / 15
-    bound = scales / 2 + 15 * (scales - exact_scales).abs() + (offsets - minimum).abs() + 1e-6
-    assert ((layer.dequantize().view_as(weight) - weight).abs() <= bound[..., None]).all()
-
-
-def test_int4_packing_round_trip_and_nibble_order():
-    values = torch.randint(0, 16, (5, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    packed = pack_int4(values)
-    assert packed.shape == (5, 5) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_int4(packed), values)
-    # Column 2j in the low nibble, 2j + 1 in the high one.
-    assert packed[2, 3].item() == values[2, 6].item() | (values[2, 7].item() << 4)
-
-
-@pytest.mark.parametrize("make", [Int8Linear.from_linear, lambda linear: Int4Linear.from_linear(linear, 32)])
-@pytest.mark.parametrize("rows", [1, 8, 40])
-def test_every_kernel_computes_x_times_the_dequantized_weight(make, rows):
-    """1 and 8 rows go through the packed bf16 CPU kernels, 40 through dequantize + F.linear."""
-    torch.manual_seed(0)
-    layer = make(nn.Linear(64, 96, bias=True))
-    x = torch.randn(rows, 64)
-    expected = F.linear(x, layer.dequantize(), layer.bias)
-    # NOTE: the kernels round x and their output to bf16 (8 significant bits, 0.4% at worst per value);
-    # 1% of the largest output leaves room for that and nothing like a wrong layout (errors of order 100%).
-    assert (layer(x) - expected).abs().max() <= 0.01 * expected.abs().max()
-    assert layer(x.view(rows, 1, 64)).shape == (rows, 1, 96)
-
-
-def test_shapes_the_kernels_refuse_fall_back_to_float():
-    torch.manual_seed(0)
-    linear = nn.Linear(40, 24)  # 40 inputs: not a multiple of 16; 24 outputs: not a multiple of 16
-    for layer in (Int8Linear.from_linear(linear), Int4Linear.from_linear(linear, 20)):
-        assert not layer.use_kernel
-        x = torch.randn(3, 40)
-        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), layer.bias))
 
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -269,6 +199,16 @@ def test_recovery_keeps_pruned_weights_at_zero_and_lowers_the_loss(tmp_path):
         assert not torch.equal(weight[keep], before[name][keep])  # the kept weights did train
     # The hooks are gone afterwards: the model trains normally again.
     assert all(not model.get_submodule(name).weight._backward_hooks for name in masks)
+
+
+def test_recovery_is_refused_for_an_encoder_decoder_although_it_has_a_cache(tmp_path):
+    torch.manual_seed(0)
+    config = Seq2SeqConfig(
+        vocab_size=64, hidden_size=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, intermediate_size=64
+    )
+    save_model(tmp_path / "seq2seq", Seq2Seq(config))
+    with pytest.raises(UserError, match="recovery fine-tuning is for decoders"):
+        prune_run(tmp_path / "seq2seq", tmp_path / "out", 0.5, recover_steps=2, device="cpu", progress=False)
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------
