@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
-from lmforge.export.bert import load_bert, load_encoder
 from lmforge.models import load_model, save_model
+from lmforge.models.bert import load_bert, load_encoder
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import save_tensors

@@ -148,7 +148,7 @@ def test_masked_lm_pretraining_lowers_the_validation_loss(tmp_path):
     assert result["masked_loss"] < result["masked_loss_before"] - 1.0
     assert "masked-token loss" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     # The masked-LM run becomes a classifier's starting point with its backbone intact.
-    from lmforge.export.bert import load_encoder
+    from lmforge.models.bert import load_encoder
 
     classifier = load_encoder(tmp_path / "run", head="classify", num_labels=3)
     assert classifier.config.num_labels == 3

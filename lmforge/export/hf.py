@@ -2,7 +2,7 @@
 
 `export` writes a decoder run folder as a folder `transformers` loads with no custom code:
 `LlamaForCausalLM`, or `Qwen2ForCausalLM` for a decoder with q/k/v biases. `import_folder` brings a
-Llama or Qwen2 folder in as our decoder, and a BERT folder as our encoder (names from `bert.py`).
+Llama or Qwen2 folder in as our decoder, and a BERT folder as our encoder (names from `models/bert.py`).
 Our weight names are Hugging Face's without the `model.` prefix. Only safetensors are read: unpickling
 `pytorch_model.bin` can run arbitrary code. `transformers` is never imported here; the tests check
 every mapping against it.
@@ -19,10 +19,10 @@ from lmforge.config import from_dict
 from lmforge.data.chat import chat_template
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.export.bert import from_bert_state, load_backbone, read_bert_config, with_head
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import load, save_generation_config
 from lmforge.models import model_state, save_model
+from lmforge.models.bert import from_bert_state, load_backbone, read_bert_config, with_head
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder
 from lmforge.run_folder import (

@@ -3,7 +3,9 @@
 An HF BERT folder (config.json + model.safetensors, e.g. all-MiniLM-L6-v2 or
 bert-base-chinese) maps onto `lmforge.models.encoder` one name to one name.
 Only safetensors are read: unpickling `pytorch_model.bin` can run arbitrary
-code. This module knows names and files; `transformers` is never imported here.
+code. It sits in models/, below tasks/, because fine-tuning starts from such a
+folder as often as export/hf.py imports one. This module knows names and files;
+`transformers` is never imported here.
 """
 
 from __future__ import annotations

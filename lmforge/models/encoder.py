@@ -5,7 +5,7 @@ segment) embeddings, then blocks of x = norm(x + attention(x)), x = norm(x +
 mlp(x)). Positions are learned (BERT) or rotary. `config.head` picks what the
 forward pass returns: hidden states, masked-LM logits, class logits or answer
 span logits. Hugging Face BERT weights map onto these names one to one
-(`lmforge.export.bert`). This module knows the network, not tokenizers or training.
+(`lmforge.models.bert`). This module knows the network, not tokenizers or training.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import classification_metrics, plot_confusion_matrix
-from lmforge.export.bert import load_encoder
 from lmforge.models import load_model, save_model
+from lmforge.models.bert import load_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import read_json, write_json
 from lmforge.tasks.encoding import encode_single, model_folder, pad_right
