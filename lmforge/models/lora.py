@@ -1,10 +1,10 @@
 """LoRA layers (https://arxiv.org/abs/2106.09685) and loading an adapter onto a model: what inference needs.
 
 `LoRALinear` holds a low-rank update beside a frozen projection (`q_proj`, ..., `down_proj`);
-`add_lora_layers` wraps a model's chosen projections in it; `merge_lora` folds the update back into
-plain `nn.Linear` weights, so a merged model saves, exports and generates like any other.
+`add_lora_layers` freezes a model and wraps its chosen projections in it; `merge_lora` folds the update
+back into plain `nn.Linear` weights, so a merged model saves, exports and generates like any other.
 `load_adapter` reads an adapter in the files and tensor names Hugging Face `peft` uses (`peft` itself
-is not needed). Training adapters (freezing, counting, saving) is `train/lora.py`'s business.
+is not needed). Starting a training run with adapters and saving them is `train/lora.py`'s business.
 This module knows module names and shapes, not which model family it wraps, objectives or the training
 loop; the output layer is deliberately not a target (it may be tied to the embedding, and objectives read
 `lm_head.weight` directly).
