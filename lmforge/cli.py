@@ -296,6 +296,7 @@ def finetune(
               lmforge finetune --task chat --base runs/demo --data builtin:instructions --lora-rank 8 --out runs/chat
     """
     from lmforge.config import from_dict, load_yaml, merge
+    from lmforge.run_folder import RunFolder
     from lmforge.tasks import task_module
     from lmforge.tasks.base import run_task
     from lmforge.train.distributed import launched, world
@@ -327,7 +328,7 @@ def finetune(
         metrics = run_task(module.TASK, recipe, folder, resume=resume)
         if world().main:
             _print_task_metrics(metrics)
-            typer.echo(f"saved to {out} (report.md, metrics.json)")
+            typer.echo(f"saved to {out} ({RunFolder.REPORT}, {RunFolder.METRICS})")
 
 
 @app.command("eval")
@@ -359,6 +360,7 @@ def evaluate(
               lmforge eval --task sentiment --model runs/sentiment --data ../shared/data/sentiment --split test
     """
     if task is not None:
+        from lmforge.run_folder import RunFolder
         from lmforge.tasks import task_module
         from lmforge.tasks.examples import TaskData
 
@@ -385,7 +387,7 @@ def evaluate(
             typer.echo(json.dumps(metrics, ensure_ascii=False))
             return
         _print_task_metrics(metrics)
-        typer.echo(f"report: {out}/report.md")
+        typer.echo(f"report: {RunFolder(out).report}")
         return
 
     import lmforge

@@ -66,7 +66,7 @@ def chat_section(metrics: dict, turns: list[tuple[str, str]], chat_dir: Path) ->
 
 {table}
 
-Scored on {metrics["examples_scored"]} held-out instructions; details in `chat/report.md`. \
+Scored on {metrics["examples_scored"]} held-out instructions; details in `chat/{RunFolder.REPORT}`. \
 Talk to it: `lmforge chat --model {chat_dir}` in the terminal, or `lmforge serve --model {chat_dir}` for a web chat \
 page at http://127.0.0.1:8000/ and an OpenAI-compatible API at http://127.0.0.1:8000/v1
 
@@ -110,7 +110,7 @@ top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetitio
 
 ## Loss
 
-![loss](loss.png)
+![loss]({RunFolder.LOSS_PLOT})
 
 {chat_text}"""
     RunFolder(out_dir).write_report(report)

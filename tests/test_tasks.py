@@ -284,7 +284,8 @@ def task_data(tmp_path_factory):
     """Small local data in each task's format."""
     folder = tmp_path_factory.mktemp("task-data")
     rng = random.Random(3)
-    lines = ["".join(rng.choice(["北京", "上海", "人民", "日报", "经济", "。"]) for _ in range(20)) for _ in range(1000)]
+    words = ["北京", "上海", "人民", "日报", "经济", "。"]
+    lines = ["".join(rng.choice(words) for _ in range(20)) for _ in range(1000)]
     write_jsonl(folder / "text.jsonl", [{"text": line} for line in lines])
     splits = {"sentiment": [review(rng, index % 2 == 0) for index in range(24)]}
     splits["qa"] = [

@@ -180,7 +180,7 @@ def evaluate_run(
         COLUMNS,
         [],
         f"{data.source}, the first windows of the {split} split (valid {data.valid_fraction:.0%} by hash)",
-        ["Training curve: ![loss](loss.png)"],
+        [f"Training curve: ![loss]({RunFolder.LOSS_PLOT})"],
     )
     return metrics
 

@@ -251,7 +251,7 @@ def evaluate_run(
     ]
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
-        notes.append(f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+        notes.append(f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})")
     write_task_report(
         out_dir, f"chat — {model_dir}", metrics, systems, columns, examples, describe_split(data, split, KEY_FIELD),
         notes,

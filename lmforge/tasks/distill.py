@@ -161,7 +161,9 @@ def evaluate_run(
     ]
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
-        notes.append(f"Distillation took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+        notes.append(
+            f"Distillation took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})"
+        )
     samples = [
         {
             "prompt": prompt,

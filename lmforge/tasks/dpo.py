@@ -249,7 +249,7 @@ def evaluate_run(
     metrics = {**scores, "pairs": len(pairs), "baselines": dict(systems[1:])}
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
-        notes.append(f"Training took {training_minutes:.1f} minutes. Loss: ![loss](loss.png)")
+        notes.append(f"Training took {training_minutes:.1f} minutes. Loss: ![loss]({RunFolder.LOSS_PLOT})")
         if plot_preference_curve(RunFolder(model_dir).read_metrics_log(), out_dir / "preference_accuracy.png"):
             notes.append("Held-out preference accuracy during training: ![curve](preference_accuracy.png)")
     write_task_report(

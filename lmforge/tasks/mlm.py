@@ -164,7 +164,7 @@ def evaluate_run(
         [("loss", "masked-token loss"), ("perplexity", "perplexity"), ("accuracy", "accuracy")],
         [],
         describe_split(data, split, "text"),
-        ["Validation on the same masked positions at every evaluation. ![loss](loss.png)"],
+        [f"Validation on the same masked positions at every evaluation. ![loss]({RunFolder.LOSS_PLOT})"],
     )
     return metrics
 

@@ -506,7 +506,9 @@ def evaluate_text_to_text(
 def _notes(scoring: Scoring, training_minutes: float | None, differences: dict, final_name: str) -> list[str]:
     notes = list(scoring.notes)
     if training_minutes is not None:
-        notes.insert(0, f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+        notes.insert(
+            0, f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})"
+        )
     for name, by_metric in differences.items():
         spans = [
             f"{heading} {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
