@@ -157,25 +157,25 @@ def predict(
         for index, (question, context) in enumerate(zip(questions, contexts))
         for window in windows_of(tokenizer, question, context, recipe)
     ]
-    for chunk in tqdm(list(in_batches(flat, batch_size)), desc="qa", disable=not progress, leave=False):
-        input_ids, attention_mask, token_type_ids = _pad(tokenizer, [window for _, window in chunk])
-        with evaluating(model):
+    with evaluating(model):
+        for chunk in tqdm(list(in_batches(flat, batch_size)), desc="qa", disable=not progress, leave=False):
+            input_ids, attention_mask, token_type_ids = _pad(tokenizer, [window for _, window in chunk])
             logits = model(input_ids.to(device), attention_mask.to(device), token_type_ids.to(device))  # (B, T, 2)
-        logits = logits.float().cpu()
-        for row, (index, window) in enumerate(chunk):
-            first, count = window.context_start, len(window.offsets)
-            if count == 0:
-                continue
-            starts = logits[row, first : first + count, 0]  # (C,)
-            ends = logits[row, first : first + count, 1]
-            scores = starts[:, None] + ends[None, :]  # (C, C): start i, end j
-            allowed = torch.ones(count, count, dtype=torch.bool).triu().tril(recipe.max_answer_tokens - 1)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            flat_index = int(scores.argmax())
-            i, j = divmod(flat_index, count)
-            score = float(scores[i, j])
-            if score > best[index][0]:
-                best[index] = (score, contexts[index][window.offsets[i][0] : window.offsets[j][1]])
+            logits = logits.float().cpu()
+            for row, (index, window) in enumerate(chunk):
+                first, count = window.context_start, len(window.offsets)
+                if count == 0:
+                    continue
+                starts = logits[row, first : first + count, 0]  # (C,)
+                ends = logits[row, first : first + count, 1]
+                scores = starts[:, None] + ends[None, :]  # (C, C): start i, end j
+                allowed = torch.ones(count, count, dtype=torch.bool).triu().tril(recipe.max_answer_tokens - 1)
+                scores = scores.masked_fill(~allowed, float("-inf"))
+                flat_index = int(scores.argmax())
+                i, j = divmod(flat_index, count)
+                score = float(scores[i, j])
+                if score > best[index][0]:
+                    best[index] = (score, contexts[index][window.offsets[i][0] : window.offsets[j][1]])
     return [text for _, text in best]
 
 
