@@ -20,7 +20,7 @@ from lmforge.export.hf import to_llama_state
 from lmforge.generate.decode import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
-from lmforge.train.pretrain import load_recipe
+from lmforge.tasks.causal_lm import load_recipe
 
 
 def main() -> None:

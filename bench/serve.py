@@ -30,7 +30,7 @@ from lmforge.data.sources import read_split, record_text
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.models import save_model
 from lmforge.models.decoder import Decoder
-from lmforge.train.pretrain import load_recipe
+from lmforge.tasks.causal_lm import load_recipe
 
 PROMPT = [{"role": "user", "content": "请用几句话介绍一下北京的历史和文化。"}]
 

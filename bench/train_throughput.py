@@ -17,8 +17,8 @@ from _common import interleaved, measure_peak, median_ratio, print_table
 
 from lmforge.export.hf import llama_config, to_llama_state
 from lmforge.models.decoder import Decoder
+from lmforge.tasks.causal_lm import load_recipe
 from lmforge.train.objectives import causal_lm_loss
-from lmforge.train.pretrain import load_recipe
 from lmforge.train.trainer import build_optimizer
 
 

@@ -120,7 +120,7 @@ def data_prepare(
 
 
 def _recipe_help() -> str:
-    from lmforge.train.pretrain import PretrainRecipe
+    from lmforge.tasks.causal_lm import PretrainRecipe
 
     rows = "\n\n".join(f"--{key} (default {default!r}): {help}" for key, help, default in describe(PretrainRecipe))
     return f"Any recipe key can be overridden as --section.key value:\n\n{rows}"
@@ -176,9 +176,9 @@ def pretrain(
     Example: lmforge pretrain --config recipes/demo.yaml --out runs/news --max-steps 2000
              torchrun --nproc_per_node 2 -m lmforge pretrain --config recipes/demo.yaml --out runs/news
     """
+    from lmforge.tasks.base import run_task
+    from lmforge.tasks.causal_lm import TASK, load_recipe
     from lmforge.train.distributed import launched, world
-    from lmforge.train.pretrain import load_recipe
-    from lmforge.train.pretrain import pretrain as run_pretrain
 
     overrides = parse_overrides(context.args)
     overrides.setdefault("device", device)
@@ -193,12 +193,12 @@ def pretrain(
     with launched(out, device) as (folder, process_device):
         overrides["device"] = process_device
         recipe = load_recipe(config, overrides)
-        result = run_pretrain(recipe, folder, resume=resume, progress=world().main)
+        metrics = run_task(TASK, recipe, folder, resume=resume, progress=world().main)
         if world().main:
+            before, after = metrics["before"], metrics["after"]
             typer.echo(
-                f"validation perplexity {result.before['perplexity']:.1f} -> {result.after['perplexity']:.1f}, "
-                f"bits/char {result.before['bits_per_char']:.3f} -> {result.after['bits_per_char']:.3f}; "
-                f"saved to {out}"
+                f"validation perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}, "
+                f"bits/char {before['bits_per_char']:.3f} -> {after['bits_per_char']:.3f}; saved to {out}"
             )
 
 
@@ -296,11 +296,13 @@ def finetune(
               lmforge finetune --task chat --base runs/demo --data builtin:instructions --lora-rank 8 --out runs/chat
     """
     from lmforge.config import from_dict, load_yaml, merge
+    from lmforge.run_folder import RunFolder
     from lmforge.tasks import task_module
+    from lmforge.tasks.base import run_task
     from lmforge.train.distributed import launched, world
 
     module = task_module(task)
-    if not hasattr(module, "finetune"):
+    if not hasattr(module, "TASK"):
         raise UserError(f"task '{task}' is evaluation-only: use lmforge eval --task {task}")
     overrides = parse_overrides(context.args)
     overrides.setdefault("device", device)
@@ -322,11 +324,11 @@ def finetune(
         overrides.setdefault("train", {})["keep_last"] = keep_last
     with launched(out, device) as (folder, process_device):
         overrides["device"] = process_device
-        recipe = from_dict(module.Recipe, merge(load_yaml(config) if config else {}, overrides))
-        metrics = module.finetune(recipe, folder, resume=resume)
+        recipe = from_dict(module.TASK.Recipe, merge(load_yaml(config) if config else {}, overrides))
+        metrics = run_task(module.TASK, recipe, folder, resume=resume)
         if world().main:
             _print_task_metrics(metrics)
-            typer.echo(f"saved to {out} (report.md, metrics.json)")
+            typer.echo(f"saved to {out} ({RunFolder.REPORT}, {RunFolder.METRICS})")
 
 
 @app.command("eval")
@@ -358,6 +360,7 @@ def evaluate(
               lmforge eval --task sentiment --model runs/sentiment --data ../shared/data/sentiment --split test
     """
     if task is not None:
+        from lmforge.run_folder import RunFolder
         from lmforge.tasks import task_module
         from lmforge.tasks.examples import TaskData
 
@@ -384,7 +387,7 @@ def evaluate(
             typer.echo(json.dumps(metrics, ensure_ascii=False))
             return
         _print_task_metrics(metrics)
-        typer.echo(f"report: {out}/report.md")
+        typer.echo(f"report: {RunFolder(out).report}")
         return
 
     import lmforge

@@ -15,12 +15,15 @@ import importlib.resources
 import time
 from pathlib import Path
 
+from lmforge.config import from_dict, load_yaml, merge
 from lmforge.data.sources import read_split, record_text
 from lmforge.data.tokenizer import tokenizer_stats
 from lmforge.evaluate.report import markdown_table
-from lmforge.lm import LM
-from lmforge.run_folder import atomic_write_text
-from lmforge.train.pretrain import load_recipe, pretrain
+from lmforge.lm import LM, load
+from lmforge.run_folder import RunFolder
+from lmforge.tasks import chat
+from lmforge.tasks.base import run_task
+from lmforge.tasks.causal_lm import TASK, PretrainRecipe, load_recipe
 
 PROMPTS = ["中国人民", "新华社北京１月１日电", "今年经济工作的"]
 CONVERSATION = [
@@ -35,13 +38,9 @@ def demo_recipe_path(name: str = "demo.yaml") -> Path:
 
 def chat_step(base_dir: Path, minutes: float, device: str) -> tuple[dict, list[tuple[str, str]]]:
     """Chat fine-tuning of the pretrained demo model; (its held-out metrics, a scripted two-turn conversation)."""
-    from lmforge import load
-    from lmforge.config import from_dict, load_yaml, merge
-    from lmforge.tasks import chat
-
     overrides = {"base": str(base_dir), "device": device, "train": {"max_minutes": minutes}}
     recipe = from_dict(chat.Recipe, merge(load_yaml(demo_recipe_path("demo-chat.yaml")), overrides))
-    metrics = chat.finetune(recipe, base_dir / "chat")
+    metrics = run_task(chat.TASK, recipe, base_dir / "chat")
     lm = load(base_dir / "chat", device=device)
     messages, turns = [], []
     for question in CONVERSATION:
@@ -67,7 +66,7 @@ def chat_section(metrics: dict, turns: list[tuple[str, str]], chat_dir: Path) ->
 
 {table}
 
-Scored on {metrics["examples_scored"]} held-out instructions; details in `chat/report.md`. \
+Scored on {metrics["examples_scored"]} held-out instructions; details in `chat/{RunFolder.REPORT}`. \
 Talk to it: `lmforge chat --model {chat_dir}` in the terminal, or `lmforge serve --model {chat_dir}` for a web chat \
 page at http://127.0.0.1:8000/ and an OpenAI-compatible API at http://127.0.0.1:8000/v1
 
@@ -88,32 +87,68 @@ def run_demo(
     train = {"max_minutes": minutes} | ({"max_steps": max_steps} if max_steps else {})
     recipe = load_recipe(demo_recipe_path(), {"device": device, "train": train})
     started = time.perf_counter()
-    result = pretrain(recipe, out_dir)
-    data = recipe.data
-    valid_texts = [record_text(r) for r in read_split(data.source, "valid", data.valid_fraction, data.test_fraction)]
-    stats = tokenizer_stats(result.tokenizer, valid_texts)
-    lm = LM(result.model, result.tokenizer, recipe.generation)
+    metrics = run_task(TASK, recipe, out_dir)
+    lm = load(out_dir, device=device)
     samples = [(prompt, lm.generate(prompt, seed=0)) for prompt in PROMPTS]
     greedy = [(prompt, lm.generate(prompt, temperature=0, max_new_tokens=40)) for prompt in PROMPTS]
-    train_records = [r for r in result.records if "tokens_per_second" in r]
-    steps = train_records[-1]["step"] if train_records else 0
-    tokens = train_records[-1]["tokens"] if train_records else 0
-    training_seconds = train_records[-1]["elapsed"] if train_records else 0.0
     chat_text = ""
     if chat_minutes > 0:
         chat_metrics, turns = chat_step(out_dir, chat_minutes, device)
         chat_text = chat_section(chat_metrics, turns, out_dir / "chat")
     elapsed = time.perf_counter() - started
+    sections = pretraining_sections(recipe, lm, metrics, RunFolder(out_dir), elapsed)
+    report = f"""{sections}
 
-    numbers = markdown_table(
+## Samples (temperature {recipe.generation.temperature}, top-k {recipe.generation.top_k}, \
+top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetition_penalty}, seed 0)
+
+{_continuations(samples)}
+
+## Greedy
+
+{_continuations(greedy)}
+
+## Loss
+
+![loss]({RunFolder.LOSS_PLOT})
+
+{chat_text}"""
+    RunFolder(out_dir).write_report(report)
+    print(f"\n{validation_table(metrics)}\n")
+    for prompt, text in samples:
+        print(f"{prompt} → {prompt}{text}\n")
+    if chat_text:
+        print(chat_text)
+    print(f"report: {RunFolder(out_dir).report}")
+    print(f'continue text: lmforge generate --model {out_dir} "{PROMPTS[0]}"')
+    if chat_minutes > 0:
+        print(f"chat with it:  lmforge chat --model {out_dir / 'chat'}")
+        print(f"serve it:      lmforge serve --model {out_dir / 'chat'}  (web chat page + OpenAI-compatible API)")
+    return out_dir
+
+
+def validation_table(metrics: dict) -> str:
+    before, after = metrics["before"], metrics["after"]
+    return markdown_table(
         ["validation", "before training", "after training"],
         [
-            ["loss (nats/token)", result.before["loss"], result.after["loss"]],
-            ["perplexity", result.before["perplexity"], result.after["perplexity"]],
-            ["bits per character", result.before["bits_per_char"], result.after["bits_per_char"]],
-            ["bits per byte", result.before["bits_per_byte"], result.after["bits_per_byte"]],
+            ["loss (nats/token)", before["loss"], after["loss"]],
+            ["perplexity", before["perplexity"], after["perplexity"]],
+            ["bits per character", before["bits_per_char"], after["bits_per_char"]],
+            ["bits per byte", before["bits_per_byte"], after["bits_per_byte"]],
         ],
     )
+
+
+def pretraining_sections(recipe: PretrainRecipe, lm: LM, metrics: dict, folder: RunFolder, elapsed: float) -> str:
+    """The report's head: what was trained on, how long it took, validation before and after, the tokenizer."""
+    data = recipe.data
+    valid_texts = [record_text(r) for r in read_split(data.source, "valid", data.valid_fraction, data.test_fraction)]
+    stats = tokenizer_stats(lm.tokenizer, valid_texts)
+    train_records = [r for r in folder.read_metrics_log() if "tokens_per_second" in r]
+    steps = train_records[-1]["step"] if train_records else 0
+    tokens = train_records[-1]["tokens"] if train_records else 0
+    training_seconds = train_records[-1]["elapsed"] if train_records else 0.0
     tokenizer_table = markdown_table(
         ["script", "characters", "tokens", "characters/token", "bytes/token"],
         [
@@ -123,47 +158,22 @@ def run_demo(
             for language in ("zh", "en")
         ],
     )
-    sample_text = "\n\n".join(f"**{prompt}** → {prompt}{text}" for prompt, text in samples)
-    greedy_text = "\n\n".join(f"**{prompt}** → {prompt}{text}" for prompt, text in greedy)
-    report = f"""# lmforge demo
+    return f"""# lmforge demo
 
-Pretraining a {result.model.num_parameters():,}-parameter decoder on `{data.source}` \
+Pretraining a {lm.model.num_parameters():,}-parameter decoder on `{data.source}` \
 ({len(valid_texts):,} validation paragraphs held out by hash).
 {steps} steps, {tokens:,} training tokens in {training_seconds / 60:.1f} minutes \
 ({tokens / max(training_seconds, 1e-9):,.0f} tokens/s); the whole demo took {elapsed / 60:.1f} minutes.
-Recipe: `{demo_recipe_path().name}` (saved in full as `recipe.json`).
+Recipe: `{demo_recipe_path().name}` (saved in full as `{RunFolder.RECIPE}`).
 
-## Validation ({result.after["tokens"]:,} tokens)
+## Validation ({metrics["after"]["tokens"]:,} tokens)
 
-{numbers}
+{validation_table(metrics)}
 
-## Tokenizer ({result.tokenizer.vocab_size:,} tokens, byte-level BPE) on validation text
+## Tokenizer ({lm.tokenizer.vocab_size:,} tokens, byte-level BPE) on validation text
 
-{tokenizer_table}
+{tokenizer_table}"""
 
-## Samples (temperature {recipe.generation.temperature}, top-k {recipe.generation.top_k}, \
-top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetition_penalty}, seed 0)
 
-{sample_text}
-
-## Greedy
-
-{greedy_text}
-
-## Loss
-
-![loss](loss.png)
-
-{chat_text}"""
-    atomic_write_text(out_dir / "report.md", report)
-    print(f"\n{numbers}\n")
-    for prompt, text in samples:
-        print(f"{prompt} → {prompt}{text}\n")
-    if chat_text:
-        print(chat_text)
-    print(f"report: {out_dir / 'report.md'}")
-    print(f'continue text: lmforge generate --model {out_dir} "{PROMPTS[0]}"')
-    if chat_minutes > 0:
-        print(f"chat with it:  lmforge chat --model {out_dir / 'chat'}")
-        print(f"serve it:      lmforge serve --model {out_dir / 'chat'}  (web chat page + OpenAI-compatible API)")
-    return out_dir
+def _continuations(pairs: list[tuple[str, str]]) -> str:
+    return "\n\n".join(f"**{prompt}** → {prompt}{text}" for prompt, text in pairs)

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmforge.errors import UserError
+from lmforge.run_folder import RunFolder
 
 RUNNING_SECONDS = 120.0  # a run that wrote something this recently and has not finished counts as running
 MAX_DEPTH = 3  # runs/demo/chat is depth 2 below runs/
-NOT_RUNS = {"checkpoints", "tensorboard"}  # folders inside a run that are never runs themselves
+NOT_RUNS = set(RunFolder.INNER_FOLDERS)  # folders inside a run that are never runs themselves
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 
 Status = Literal["finished", "running", "stopped", "empty", "?"]
@@ -67,7 +68,7 @@ def list_runs(root: str | Path, now: float | None = None) -> list[RunSummary]:
             and parent is not None
             and summary.metrics_modified is not None
             and (parent.metrics_modified or 0.0) > summary.metrics_modified
-            and not (folder / "config.json").exists()
+            and not RunFolder(folder).has_model()
         ):
             summary.status = "finished"
     return sorted(summaries.values(), key=lambda summary: summary.modified, reverse=True)
@@ -76,7 +77,8 @@ def list_runs(root: str | Path, now: float | None = None) -> list[RunSummary]:
 def summarize(folder: Path, entries: set[str], name: str, now: float) -> RunSummary:
     """What one run folder's files say about it; never raises for a damaged file."""
     problems: list[str] = []
-    records = _read_metrics(folder / "metrics.jsonl", problems) if "metrics.jsonl" in entries else []
+    run = RunFolder(folder)
+    records = _read_metrics(run.metrics_log, problems) if RunFolder.METRICS_LOG in entries else []
     readable = records is not None
     records = records or []
     steps = [record["step"] for record in records]
@@ -84,16 +86,16 @@ def summarize(folder: Path, entries: set[str], name: str, now: float) -> RunSumm
     losses = [record["loss"] for record in records if _is_number(record.get("loss"))]
     best_valid_loss, best_valid_step = min(valid, key=lambda pair: pair[0]) if valid else (None, None)
 
-    recipe = _read_json(folder / "recipe.json", problems) if "recipe.json" in entries else {}
+    recipe = _read_json(run.recipe, problems) if RunFolder.RECIPE in entries else {}
     train = recipe.get("train") if isinstance(recipe, dict) else None
     max_steps = train.get("max_steps") if isinstance(train, dict) else None
     max_steps = max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) else None
 
     times = _modification_times(folder, entries)
-    metrics_time, model_time = times.get("metrics.jsonl"), times.get("model.safetensors")
+    metrics_time, model_time = times.get(RunFolder.METRICS_LOG), times.get(RunFolder.WEIGHTS)
     step = steps[-1] if steps else None
     finished = model_time is not None and (
-        "report.md" in entries
+        RunFolder.REPORT in entries
         or (max_steps is not None and step == max_steps)
         or metrics_time is None
         or model_time >= metrics_time  # the model was saved after the last line was logged
@@ -119,7 +121,7 @@ def summarize(folder: Path, entries: set[str], name: str, now: float) -> RunSumm
         best_valid_loss=best_valid_loss,
         best_valid_step=best_valid_step,
         last_loss=losses[-1] if losses else None,
-        checkpoint_step=_checkpoint_step(folder / "checkpoints") if "checkpoints" in entries else None,
+        checkpoint_step=_checkpoint_step(run.checkpoints) if RunFolder.CHECKPOINTS in entries else None,
         modified=modified,
         problems=problems,
         metrics_modified=metrics_time,
@@ -171,7 +173,7 @@ def _candidate_folders(folder: Path, depth: int):
         yield folder, set(), f"cannot read the folder: {error.strerror or error}"
         return
     names = {entry.name for entry in entries}
-    if "metrics.jsonl" in names or "config.json" in names:
+    if RunFolder.METRICS_LOG in names or RunFolder.CONFIG in names:
         yield folder, names, None
     if depth >= MAX_DEPTH:
         return
@@ -190,7 +192,7 @@ def _read_metrics(path: Path, problems: list[str]) -> list[dict[str, Any]] | Non
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as error:
-        problems.append(f"cannot read metrics.jsonl: {error.strerror or error}")
+        problems.append(f"cannot read {path.name}: {error.strerror or error}")
         return None
     records, corrupt = [], 0
     for line in text.splitlines():
@@ -207,7 +209,7 @@ def _read_metrics(path: Path, problems: list[str]) -> list[dict[str, Any]] | Non
         else:
             corrupt += 1
     if corrupt:
-        problems.append(f"{corrupt} unreadable line{'s' if corrupt > 1 else ''} in metrics.jsonl skipped")
+        problems.append(f"{corrupt} unreadable line{'s' if corrupt > 1 else ''} in {path.name} skipped")
     return records
 
 
@@ -220,16 +222,17 @@ def _read_json(path: Path, problems: list[str]) -> Any:
 
 
 def _kind(folder: Path, entries: set[str], problems: list[str]) -> str | None:
-    lora = " LoRA" if "adapter_config.json" in entries else ""
-    if "task.json" in entries:
-        task = _read_json(folder / "task.json", problems)
+    run = RunFolder(folder)
+    lora = " LoRA" if RunFolder.ADAPTER_CONFIG in entries else ""
+    if RunFolder.TASK in entries:
+        task = _read_json(run.task, problems)
         if isinstance(task, dict) and isinstance(task.get("task"), str):
             return task["task"] + lora
         return None
-    if "recipe.json" in entries or "config.json" in entries:
-        # NOTE: pretraining writes recipe.json first; a task writes task.json and recipe.json when it ends,
-        # so a task still in progress (or stopped) has neither and its kind is unknown.
-        config = _read_json(folder / "config.json", problems) if "config.json" in entries else {}
+    if RunFolder.RECIPE in entries or RunFolder.CONFIG in entries:
+        # NOTE: every training job writes task.json and recipe.json before it trains; a folder with only
+        # recipe.json or config.json is an older pretraining run (or a model imported from elsewhere).
+        config = _read_json(run.config, problems) if RunFolder.CONFIG in entries else {}
         family = config.get("family") if isinstance(config, dict) else None
         return "pretrain" if family in (None, "decoder") else f"pretrain ({family})"
     return None
@@ -244,7 +247,7 @@ def _checkpoint_step(checkpoints: Path) -> int | None:
     complete = [
         int(match.group(1))
         for name in names
-        if (match := CHECKPOINT_NAME.fullmatch(name)) and (checkpoints / name / "trainer_state.json").is_file()
+        if (match := CHECKPOINT_NAME.fullmatch(name)) and (checkpoints / name / RunFolder.TRAINER_STATE).is_file()
     ]
     return max(complete, default=None)
 

@@ -21,6 +21,7 @@ from lmforge.models import load_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.lora import load_adapter
 from lmforge.tasks import chat
+from lmforge.tasks.base import run_task
 from lmforge.tasks.examples import TaskData
 from lmforge.train.objectives import chat_sft_loss
 
@@ -182,7 +183,7 @@ def sft_overrides(chat_data, base_run, **extra) -> dict:
 
 def test_sft_learns_the_task_and_reports_accuracy_beside_the_base(chat_data, base_run, tmp_path):
     recipe = from_dict(chat.Recipe, sft_overrides(chat_data, base_run))
-    metrics = chat.finetune(recipe, tmp_path, progress=False)
+    metrics = run_task(chat.TASK, recipe, tmp_path, progress=False)
     losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     valid = [r["valid_loss"] for r in losses if "valid_loss" in r]
     assert valid[-1] < valid[0] * 0.5
@@ -197,7 +198,7 @@ def test_sft_learns_the_task_and_reports_accuracy_beside_the_base(chat_data, bas
 def test_lora_sft_trains_few_parameters_and_saves_the_adapter_beside_the_merged_model(chat_data, base_run, tmp_path):
     values = sft_overrides(chat_data, base_run, lora={"rank": 2, "alpha": 8.0, "targets": "q,v"})
     values["train"]["weight_decay"] = 0.0
-    chat.finetune(from_dict(chat.Recipe, values), tmp_path, progress=False)
+    run_task(chat.TASK, from_dict(chat.Recipe, values), tmp_path, progress=False)
     task = json.loads((tmp_path / "task.json").read_text())
     assert task["trainable_parameters"] == 2 * 2 * (2 * 32 + 32 * 2) < 0.05 * task["parameters"]
     losses = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -219,7 +220,7 @@ def test_lora_sft_trains_few_parameters_and_saves_the_adapter_beside_the_merged_
 def test_sft_needs_a_decoder_base(chat_data, tmp_path):
     recipe = from_dict(chat.Recipe, {"data": {"source": str(chat_data)}})
     with pytest.raises(UserError, match="--base"):
-        chat.finetune(recipe, tmp_path, progress=False)
+        run_task(chat.TASK, recipe, tmp_path, progress=False)
 
 
 def test_conversations_must_end_with_the_assistant(tmp_path, write_jsonl):

@@ -6,7 +6,7 @@ import pytest
 
 from lmforge.config import from_dict, option, parse_overrides
 from lmforge.errors import UserError
-from lmforge.train.pretrain import load_recipe
+from lmforge.tasks.causal_lm import load_recipe
 
 
 def test_overrides_take_natural_types_and_both_spellings():

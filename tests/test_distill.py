@@ -11,6 +11,8 @@ from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.tasks import distill
+from lmforge.tasks.base import run_task
+from lmforge.train.objectives import distillation_loss
 
 
 def tiny(hidden: int, seed: int) -> Decoder:
@@ -22,7 +24,7 @@ def test_distillation_loss_is_the_weighted_kl_plus_cross_entropy():
     student, teacher = tiny(16, 0), tiny(32, 1)
     inputs = torch.randint(0, 50, (2, 12))
     targets = torch.randint(0, 50, (2, 12))
-    loss, tokens = distill.distillation_loss(student, (inputs, targets), teacher, temperature=2.0, alpha=0.3)
+    loss, tokens = distillation_loss(student, (inputs, targets), teacher, temperature=2.0, alpha=0.3)
     p_teacher = F.softmax(teacher(inputs) / 2.0, dim=-1)
     log_student = F.log_softmax(student(inputs) / 2.0, dim=-1)
     kl = (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean()
@@ -30,7 +32,7 @@ def test_distillation_loss_is_the_weighted_kl_plus_cross_entropy():
     torch.testing.assert_close(loss, 0.3 * 4.0 * kl + 0.7 * cross_entropy, atol=1e-5, rtol=1e-5)
     assert tokens == 24
     # A student identical to its teacher has nothing left to learn from the soft targets.
-    same, _ = distill.distillation_loss(teacher, (inputs, targets), teacher, temperature=2.0, alpha=1.0)
+    same, _ = distillation_loss(teacher, (inputs, targets), teacher, temperature=2.0, alpha=1.0)
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -49,7 +51,7 @@ def test_a_student_distilled_from_a_teacher_beats_its_own_start(tmp_path, write_
             "device": "cpu",
         },
     )
-    metrics = distill.finetune(recipe, tmp_path / "student", progress=False)
+    metrics = run_task(distill.TASK, recipe, tmp_path / "student", progress=False)
     records = [json.loads(line) for line in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["valid_loss"] for r in records if "valid_loss" in r]
     assert losses[-1] < losses[0] - 1.0
@@ -59,4 +61,4 @@ def test_a_student_distilled_from_a_teacher_beats_its_own_start(tmp_path, write_
 
 def test_distillation_needs_a_teacher(tmp_path):
     with pytest.raises(UserError, match="--teacher"):
-        distill.finetune(from_dict(distill.Recipe, {}), tmp_path, progress=False)
+        run_task(distill.TASK, from_dict(distill.Recipe, {}), tmp_path, progress=False)

@@ -11,7 +11,9 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.models import load_model
 from lmforge.tasks import dpo
+from lmforge.tasks.base import run_task
 from lmforge.tasks.examples import TaskData
+from lmforge.train.objectives import dpo_loss
 
 
 def test_dpo_loss_is_log_two_while_the_policy_equals_the_reference(chat_data, base_run):
@@ -19,7 +21,7 @@ def test_dpo_loss_is_log_two_while_the_policy_equals_the_reference(chat_data, ba
     tokenizer = Tokenizer.load(base_run)
     pairs = dpo.encode_pairs(tokenizer, dpo.preference_records(TaskData(source=str(chat_data)), "train")[:8], 64)
     batch = dpo.collate_pairs(pairs, tokenizer.pad_id)
-    loss, _ = dpo.dpo_loss(model, batch, reference=model, beta=0.1)
+    loss, _ = dpo_loss(model, batch, reference=model, beta=0.1)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     # Only reply tokens are scored: each row's targets are exactly its reply (ending with <|im_end|>).
     prompt, chosen, rejected = pairs[0]
@@ -27,7 +29,7 @@ def test_dpo_loss_is_log_two_while_the_policy_equals_the_reference(chat_data, ba
     assert batch["targets"][len(pairs)][batch["targets"][len(pairs)] >= 0].tolist() == rejected
     assert chosen[-1] == rejected[-1] == tokenizer.im_end_id
     # With sft_weight, the chosen replies' mean per-token negative log-likelihood is added (RPO).
-    with_sft, _ = dpo.dpo_loss(model, batch, reference=model, beta=0.1, sft_weight=0.5)
+    with_sft, _ = dpo_loss(model, batch, reference=model, beta=0.1, sft_weight=0.5)
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])[: len(pairs)]
     targets = batch["targets"][: len(pairs)]
     per_row = [
@@ -48,7 +50,7 @@ def test_dpo_raises_held_out_preference_accuracy(chat_data, base_run, tmp_path):
             "device": "cpu",
         },
     )
-    metrics = dpo.finetune(recipe, tmp_path, progress=False)
+    metrics = run_task(dpo.TASK, recipe, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     curve = [r["valid_preference_accuracy"] for r in records if "valid_preference_accuracy" in r]
     assert curve[-1] >= 0.9 and curve[-1] > curve[0] + 0.3

@@ -1,4 +1,5 @@
-"""Encoder tasks end to end on small synthetic data: sentiment, masked LM, extractive QA, multiple choice."""
+"""Tasks end to end on small synthetic data: sentiment, masked LM, extractive QA, multiple choice, and the run
+folder that run_task writes for every task (the same files, resumed runs plotted and reported over every step)."""
 
 import json
 import random
@@ -12,7 +13,22 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import choice_logprobs
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.tasks import mcq, mlm, qa, sentiment, task_module
+from lmforge.run_folder import RunFolder
+from lmforge.tasks import (
+    base,
+    causal_lm,
+    chat,
+    distill,
+    dpo,
+    mcq,
+    mlm,
+    qa,
+    sentiment,
+    summarize,
+    task_module,
+    translate,
+)
+from lmforge.tasks.base import run_task
 from lmforge.tasks.examples import TaskData, task_records
 from lmforge.train.trainer import TrainConfig
 
@@ -54,7 +70,7 @@ def test_sentiment_learns_and_reports_beside_its_baselines(sentiment_data, tmp_p
             "train": {**TINY_TRAIN, "max_steps": 60},
         },
     )
-    metrics = sentiment.finetune(recipe, tmp_path, progress=False)
+    metrics = run_task(sentiment.TASK, recipe, tmp_path, progress=False)
     assert metrics["accuracy"] > 0.9
     assert metrics["examples"] == 60
     assert sum(map(sum, metrics["confusion_matrix"])) == 60
@@ -87,7 +103,7 @@ def test_labels_unseen_in_training_are_named(sentiment_data, tmp_path):
             "train": {**TINY_TRAIN, "max_steps": 1},
         },
     )
-    sentiment.finetune(recipe, tmp_path / "run", progress=False)
+    run_task(sentiment.TASK, recipe, tmp_path / "run", progress=False)
     odd = tmp_path / "odd"
     odd.mkdir()
     write_jsonl(odd / "test.jsonl", [{"text": "还行吧", "label": "neutral"}])
@@ -117,7 +133,7 @@ def test_masking_follows_bert_and_never_touches_markers_or_padding(small_tokeniz
     rows = [[small_tokenizer.bos_id, *range(10, 10 + n), small_tokenizer.eos_id] for n in (200, 120)]
     input_ids, attention_mask = small_tokenizer.pad(rows, side="right")
     corrupted, labels = mlm.mask_tokens(input_ids, attention_mask, small_tokenizer, 0.15, np.random.default_rng(0))
-    chosen = labels != mlm.IGNORE
+    chosen = labels != mlm.IGNORE_INDEX
     assert 0.10 < chosen.sum().item() / 320 < 0.20
     assert torch.equal(labels[chosen], input_ids[chosen])
     markers = (input_ids == small_tokenizer.bos_id) | (input_ids == small_tokenizer.eos_id) | (attention_mask == 0)
@@ -144,7 +160,7 @@ def test_masked_lm_pretraining_lowers_the_validation_loss(tmp_path):
             "train": {**TINY_TRAIN, "max_steps": 40, "eval_every": 40, "eval_windows": 4},
         },
     )
-    result = mlm.finetune(recipe, tmp_path / "run", progress=False)
+    result = run_task(mlm.TASK, recipe, tmp_path / "run", progress=False)
     assert result["masked_loss"] < result["masked_loss_before"] - 1.0
     assert "masked-token loss" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
     # The masked-LM run becomes a classifier's starting point with its backbone intact.
@@ -201,7 +217,7 @@ def test_qa_finetune_writes_a_report(tmp_path):
             "train": {**TINY_TRAIN, "max_steps": 60, "lr": 3e-3},
         },
     )
-    metrics = qa.finetune(recipe, tmp_path / "run", progress=False)
+    metrics = run_task(qa.TASK, recipe, tmp_path / "run", progress=False)
     assert metrics["f1"] > 50  # the answer always follows 名叫; an untrained model scores near 0
     assert "exact match" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
 
@@ -248,3 +264,96 @@ def test_mcq_picks_the_likeliest_choice(tmp_path, small_tokenizer):
 def test_train_config_defaults_of_a_task_recipe_survive_a_partial_override():
     recipe = from_dict(sentiment.Recipe, {"train": {"max_steps": 5}})
     assert recipe.train == TrainConfig(**{**sentiment.Recipe().train.__dict__, "max_steps": 5})
+
+
+# Every training job goes through run_task, so every run folder holds the same files.
+COMMON_FILES = {
+    RunFolder.METRICS_LOG, RunFolder.LOSS_PLOT, RunFolder.REPORT, RunFolder.METRICS, RunFolder.TENSORBOARD,
+    RunFolder.RECIPE, RunFolder.TASK, RunFolder.CONFIG, RunFolder.WEIGHTS, RunFolder.TOKENIZER,
+    RunFolder.TOKENIZER_CONFIG, RunFolder.CHECKPOINTS,
+}  # fmt: skip
+TWO_STEPS = {"max_steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "save_every": 1000, "eval_windows": 2}
+TINY_DECODER = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
+TINY_SEQ2SEQ = {
+    "hidden_size": 32, "num_encoder_layers": 1, "num_decoder_layers": 1, "num_heads": 2, "intermediate_size": 64,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    """Small local data in each task's format."""
+    folder = tmp_path_factory.mktemp("task-data")
+    rng = random.Random(3)
+    words = ["北京", "上海", "人民", "日报", "经济", "。"]
+    lines = ["".join(rng.choice(words) for _ in range(20)) for _ in range(1000)]
+    write_jsonl(folder / "text.jsonl", [{"text": line} for line in lines])
+    splits = {"sentiment": [review(rng, index % 2 == 0) for index in range(24)]}
+    splits["qa"] = [
+        {"context": f"{FILLER[:index]}老师名叫王芳。", "question": "老师叫什么？",
+         "answers": [{"text": "王芳", "answer_start": index + 4}]}
+        for index in range(1, 13)
+    ]  # fmt: skip
+    splits["translate"] = [{"src": "一二三"[: 1 + i % 3], "tgt": " ".join(["one", "two", "three"][: 1 + i % 3])}
+                           for i in range(12)]  # fmt: skip
+    splits["summarize"] = [{"document": line[:30] + "。" + line[30:], "summary": line[:8]} for line in lines[:12]]
+    for task, records in splits.items():
+        (folder / task).mkdir()
+        for split in ("train", "valid", "test"):
+            write_jsonl(folder / task / f"{split}.jsonl", records)
+    return folder
+
+
+def tiny_recipes(data, chat_data, base_run) -> dict:
+    """name -> (task module, recipe values): a couple of steps each, on CPU."""
+    seq2seq = {"vocab_size": 300, "model": TINY_SEQ2SEQ, "max_target_length": 8, "num_beams": 1, "valid_examples": 2}
+    return {
+        "pretrain": (causal_lm, {"data": {"source": str(data / "text.jsonl"), "vocab_size": 300, "context": 16,
+                                          "valid_fraction": 0.1}, "model": TINY_DECODER}),
+        "mlm": (mlm, {"data": {"source": str(data / "text.jsonl"), "valid_fraction": 0.1}, "vocab_size": 300,
+                      "model": tiny_encoder("mlm"), "max_length": 24}),
+        "sentiment": (sentiment, {"data": {"source": str(data / "sentiment")}, "vocab_size": 300,
+                                  "model": tiny_encoder("classify"), "max_length": 24}),
+        "qa": (qa, {"data": {"source": str(data / "qa")}, "vocab_size": 300, "model": tiny_encoder("span"),
+                    "max_length": 40}),
+        "translate": (translate, {"data": {"source": str(data / "translate")}, **seq2seq}),
+        "summarize": (summarize, {"data": {"source": str(data / "summarize")}, **seq2seq}),
+        "chat": (chat, {"data": {"source": str(chat_data)}, "base": str(base_run), "lora": {"rank": 2},
+                        "max_new_tokens": 2}),
+        "dpo": (dpo, {"data": {"source": str(chat_data), "max_eval_examples": 4}, "base": str(base_run),
+                      "max_new_tokens": 2}),
+        "distill": (distill, {"data": {"source": str(data / "text.jsonl")}, "teacher": str(base_run), "context": 16,
+                              "model": {**TINY_DECODER, "max_position_embeddings": 64}, "eval_windows": 2}),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["pretrain", "mlm", "sentiment", "qa", "translate", "summarize", "chat", "dpo",
+                                  "distill"])  # fmt: skip
+def test_every_task_writes_the_same_run_folder(name, task_data, chat_data, base_run, tmp_path):
+    module, values = tiny_recipes(task_data, chat_data, base_run)[name]
+    recipe = from_dict(module.TASK.Recipe, {**values, "train": TWO_STEPS, "device": "cpu"})
+    run_task(module.TASK, recipe, tmp_path, progress=False)
+    files = {path.name for path in tmp_path.iterdir()}
+    extra = {RunFolder.GENERATION} if module.TASK.family == "decoder" else set()
+    if name == "chat":
+        extra |= {RunFolder.ADAPTER_CONFIG, RunFolder.ADAPTER_WEIGHTS}
+    known = {value for key, value in vars(RunFolder).items() if key.isupper() and isinstance(value, str)}
+    assert files & known == COMMON_FILES | extra
+    assert RunFolder(tmp_path).read_task()["task"] == name
+    steps = [record["step"] for record in RunFolder(tmp_path).read_metrics_log() if "loss" in record]
+    assert steps == [1, 2]
+
+
+def test_a_resumed_run_plots_and_reports_every_step(task_data, tmp_path, monkeypatch):
+    plotted = []
+    monkeypatch.setattr(base, "plot_losses", lambda records, path, title: plotted.append(list(records)))
+    values = {"data": {"source": str(task_data / "text.jsonl"), "valid_fraction": 0.1}, "vocab_size": 300,
+              "model": tiny_encoder("mlm"), "max_length": 24, "device": "cpu"}  # fmt: skip
+    first = from_dict(mlm.Recipe, {**values, "train": {**TWO_STEPS, "max_steps": 3, "save_every": 3, "eval_every": 3}})
+    before = run_task(mlm.TASK, first, tmp_path, progress=False)
+    tokenizer = RunFolder(tmp_path).tokenizer.read_bytes()
+    more = from_dict(mlm.Recipe, {**values, "train": {**TWO_STEPS, "max_steps": 5, "eval_every": 5}})
+    after = run_task(mlm.TASK, more, tmp_path, resume=True, progress=False)
+    assert [r["step"] for r in plotted[-1] if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in plotted[-1] if "valid_loss" in r] == [0, 3, 5]
+    assert after["masked_loss_before"] == before["masked_loss_before"] and after["steps"] == 5
+    assert RunFolder(tmp_path).tokenizer.read_bytes() == tokenizer  # the resumed run kept its own tokenizer

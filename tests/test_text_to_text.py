@@ -9,22 +9,18 @@ import random
 import pytest
 import torch
 
+from lmforge.data.batches import IGNORE_INDEX
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import rouge
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import read_json, read_jsonl
 from lmforge.tasks import summarize, translate
+from lmforge.tasks.base import run_task
 from lmforge.tasks.encoding import encode_single
 from lmforge.tasks.examples import TaskData
-from lmforge.tasks.text_to_text import (
-    IGNORE,
-    collate,
-    encode_targets,
-    evaluate_text_to_text,
-    seq2seq_loss,
-    text_pairs,
-    train_tokenizer,
-)
+from lmforge.tasks.text_to_text import Scoring, collate, encode_targets, evaluate_text_to_text, text_pairs
+from lmforge.train.objectives import seq2seq_loss
 from lmforge.train.trainer import TrainConfig
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -103,7 +99,7 @@ def test_translate_learns_digits_and_beats_copying_the_source(tmp_path):
         device="cpu",
     )
     run = tmp_path / "run"
-    metrics = translate.finetune(recipe, run, progress=False)
+    metrics = run_task(translate.TASK, recipe, run, progress=False)
 
     for name in ("config.json", "model.safetensors", "tokenizer.json", "task.json", "recipe.json", "report.md"):
         assert (run / name).is_file(), name
@@ -143,7 +139,7 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
         device="cpu",
     )
     run = tmp_path / "run"
-    metrics = summarize.finetune(recipe, run, progress=False)
+    metrics = run_task(summarize.TASK, recipe, run, progress=False)
 
     assert (run / "model.safetensors").is_file() and (run / "loss.png").is_file()
     # The lead-bias phase ran first, in its own folder, for its own number of steps.
@@ -179,8 +175,8 @@ def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):
     assert again["mbr"] == mbr["mbr"]  # sampling is seeded: the same split decodes the same way
     with pytest.raises(UserError, match="no utility for minimum Bayes risk"):
         evaluate_text_to_text(
-            "summarize", run, TaskData(source=data), "valid", tmp_path / "none", score=rouge, columns=[],
-            baselines={}, notes=[], progress=False, mbr_samples=2,
+            "summarize", run, TaskData(source=data), "valid", tmp_path / "none",
+            Scoring(score=rouge, columns=[], baselines={}, notes=[]), progress=False, mbr_samples=2,
         )  # fmt: skip
 
 
@@ -218,7 +214,7 @@ def test_a_missing_or_empty_field_is_named(tmp_path, task, rows, field):
     data = write_splits(tmp_path / "data", {"train": rows, "valid": rows, "test": rows})
     recipe = task.Recipe(data=TaskData(source=data), device="cpu")
     with pytest.raises(UserError, match=f"field '{field}'") as error:
-        task.finetune(recipe, tmp_path / "run", progress=False)
+        run_task(task.TASK, recipe, tmp_path / "run", progress=False)
     if not rows[-1].get(field, "x").isspace():
         assert f"record {len(rows)}" in str(error.value)
 
@@ -226,7 +222,7 @@ def test_a_missing_or_empty_field_is_named(tmp_path, task, rows, field):
 def test_collate_pads_on_the_right_and_ignores_padding_in_labels(tmp_path):
     data = write_splits(tmp_path / "data", {"train": digit_pairs(50, 0)})
     sources, targets = text_pairs(TaskData(source=data), "train", "src", "tgt")
-    tokenizer = train_tokenizer(sources, targets, 300, progress=False)
+    tokenizer = Tokenizer.train(sources + targets, 300, show_progress=False)
     source_rows = [[tokenizer.bos_id, 10, tokenizer.eos_id], [tokenizer.bos_id, 10, 11, 12, tokenizer.eos_id]]
     target_rows = encode_targets(tokenizer, ["one two three four", "one"], max_target_length=4)
     assert len(target_rows[0]) == 3  # cut to leave room for <bos> / <eos>
@@ -239,8 +235,8 @@ def test_collate_pads_on_the_right_and_ignores_padding_in_labels(tmp_path):
     assert batch["decoder_input_ids"][:, 0].tolist() == [tokenizer.bos_id] * 2
     short = len(target_rows[1])
     assert batch["labels"][1, : short + 1].tolist() == [*target_rows[1], tokenizer.eos_id]
-    assert batch["labels"][1, short + 1 :].eq(IGNORE).all()
-    assert batch["labels"][0].ne(IGNORE).all()
+    assert batch["labels"][1, short + 1 :].eq(IGNORE_INDEX).all()
+    assert batch["labels"][0].ne(IGNORE_INDEX).all()
     # Shifted by one: the decoder sees token t and predicts token t + 1.
     assert torch.equal(batch["decoder_input_ids"][0, 1:], batch["labels"][0, :-1])
 
@@ -248,7 +244,7 @@ def test_collate_pads_on_the_right_and_ignores_padding_in_labels(tmp_path):
 def test_label_smoothing_spreads_a_share_over_the_copy_models_probabilities(tmp_path):
     data = write_splits(tmp_path / "data", {"train": headline_pairs(20, 0)})
     sources, targets = text_pairs(TaskData(source=data), "train", "document", "summary")
-    tokenizer = train_tokenizer(sources, targets, 300, progress=False)
+    tokenizer = Tokenizer.train(sources + targets, 300, show_progress=False)
     source_rows = encode_single(tokenizer, sources[:3], 24)
     batch = collate(tokenizer, list(zip(source_rows, encode_targets(tokenizer, ["天地", "天地人山", "水"], 8))))
     torch.manual_seed(0)
@@ -258,7 +254,7 @@ def test_label_smoothing_spreads_a_share_over_the_copy_models_probabilities(tmp_
     smoothed, _ = seq2seq_loss(model, batch, label_smoothing=0.1)
 
     log_probs = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, vocab)
-    real = batch["labels"] != IGNORE
+    real = batch["labels"] != IGNORE_INDEX
     target_log_probs = log_probs.gather(-1, batch["labels"].clamp_min(0)[..., None])[..., 0]
     nll = -target_log_probs[real].mean()
     uniform = -log_probs[real].mean()  # cross-entropy against the uniform distribution, per token

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.device import evaluating
 from lmforge.errors import UserError
 from lmforge.run_folder import atomic_write_bytes
 
@@ -302,7 +303,6 @@ def qa_exact_match_f1(predictions: list[str], references: list[list[str]]) -> di
     return {"exact_match": 100 * exact_total / len(predictions), "f1": 100 * f1_total / len(predictions)}
 
 
-@torch.no_grad()
 def choice_logprobs(model: nn.Module, context_ids: list[int], choices: list[list[int]]) -> list[float]:
     """Sum of log P(choice tokens | context) for each choice, all choices in one right-padded batch.
 
@@ -319,8 +319,6 @@ def choice_logprobs(model: nn.Module, context_ids: list[int], choices: list[list
         if not choice:
             raise UserError(f"choice_logprobs: choice {index} has no tokens")
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     # The last token predicts nothing we score, so each row is context + choice minus its final token.
     rows = [context_ids + choice[:-1] for choice in choices]
@@ -336,12 +334,12 @@ def choice_logprobs(model: nn.Module, context_ids: list[int], choices: list[list
         targets[index, start : start + len(choice)] = torch.tensor(choice)
         scored[index, start : start + len(choice)] = True
 
-    logits = model(input_ids.to(device), attention_mask.to(device))  # (B, T, vocab)
+    with evaluating(model):
+        logits = model(input_ids.to(device), attention_mask.to(device))  # (B, T, vocab)
     # Only positions from `start` on are scored; skip the log-softmax over the context.
     log_probs = F.log_softmax(logits[:, start:].float(), dim=-1)  # (B, T - start, vocab)
     token_log_probs = log_probs.gather(-1, targets[:, start:, None].to(device)).squeeze(-1)  # (B, T - start)
     sums = (token_log_probs * scored[:, start:].to(device)).sum(-1)  # (B,)
-    model.train(was_training)
     return sums.tolist()
 
 

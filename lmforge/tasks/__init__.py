@@ -1,8 +1,10 @@
-"""Applications as tasks: each is a data format, an input layout, a model family and its metrics.
+"""Applications as tasks: each is a data format, an input layout, a model family, an objective and its metrics.
 
-`TASKS` maps a task name to its module; every module has a `Recipe` dataclass,
-`finetune(recipe, out_dir, resume, progress)` (except evaluation-only tasks) and
-`evaluate_run(model_dir, data, split, out_dir, progress)`. Modules are imported
+`TASKS` maps a task name to its module. A trainable task's module holds a
+`TASK` (`tasks.base.Task`) that `run_task` trains, saves and evaluates; every
+module has a `Recipe` dataclass and `evaluate_run(model_dir, data, split,
+out_dir, progress)` (mcq is evaluation-only). Causal-LM pretraining
+(`causal_lm.py`) is a task too, run by `lmforge pretrain`. Modules are imported
 on use, so `lmforge --help` stays fast.
 """
 

@@ -12,7 +12,6 @@ model's greedy replies, per kind of instruction, beside the base model's.
 from __future__ import annotations
 
 import functools
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,20 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import option, to_dict
+from lmforge.config import option
 from lmforge.data.batches import IGNORE_INDEX, pack_documents
 from lmforge.data.chat import chat_template, check_messages, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.device import pick_device
+from lmforge.device import evaluating
 from lmforge.errors import UserError
-from lmforge.evaluate.report import plot_losses
 from lmforge.generate.sampling import SamplingConfig
-from lmforge.lm import LM, load, save_generation_config
-from lmforge.models import load_model, save_model
+from lmforge.lm import LM, load
+from lmforge.models import load_model
 from lmforge.models.decoder import Decoder
-from lmforge.models.lora import LoRAConfig, merge_lora
-from lmforge.run_folder import read_json, read_jsonl, write_json
+from lmforge.models.lora import LoRAConfig
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -43,9 +42,9 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.train.lora import apply_lora, lora_parameters, save_adapter
+from lmforge.train.lora import apply_lora, lora_parameters
 from lmforge.train.objectives import chat_sft_loss
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.trainer import TrainConfig
 
 FIELDS = ("messages",)
 KEY_FIELD = "prompt"  # what a single-file source is split by (builtin:instructions has it)
@@ -107,29 +106,26 @@ def packed_rows(tokenizer: Tokenizer, records: list[dict], length: int, seed: in
     return pack_documents([documents[i] for i in order], length, tokenizer.pad_id)
 
 
-@torch.no_grad()
 def assistant_loss(model: Decoder, rows: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
     """Mean cross-entropy (and perplexity) over the assistant tokens of packed rows."""
-    was_training = model.training
-    model.eval()
     device = model.embed_tokens.weight.device
     total, count = 0.0, 0
-    for start in range(0, len(rows["input_ids"]), batch_size):
-        batch = {name: tensor[start : start + batch_size].to(device) for name, tensor in rows.items()}
-        loss, _ = chat_sft_loss(model, batch)
-        tokens = int((batch["targets"] != IGNORE_INDEX).sum())
-        total += float(loss) * tokens
-        count += tokens
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(rows["input_ids"]), batch_size):
+            batch = {name: tensor[start : start + batch_size].to(device) for name, tensor in rows.items()}
+            loss, _ = chat_sft_loss(model, batch)
+            tokens = int((batch["targets"] != IGNORE_INDEX).sum())
+            total += float(loss) * tokens
+            count += tokens
     mean = total / max(count, 1)
     return {"loss": mean, "perplexity": float(np.exp(mean))}
 
 
-def load_decoder_base(base: str | None, device: str, task: str) -> tuple[Decoder, Tokenizer]:
+def load_decoder_base(base: str | None, device: torch.device, task: str) -> tuple[Decoder, Tokenizer]:
     """The decoder and tokenizer a fine-tuning task starts from; its tokenizer must have a chat template."""
     if not base:
         raise UserError(f"{task} needs a decoder to start from: --base RUN_FOLDER (e.g. runs/demo)")
-    model = load_model(base, pick_device(device))
+    model = load_model(base, device)
     if not isinstance(model, Decoder):
         raise UserError(f"{base} is not a decoder; {task} needs one (e.g. lmforge demo's run)")
     tokenizer = Tokenizer.load(base)
@@ -137,60 +133,41 @@ def load_decoder_base(base: str | None, device: str, task: str) -> tuple[Decoder
     return model, tokenizer
 
 
-def save_tuned_decoder(
-    out_dir: Path, model: Decoder, tokenizer: Tokenizer, recipe, task: dict, trainable: int, title: str
-) -> None:
-    """A run folder any command can use: the (merged) model, adapters when LoRA was used, tokenizer, report inputs."""
-    if recipe.lora.enabled:
-        save_adapter(out_dir, model, recipe.lora, base=str(recipe.base))
-        merge_lora(model)  # the run folder also holds the merged model, so every command can use it as is
-    save_model(out_dir, model)
-    tokenizer.save(out_dir, model_max_length=model.config.max_position_embeddings)
-    save_generation_config(out_dir, recipe.generation, tokenizer)
-    parameters = model.num_parameters()
-    write_json(out_dir / "task.json", {**task, "trainable_parameters": trainable, "parameters": parameters})
-    write_json(out_dir / "recipe.json", to_dict(recipe))
-    plot_losses(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "loss.png", title=title)
+def tuned_task_info(model: Decoder, lora: LoRAConfig, task: dict) -> dict:
+    """Adapters on `model` when LoRA is on; task.json with the trainable and the (merged) model's parameter counts."""
+    parameters = model.num_parameters()  # before adapters: what the merged model will have
+    if lora.enabled:
+        apply_lora(model, lora)
+    trainable, total = lora_parameters(model)
+    print(f"{task['task']}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.1%}) "
+          f"on {model.embed_tokens.weight.device}")  # fmt: skip
+    return {**task, "trainable_parameters": trainable, "parameters": parameters}
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune `recipe.base` on conversations, save the chat model (and adapters), report on the test split."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_decoder_base(recipe.base, recipe.device, "chat fine-tuning")
-    device = model.embed_tokens.weight.device
+def prepare(recipe: Recipe, setup: Setup) -> Training:
+    """`recipe.base` (with adapters when LoRA is on) and packed rows of conversations."""
+    model, tokenizer = load_decoder_base(recipe.base, setup.device, "chat fine-tuning")
     context = model.config.max_position_embeddings
     length = min(recipe.max_length or context, context)
     seed = recipe.train.seed
     train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed)
     valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed)
     valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
-    if recipe.lora.enabled:
-        apply_lora(model, recipe.lora)
-    trainable, total = lora_parameters(model)
-    print(
-        f"chat fine-tuning: {trainable:,} of {total:,} parameters trainable ({trainable / total:.1%}) on {device}; "
-        f"{len(train_rows['input_ids']):,} packed rows of {length} tokens"
-    )
+    task_info = tuned_task_info(model, recipe.lora, {"task": "chat", "base": str(recipe.base)})
+    print(f"chat fine-tuning: {len(train_rows['input_ids']):,} packed rows of {length} tokens")
     batches = ExampleBatches(range(len(train_rows["input_ids"])), recipe.train.batch_size, _stack(train_rows), seed)
-    started = time.perf_counter()
-    train(
+    return Training(
         model,
-        chat_sft_loss,
+        tokenizer,
         batches.batch,
-        recipe.train,
-        out_dir,
         functools.partial(assistant_loss, rows=valid_rows),
-        resume=resume,
-        progress=progress,
+        task_info,
+        max_length=context,
+        title=f"chat SFT on {recipe.data.source}",
+        generation=recipe.generation,
+        lora=recipe.lora if recipe.lora.enabled else None,
+        evaluate_options={"max_new_tokens": recipe.max_new_tokens},
     )
-    minutes = (time.perf_counter() - started) / 60
-    task = {"task": "chat", "base": str(recipe.base)}
-    save_tuned_decoder(out_dir, model, tokenizer, recipe, task, trainable, f"chat SFT on {recipe.data.source}")
-    return evaluate_run(
-        out_dir, recipe.data, "test", out_dir, training_minutes=minutes, progress=progress,
-        max_new_tokens=recipe.max_new_tokens,
-    )  # fmt: skip
 
 
 def _stack(rows: dict[str, torch.Tensor]):
@@ -244,7 +221,7 @@ def evaluate_run(
     length = lm.model.config.max_position_embeddings
     rows = packed_rows(lm.tokenizer, records, length, seed=0)
     scores = {f"assistant_{k}": v for k, v in assistant_loss(lm.model, rows).items()}
-    base = linked_model(run_task(model_dir))
+    base = linked_model(RunFolder(model_dir).read_task(default={}))
     base_lm = load(base) if base is not None else None
     base_scores = {f"assistant_{k}": v for k, v in assistant_loss(base_lm.model, rows).items()} if base_lm else {}
     fitting = [r for r in records if fits_context(lm, r["messages"][:-1], max_new_tokens)]
@@ -275,7 +252,7 @@ def evaluate_run(
     ]
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
-        notes.append(f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+        notes.append(f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})")
     write_task_report(
         out_dir, f"chat — {model_dir}", metrics, systems, columns, examples, describe_split(data, split, KEY_FIELD),
         notes,
@@ -292,16 +269,10 @@ def fits_context(lm: LM, messages: list[dict], max_new_tokens: int) -> bool:
     return True
 
 
-def run_task(model_dir: Path) -> dict:
-    """The run's task.json, or {} for a folder that has none (e.g. a pretraining run)."""
-    task_file = model_dir / "task.json"
-    return read_json(task_file) if task_file.is_file() else {}
-
-
 def linked_model(task: dict, key: str = "base") -> str | None:
     """The model folder task.json names under `key` (the base, a teacher), if it is still a model folder."""
     folder = task.get(key)
-    return folder if folder and (Path(folder) / "config.json").is_file() else None
+    return folder if folder and RunFolder(folder).has_model() else None
 
 
 def _last_turn(messages: list[dict]) -> str:
@@ -310,3 +281,14 @@ def _last_turn(messages: list[dict]) -> str:
     text = users[-1].replace("\n", " ") if users else ""
     text = text if len(text) <= 80 else text[:80] + "…"
     return f"(turn {len(users)}) {text}" if len(users) > 1 else text
+
+
+TASK = Task(
+    name="chat",
+    Recipe=Recipe,
+    fields=FIELDS,
+    family="decoder",
+    objective=chat_sft_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+)

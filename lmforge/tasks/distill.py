@@ -17,24 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lmforge.config import option, to_dict
+from lmforge.config import option
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.data.tokens import LMWindows, token_cache
-from lmforge.device import autocast_dtype, pick_device
 from lmforge.errors import UserError
-from lmforge.evaluate.perplexity import evaluate_lm, evaluate_source
-from lmforge.evaluate.report import plot_losses
+from lmforge.evaluate.perplexity import evaluate_source
 from lmforge.generate.decode import generate_ids
 from lmforge.generate.sampling import SamplingConfig
-from lmforge.lm import LM, load, read_generation_config, save_generation_config
-from lmforge.models import load_model, save_model
+from lmforge.lm import LM, load, read_generation_config
+from lmforge.models import load_model
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.run_folder import read_jsonl, write_json
-from lmforge.tasks.chat import linked_model, run_task
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training
+from lmforge.tasks.causal_lm import lm_validation, training_windows
+from lmforge.tasks.chat import linked_model
 from lmforge.tasks.examples import TaskData, report_folders, write_task_report
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.distributed import world
+from lmforge.train.objectives import distillation_loss
+from lmforge.train.trainer import TrainConfig
 
 SPLIT_FRACTIONS = (0.01, 0.01)  # pretraining's validation and test shares, so the teacher never saw them
 
@@ -63,20 +63,6 @@ class Recipe:
             raise ValueError(f"alpha must be in [0, 1], not {self.alpha}")
 
 
-def distillation_loss(
-    model: Decoder, batch: tuple[torch.Tensor, torch.Tensor], teacher: Decoder, temperature: float, alpha: float
-) -> tuple[torch.Tensor, int]:
-    inputs, targets = batch
-    logits = model(inputs).float()  # (B, T, V)
-    with torch.no_grad():
-        soft_targets = F.log_softmax(teacher(inputs).float() / temperature, dim=-1)
-    student = F.log_softmax(logits / temperature, dim=-1)
-    # KL(teacher || student) per token, averaged over tokens.
-    kl = F.kl_div(student.flatten(0, 1), soft_targets.flatten(0, 1), log_target=True, reduction="batchmean")
-    lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    return alpha * temperature**2 * kl + (1 - alpha) * lm, targets.numel()
-
-
 @torch.inference_mode()
 def decoding_speed(lms: dict[str, LM], new_tokens: int = 64, rounds: int = 5) -> dict[str, float]:
     """Greedy tokens/s of each model on the same prompt, in interleaved rounds; the median per model."""
@@ -91,53 +77,41 @@ def decoding_speed(lms: dict[str, LM], new_tokens: int = 64, rounds: int = 5) ->
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Distil `recipe.teacher` into a student of shape `recipe.model`; report student beside teacher."""
+def prepare(recipe: Recipe, setup: Setup) -> Training:
+    """A new student beside the frozen teacher, on the teacher's tokenizer and pretraining's token windows."""
     if not recipe.teacher:
         raise UserError("distillation needs a teacher: --teacher RUN_FOLDER (e.g. runs/demo)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(recipe.device)
-    teacher = load_model(recipe.teacher, device)
+    teacher = load_model(recipe.teacher, setup.device)
     if not isinstance(teacher, Decoder):
         raise UserError(f"{recipe.teacher} is not a decoder; distillation here is for decoders")
     teacher.requires_grad_(False)
     tokenizer = Tokenizer.load(recipe.teacher)
     recipe.model.vocab_size = teacher.config.vocab_size
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.context)
-    source, seed = recipe.data.source, recipe.train.seed
-    train_windows = LMWindows(token_cache(source, "train", tokenizer, *SPLIT_FRACTIONS), recipe.context, seed=seed)
-    valid_windows = LMWindows(token_cache(source, "valid", tokenizer, *SPLIT_FRACTIONS), recipe.context)
-    if len(train_windows) == 0 or len(valid_windows) == 0:
-        raise UserError(f"{source} is too small: each split needs more than {recipe.context} tokens")
-    torch.manual_seed(seed)
-    student = Decoder(recipe.model).to(device)
+    config = recipe.train
+    train_windows, valid_windows = training_windows(
+        recipe.data.source, tokenizer, recipe.context, SPLIT_FRACTIONS, config.seed, setup.progress
+    )
+    torch.manual_seed(config.seed)
+    student = Decoder(recipe.model).to(setup.device)
     print(
         f"distilling a {teacher.num_parameters():,}-parameter teacher into a "
-        f"{student.num_parameters():,}-parameter student on {device}"
+        f"{student.num_parameters():,}-parameter student on {setup.device}"
     )
-    objective = functools.partial(
-        distillation_loss, teacher=teacher, temperature=recipe.temperature, alpha=recipe.alpha
-    )
-    evaluate = functools.partial(
-        evaluate_lm,
-        windows=valid_windows,
-        token_bytes=tokenizer.token_bytes(),
-        batch_size=recipe.train.batch_size,
-        max_windows=recipe.eval_windows,
-        autocast_dtype=autocast_dtype(device, recipe.train.precision),
-    )
-    batches = functools.partial(train_windows.training_batch, batch_size=recipe.train.batch_size)
-    started = time.perf_counter()
-    train(student, objective, batches, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
-    minutes = (time.perf_counter() - started) / 60
-    save_model(out_dir, student)
-    tokenizer.save(out_dir, model_max_length=recipe.model.max_position_embeddings)
-    save_generation_config(out_dir, read_generation_config(recipe.teacher), tokenizer)
-    write_json(out_dir / "recipe.json", to_dict(recipe))
-    write_json(out_dir / "task.json", {"task": "distill", "teacher": str(recipe.teacher)})
-    plot_losses(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "loss.png", title=f"distillation on {source}")
-    return evaluate_run(out_dir, recipe.data, "valid", out_dir, training_minutes=minutes, progress=progress)
+    here = world()
+    return Training(
+        student,
+        tokenizer,
+        functools.partial(train_windows.training_batch, batch_size=config.batch_size, rank=here.rank,
+                          world_size=here.size),
+        lm_validation(valid_windows, tokenizer, config, setup.device, recipe.eval_windows),
+        task_info={"task": "distill", "teacher": str(recipe.teacher)},
+        max_length=recipe.model.max_position_embeddings,
+        title=f"distillation on {recipe.data.source}",
+        objective_options={"teacher": teacher, "temperature": recipe.temperature, "alpha": recipe.alpha},
+        generation=read_generation_config(recipe.teacher),
+        batches_are_local=True,
+    )  # fmt: skip
 
 
 def evaluate_run(
@@ -151,7 +125,7 @@ def evaluate_run(
 ) -> dict:
     """Student beside teacher: parameters, perplexity and bits per character on `split`, greedy decoding speed."""
     model_dir, out_dir = report_folders(model_dir, out_dir)
-    teacher_dir = linked_model(run_task(model_dir), "teacher")
+    teacher_dir = linked_model(RunFolder(model_dir).read_task(default={}), "teacher")
     if teacher_dir is None:
         raise UserError(f"{model_dir} names no teacher folder that exists (task.json 'teacher')")
     lms = {"student": load(model_dir), "teacher": load(teacher_dir)}
@@ -187,7 +161,9 @@ def evaluate_run(
     ]
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
-        notes.append(f"Distillation took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
+        notes.append(
+            f"Distillation took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})"
+        )
     samples = [
         {
             "prompt": prompt,
@@ -199,3 +175,15 @@ def evaluate_run(
         out_dir, f"distill — {model_dir}", metrics, rows, columns, samples, f"{data.source} ({split} split)", notes
     )
     return metrics
+
+
+TASK = Task(
+    name="distill",
+    Recipe=Recipe,
+    fields=("text",),
+    family="decoder",
+    objective=distillation_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+    eval_split="valid",
+)

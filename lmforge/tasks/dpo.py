@@ -14,32 +14,25 @@ from __future__ import annotations
 
 import copy
 import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import torch
-import torch.nn.functional as F
 
 from lmforge.config import option
 from lmforge.data.batches import IGNORE_INDEX
 from lmforge.data.chat import check_messages, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.device import evaluating
 from lmforge.errors import UserError
 from lmforge.lm import load
 from lmforge.models.decoder import Decoder
-from lmforge.run_folder import read_jsonl
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.chat import Recipe as ChatRecipe
-from lmforge.tasks.chat import (
-    fits_context,
-    instruction_accuracy,
-    linked_model,
-    load_decoder_base,
-    run_task,
-    save_tuned_decoder,
-)
+from lmforge.tasks.chat import fits_context, instruction_accuracy, linked_model, load_decoder_base, tuned_task_info
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -49,8 +42,8 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.train.lora import apply_lora, lora_parameters
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.objectives import dpo_loss, sequence_logprobs
+from lmforge.train.trainer import TrainConfig
 
 FIELDS = ("messages", "chosen", "rejected")
 KEY_FIELD = "prompt"
@@ -129,51 +122,23 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
 
 
-def sequence_logprobs(model: Decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the log-probabilities of each row's target tokens: (rows,)."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (rows, T, V)
-    targets = batch["targets"]
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (token_logprobs * (targets != IGNORE_INDEX)).sum(dim=-1)
-
-
-def dpo_loss(
-    model: Decoder, batch: dict[str, torch.Tensor], reference: Decoder, beta: float, sft_weight: float = 0.0
-) -> tuple[torch.Tensor, int]:
-    policy = sequence_logprobs(model, batch)  # (2B,)
-    with torch.no_grad():
-        anchor = sequence_logprobs(reference, batch)
-    pairs = policy.shape[0] // 2
-    margin = (policy[:pairs] - anchor[:pairs]) - (policy[pairs:] - anchor[pairs:])  # (B,)
-    loss = -F.logsigmoid(beta * margin).mean()
-    scored = batch["targets"] != IGNORE_INDEX
-    if sft_weight:
-        # NOTE: DPO alone can lower the likelihood of the chosen reply too, as long as the rejected one falls
-        # faster; a cross-entropy term on the chosen reply keeps it up (RPO, https://arxiv.org/abs/2404.19733).
-        loss = loss + sft_weight * (-policy[:pairs] / scored[:pairs].sum(dim=-1)).mean()
-    return loss, int(scored.sum())
-
-
-@torch.no_grad()
 def preference_scores(
     model: Decoder, reference: Decoder | None, pairs: list, pad_id: int, beta: float, batch_size: int = 16
 ) -> dict[str, float]:
     """Held-out preference accuracy (chosen more likely than rejected); with a reference, DPO's reward accuracy too."""
-    was_training = model.training
-    model.eval()
     device = model.embed_tokens.weight.device
     prefers, rewards, margins = [], [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id).items()}
-        policy = sequence_logprobs(model, batch)
-        half = policy.shape[0] // 2
-        prefers += (policy[:half] > policy[half:]).tolist()
-        if reference is not None:
-            anchor = sequence_logprobs(reference, batch)
-            margin = beta * ((policy[:half] - anchor[:half]) - (policy[half:] - anchor[half:]))
-            rewards += (margin > 0).tolist()
-            margins += margin.tolist()
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(pairs), batch_size):
+            batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id).items()}
+            policy = sequence_logprobs(model, batch)  # (2B,)
+            half = policy.shape[0] // 2
+            prefers += (policy[:half] > policy[half:]).tolist()
+            if reference is not None:
+                anchor = sequence_logprobs(reference, batch)
+                margin = beta * ((policy[:half] - anchor[:half]) - (policy[half:] - anchor[half:]))
+                rewards += (margin > 0).tolist()
+                margins += margin.tolist()
     scores = {"preference_accuracy": sum(prefers) / len(prefers)}
     if reference is not None:
         scores["reward_accuracy"] = sum(rewards) / len(rewards)
@@ -181,36 +146,35 @@ def preference_scores(
     return scores
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """DPO from `recipe.base`; the run folder gets the tuned model, a report and the preference-accuracy curve."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_decoder_base(recipe.base, recipe.device, "preference tuning")
+def prepare(recipe: Recipe, setup: Setup) -> Training:
+    """The policy (`recipe.base`, with adapters when LoRA is on), its frozen copy as the reference, encoded pairs."""
+    model, tokenizer = load_decoder_base(recipe.base, setup.device, "preference tuning")
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     length = min(recipe.max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
     train_pairs = encode_pairs(tokenizer, preference_records(recipe.data, "train"), length)
     valid_pairs = encode_pairs(tokenizer, preference_records(recipe.data, "valid"), length)[:200]
     if not train_pairs or not valid_pairs:
         raise UserError(f"no preference pair of {recipe.data.source} fits in {length} tokens")
-    if recipe.lora.enabled:
-        apply_lora(model, recipe.lora)
-    trainable, total = lora_parameters(model)
-    print(f"DPO: {trainable:,} of {total:,} parameters trainable; {len(train_pairs):,} training pairs")
+    task_info = tuned_task_info(model, recipe.lora, {"task": "dpo", "base": str(recipe.base), "beta": recipe.beta})
+    print(f"DPO: {len(train_pairs):,} training pairs")
     collate = functools.partial(_collate, pad_id=tokenizer.pad_id)
     batches = ExampleBatches(train_pairs, recipe.train.batch_size, collate, recipe.train.seed)
-    objective = functools.partial(dpo_loss, reference=reference, beta=recipe.beta, sft_weight=recipe.sft_weight)
-    evaluate = functools.partial(
+    validate = functools.partial(
         preference_scores, reference=reference, pairs=valid_pairs, pad_id=tokenizer.pad_id, beta=recipe.beta
     )
-    started = time.perf_counter()
-    train(model, objective, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
-    minutes = (time.perf_counter() - started) / 60
-    task = {"task": "dpo", "base": str(recipe.base), "beta": recipe.beta}
-    save_tuned_decoder(out_dir, model, tokenizer, recipe, task, trainable, f"DPO on {recipe.data.source}")
-    return evaluate_run(
-        out_dir, recipe.data, "test", out_dir, training_minutes=minutes, progress=progress,
-        max_new_tokens=recipe.max_new_tokens,
-    )  # fmt: skip
+    return Training(
+        model,
+        tokenizer,
+        batches.batch,
+        validate,
+        task_info,
+        max_length=model.config.max_position_embeddings,
+        title=f"DPO on {recipe.data.source}",
+        objective_options={"reference": reference, "beta": recipe.beta, "sft_weight": recipe.sft_weight},
+        generation=recipe.generation,
+        lora=recipe.lora if recipe.lora.enabled else None,
+        evaluate_options={"max_new_tokens": recipe.max_new_tokens},
+    )
 
 
 def _collate(pairs: list, rng, pad_id: int) -> dict[str, torch.Tensor]:
@@ -246,7 +210,7 @@ def evaluate_run(
     """Held-out preference accuracy beside the base model's; exact-match accuracy where answers are checkable."""
     model_dir, out_dir = report_folders(model_dir, out_dir)
     lm = load(model_dir)
-    task = run_task(model_dir)
+    task = RunFolder(model_dir).read_task(default={})
     base = linked_model(task)
     base_lm = load(base) if base is not None else None
     beta = task.get("beta", 0.1)
@@ -285,11 +249,22 @@ def evaluate_run(
     metrics = {**scores, "pairs": len(pairs), "baselines": dict(systems[1:])}
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
-        notes.append(f"Training took {training_minutes:.1f} minutes. Loss: ![loss](loss.png)")
-        if plot_preference_curve(read_jsonl(model_dir / "metrics.jsonl"), out_dir / "preference_accuracy.png"):
+        notes.append(f"Training took {training_minutes:.1f} minutes. Loss: ![loss]({RunFolder.LOSS_PLOT})")
+        if plot_preference_curve(RunFolder(model_dir).read_metrics_log(), out_dir / "preference_accuracy.png"):
             notes.append("Held-out preference accuracy during training: ![curve](preference_accuracy.png)")
     write_task_report(
         out_dir, f"dpo — {model_dir}", metrics, systems, columns, examples, describe_split(data, split, KEY_FIELD),
         notes,
     )  # fmt: skip
     return metrics
+
+
+TASK = Task(
+    name="dpo",
+    Recipe=Recipe,
+    fields=FIELDS,
+    family="decoder",
+    objective=dpo_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+)

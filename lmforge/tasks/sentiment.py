@@ -11,23 +11,22 @@ and snownlp's own naive Bayes sentiment classifier.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmforge.config import option, to_dict
+from lmforge.config import option
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.device import pick_device
+from lmforge.device import evaluating, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import classification_metrics, plot_confusion_matrix
-from lmforge.models import load_model, save_model
+from lmforge.models import load_model
 from lmforge.models.bert import load_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig
-from lmforge.run_folder import read_json, write_json
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.encoding import encode_single, model_folder, pad_right
 from lmforge.tasks.examples import (
     ExampleBatches,
@@ -38,7 +37,8 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.objectives import classification_loss
+from lmforge.train.trainer import TrainConfig
 
 FIELDS = ("text", "label")
 
@@ -64,31 +64,17 @@ def label_name(value) -> str:
     return str(value)
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(recipe.device)
+def prepare(recipe: Recipe, setup: Setup) -> Training:
     train_records = task_records(recipe.data, "train", FIELDS)
     valid_records = task_records(recipe.data, "valid", FIELDS)
     recipe.labels = sorted({label_name(record["label"]) for record in train_records})
     if len(recipe.labels) < 2:
         raise UserError(f"the training split of {recipe.data.source} has only the label {recipe.labels}; need two")
-
-    if recipe.base:
-        folder = model_folder(recipe.base)
-        tokenizer = Tokenizer.load(folder)
-        model = load_encoder(folder, head="classify", num_labels=len(recipe.labels), pooling=recipe.model.pooling)
-    else:
-        tokenizer = Tokenizer.train((r["text"] for r in train_records), recipe.vocab_size, show_progress=progress)
-        recipe.model.vocab_size = tokenizer.vocab_size
-        recipe.model.num_labels = len(recipe.labels)
-        recipe.model.head = "classify"
-        torch.manual_seed(recipe.train.seed)
-        model = Encoder(recipe.model)
-    model.to(device)
+    model, tokenizer = _encoder(recipe, setup, train_records)
     recipe.max_length = min(recipe.max_length, model.config.max_position_embeddings)
-    print(f"encoder classifier: {model.num_parameters():,} parameters on {device}; {len(train_records):,} examples")
-
+    print(
+        f"encoder classifier: {model.num_parameters():,} parameters on {setup.device}; {len(train_records):,} examples"
+    )
     label_index = {name: index for index, name in enumerate(recipe.labels)}
     examples = list(
         zip(
@@ -96,24 +82,42 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
             (label_index[label_name(r["label"])] for r in train_records),
         )
     )
-    collate = functools.partial(_collate, tokenizer)
-    batches = ExampleBatches(examples, recipe.train.batch_size, collate, seed=recipe.train.seed)
+    batches = ExampleBatches(
+        examples, recipe.train.batch_size, functools.partial(_collate, tokenizer), seed=recipe.train.seed
+    )
     valid_texts = [r["text"] for r in valid_records]
     valid_labels = [label_name(r["label"]) for r in valid_records]
 
-    def evaluate(model: Encoder) -> dict[str, float]:
+    def validate(model: Encoder) -> dict[str, float]:
         predictions = predict(model, tokenizer, valid_texts, recipe.labels, recipe.max_length)
         scores = classification_metrics(predictions, valid_labels, recipe.labels)
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
-    started = time.perf_counter()
-    train(model, classification_loss, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
-    minutes = (time.perf_counter() - started) / 60
-    save_model(out_dir, model)
-    tokenizer.save(out_dir, model_max_length=recipe.max_length)
-    write_json(out_dir / "task.json", {"task": "sentiment", "labels": recipe.labels, "max_length": recipe.max_length})
-    write_json(out_dir / "recipe.json", to_dict(recipe))
-    return evaluate_run(out_dir, recipe.data, "test", out_dir, training_minutes=minutes)
+    return Training(
+        model,
+        tokenizer,
+        batches.batch,
+        validate,
+        task_info={"task": "sentiment", "labels": recipe.labels, "max_length": recipe.max_length},
+        max_length=recipe.max_length,
+        title=f"sentiment on {recipe.data.source}",
+    )
+
+
+def _encoder(recipe: Recipe, setup: Setup, train_records: list[dict]) -> tuple[Encoder, Tokenizer]:
+    """The classifier and its tokenizer: a base encoder with a new head, or a new one (and tokenizer) from scratch."""
+    if recipe.base:
+        folder = model_folder(recipe.base)
+        tokenizer = Tokenizer.load(folder)
+        model = load_encoder(folder, head="classify", num_labels=len(recipe.labels), pooling=recipe.model.pooling)
+    else:
+        tokenizer = setup.tokenizer(lambda: (r["text"] for r in train_records), recipe.vocab_size)
+        recipe.model.vocab_size = tokenizer.vocab_size
+        recipe.model.num_labels = len(recipe.labels)
+        recipe.model.head = "classify"
+        torch.manual_seed(recipe.train.seed)
+        model = Encoder(recipe.model)
+    return model.to(setup.device), tokenizer
 
 
 def _collate(tokenizer: Tokenizer, examples: list, rng) -> dict[str, torch.Tensor]:
@@ -122,27 +126,19 @@ def _collate(tokenizer: Tokenizer, examples: list, rng) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def classification_loss(model: Encoder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, labels)
-    return F.cross_entropy(logits.float(), batch["labels"]), int(batch["attention_mask"].sum())
-
-
-@torch.no_grad()
 def predict(
     model: Encoder, tokenizer: Tokenizer, texts: list[str], labels: list[str], max_length: int, batch_size: int = 64
 ) -> list[str]:
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     predictions = []
     # Sorting by length keeps padding, and so wasted work, small.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     rows = encode_single(tokenizer, [texts[i] for i in order], max_length)
-    for chunk in in_batches(rows, batch_size):
-        input_ids, attention_mask = pad_right(tokenizer, chunk)
-        logits = model(input_ids.to(device), attention_mask.to(device))
-        predictions += [labels[i] for i in logits.argmax(-1).tolist()]
-    model.train(was_training)
+    with evaluating(model):
+        for chunk in in_batches(rows, batch_size):
+            input_ids, attention_mask = pad_right(tokenizer, chunk)
+            logits = model(input_ids.to(device), attention_mask.to(device))  # (B, labels)
+            predictions += [labels[i] for i in logits.argmax(-1).tolist()]
     unsorted = [""] * len(texts)
     for position, index in enumerate(order):
         unsorted[index] = predictions[position]
@@ -183,7 +179,7 @@ def evaluate_run(
 ) -> dict:
     """Accuracy, macro-F1 and the confusion matrix of a fine-tuned classifier, beside the baselines."""
     model_dir, out_dir = report_folders(model_dir, out_dir)
-    task = read_json(model_dir / "task.json")
+    task = RunFolder(model_dir).read_task()
     labels = task["labels"]
     model = load_model(model_dir, pick_device("auto"))
     tokenizer = Tokenizer.load(model_dir)
@@ -242,7 +238,7 @@ def evaluate_run(
 
 def _training_records(model_dir: Path) -> list[dict]:
     """The training split the model was fine-tuned on, as its recipe.json records it (none if unknown)."""
-    recipe = read_json(model_dir / "recipe.json") if (model_dir / "recipe.json").is_file() else {}
+    recipe = RunFolder(model_dir).read_recipe(default={})
     return task_records(TaskData(**recipe["data"]), "train", FIELDS) if "data" in recipe else []
 
 
@@ -251,3 +247,14 @@ def _majority_label(train_records: list[dict], labels: list[str]) -> str:
     for record in train_records:
         counts[label_name(record["label"])] += 1
     return max(counts, key=counts.get)
+
+
+TASK = Task(
+    name="sentiment",
+    Recipe=Recipe,
+    fields=FIELDS,
+    family="encoder",
+    objective=classification_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+)

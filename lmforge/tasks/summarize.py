@@ -18,10 +18,12 @@ from pathlib import Path
 from lmforge.config import option
 from lmforge.data.sources import read_split, record_text
 from lmforge.evaluate.metrics import rouge, rouge_l, rouge_per_example
+from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.examples import TaskData
-from lmforge.tasks.text_to_text import TextToTextRecipe, evaluate_text_to_text, finetune_text_to_text
+from lmforge.tasks.text_to_text import Scoring, TextToTextRecipe, evaluate_text_to_text, prepare_text_to_text
+from lmforge.train.objectives import seq2seq_loss
 
-TASK = {"task": "summarize", "source_field": "document", "target_field": "summary"}
+TASK_INFO = {"task": "summarize", "source_field": "document", "target_field": "summary"}
 COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")]
 LEAD_CHARACTERS = 30  # the longest LCSTS headline
 SENTENCE_END = re.compile(r"[。！？!?]")
@@ -61,7 +63,7 @@ def lead_bias_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
     return sources, targets
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def prepare(recipe: Recipe, setup: Setup) -> Training:
     # The first phase uses the main phase's optimisation settings, over its own number of steps.
     steps = recipe.lead_pretraining_steps
     warm_up = (
@@ -76,9 +78,7 @@ def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress
         more = [record_text(r) for r in read_split(extra, "train")] if extra else []
         return lead_bias_pairs(documents + more)
 
-    return finetune_text_to_text(
-        recipe, out_dir, TASK, rouge, evaluate_run, resume, progress, warm_up_pairs=warm_up_pairs, warm_up=warm_up
-    )
+    return prepare_text_to_text(recipe, setup, TASK_INFO, rouge, warm_up_pairs=warm_up_pairs, warm_up=warm_up)
 
 
 def evaluate_run(
@@ -99,19 +99,25 @@ def evaluate_run(
         f"Baseline 'lead' is the document's first sentence (up to the first 。！？!?), cut to {LEAD_CHARACTERS} "
         "characters.",
     ]
-    return evaluate_text_to_text(
-        "summarize",
-        model_dir,
-        data,
-        split,
-        out_dir,
+    scoring = Scoring(
         score=rouge,
         columns=COLUMNS,
         baselines={"lead": lambda documents: [lead(document) for document in documents]},
         notes=notes,
-        training_minutes=training_minutes,
-        progress=progress,
         utility=rouge_l,
-        **decoding,
         per_example=rouge_per_example,
     )
+    return evaluate_text_to_text(
+        "summarize", model_dir, data, split, out_dir, scoring, training_minutes, progress, **decoding
+    )
+
+
+TASK = Task(
+    name="summarize",
+    Recipe=Recipe,
+    fields=("document", "summary"),
+    family="seq2seq",
+    objective=seq2seq_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+)

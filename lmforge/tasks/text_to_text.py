@@ -11,26 +11,26 @@ report. It does not know metrics or baselines: each task passes its own.
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from lmforge.config import option, to_dict
+from lmforge.config import option
+from lmforge.data.batches import IGNORE_INDEX
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.device import pick_device
+from lmforge.device import evaluating, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import means, paired_difference
-from lmforge.evaluate.report import plot_losses
 from lmforge.generate.mbr import Utility, minimum_bayes_risk
 from lmforge.generate.seq2seq_search import beam_search, greedy_search, sample_search
-from lmforge.models import load_model, save_model
+from lmforge.models import load_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from lmforge.run_folder import read_json, read_jsonl, write_json
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Training
 from lmforge.tasks.encoding import encode_single, pad_right
 from lmforge.tasks.examples import (
     ExampleBatches,
@@ -41,9 +41,9 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
+from lmforge.train.objectives import seq2seq_loss
 from lmforge.train.trainer import TrainConfig, train
 
-IGNORE = -100  # F.cross_entropy's ignore_index
 Score = Callable[[list[str], list[str]], dict[str, float]]  # (hypotheses, references) -> metrics
 # (hypotheses, references) -> each metric's value for every example; its means are the metrics
 PerExampleScore = Callable[[list[str], list[str]], dict[str, list[float]]]
@@ -110,23 +110,18 @@ def text_pairs(data: TaskData, split: str, source_field: str, target_field: str)
     return [r[source_field] for r in records], [r[target_field] for r in records]
 
 
-def train_tokenizer(sources: list[str], targets: list[str], vocab_size: int, progress: bool = True) -> Tokenizer:
-    # One vocabulary for both sides: the embedding is shared by encoder, decoder and output layer.
-    return Tokenizer.train(sources + targets, vocab_size, show_progress=progress)
-
-
 def encode_targets(tokenizer: Tokenizer, texts: list[str], max_target_length: int) -> list[list[int]]:
     """Target ids without markers, cut so [bos] + target and target + [eos] fit `max_target_length`."""
     return [ids[: max_target_length - 1] for ids in tokenizer.encode_batch(texts)]
 
 
 def collate(tokenizer: Tokenizer, examples: list[tuple[list[int], list[int]]], rng=None) -> dict[str, torch.Tensor]:
-    """(source row, target ids) pairs -> right-padded encoder and decoder tensors; labels are IGNORE on padding."""
+    """(source row, target ids) pairs -> right-padded encoder and decoder tensors; labels IGNORE_INDEX on padding."""
     input_ids, attention_mask = pad_right(tokenizer, [source for source, _ in examples])  # (B, S)
     targets = [target for _, target in examples]
     decoder_input_ids, decoder_attention_mask = pad_right(tokenizer, [[tokenizer.bos_id, *t] for t in targets])
     labels, _ = pad_right(tokenizer, [[*t, tokenizer.eos_id] for t in targets])  # (B, T)
-    labels[decoder_attention_mask == 0] = IGNORE
+    labels[decoder_attention_mask == 0] = IGNORE_INDEX
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -136,36 +131,18 @@ def collate(tokenizer: Tokenizer, examples: list[tuple[list[int], list[int]]], r
     }
 
 
-def seq2seq_loss(
-    model: Seq2Seq, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
-) -> tuple[torch.Tensor, int]:
-    """Token-level cross-entropy over the target tokens and eos (optionally against smoothed labels)."""
-    # NOTE: no decoder_attention_mask: right padding follows every real token, so the causal mask already hides
-    # it from them, and without a padding mask attention keeps SDPA's causal fast path.
-    logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, vocab)
-    labels = batch["labels"]
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, label_smoothing=label_smoothing
-    )
-    return loss, int((labels != IGNORE).sum())
-
-
-@torch.no_grad()
 def mean_loss(model: Seq2Seq, batches: list[dict[str, torch.Tensor]]) -> float:
     """Cross-entropy per target token over fixed batches (each batch weighted by its tokens)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in batches:
-        loss, tokens = seq2seq_loss(model, {key: value.to(device) for key, value in batch.items()})
-        total += loss.item() * tokens
-        count += tokens
-    model.train(was_training)
+    with evaluating(model):
+        for batch in batches:
+            loss, tokens = seq2seq_loss(model, {key: value.to(device) for key, value in batch.items()})
+            total += loss.item() * tokens
+            count += tokens
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def _decode_by_length(
     model: Seq2Seq,
     tokenizer: Tokenizer,
@@ -180,20 +157,18 @@ def _decode_by_length(
 
     Decoding runs in eval mode, in batches of sources of similar length; the model's mode is restored after.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     rows = encode_single(tokenizer, sources, max_source_length or model.config.max_position_embeddings)
     # Sorting by length keeps padding, and so wasted work, small.
     order = sorted(range(len(rows)), key=lambda index: len(rows[index]))
     outputs = [""] * len(rows)
-    with tqdm(total=len(rows), desc=description, unit="text", disable=not progress, leave=False) as bar:
+    bar = tqdm(total=len(rows), desc=description, unit="text", disable=not progress, leave=False)
+    with bar, evaluating(model):
         for chunk in in_batches(order, batch_size):
             input_ids, attention_mask = pad_right(tokenizer, [rows[index] for index in chunk])
             for index, text in zip(chunk, decode_batch(input_ids.to(device), attention_mask.to(device))):
                 outputs[index] = text
             bar.update(len(chunk))
-    model.train(was_training)
     return outputs
 
 
@@ -281,84 +256,9 @@ def mbr_texts(
     )
 
 
-def finetune_text_to_text(
-    recipe: TextToTextRecipe,
-    out_dir: str | Path,
-    task: dict,
-    score: Score,
-    evaluate_run: Callable[..., dict],
-    resume: bool = False,
-    progress: bool = True,
-    warm_up_pairs: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
-    warm_up: TrainConfig | None = None,
-) -> dict:
-    """Train a tokenizer and an encoder-decoder on a task's pairs, save the run folder, then score the test split.
-
-    task: what task.json records about the task, at least {"task", "source_field", "target_field"}.
-    score: the task's metric on decoded validation text, watched during training.
-    warm_up_pairs, warm_up: an optional first phase on self-supervised pairs made from the training sources
-    (e.g. summarization's lead-bias pretraining), trained with `warm_up` in `out_dir/warm-up` before the task's pairs.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(recipe.device)
-    source_field, target_field = task["source_field"], task["target_field"]
-    sources, targets = text_pairs(recipe.data, "train", source_field, target_field)
-    valid_sources, valid_targets = text_pairs(recipe.data, "valid", source_field, target_field)
-
-    tokenizer = train_tokenizer(sources, targets, recipe.vocab_size, progress)
-    recipe.model.vocab_size = tokenizer.vocab_size
-    recipe.model.max_position_embeddings = max(
-        recipe.model.max_position_embeddings, recipe.max_source_length, recipe.max_target_length
-    )
-    torch.manual_seed(recipe.train.seed)
-    model = Seq2Seq(recipe.model).to(device)
-    print(
-        f"encoder-decoder ({task['task']}): {model.num_parameters():,} parameters on {device}; {len(sources):,} pairs"
-    )
-
-    def examples(texts: list[str], references: list[str]) -> list[tuple[list[int], list[int]]]:
-        source_rows = encode_single(tokenizer, texts, recipe.max_source_length)
-        return list(zip(source_rows, encode_targets(tokenizer, references, recipe.max_target_length)))
-
-    batch_collate = functools.partial(collate, tokenizer)
-    # Validation loss stays plain cross-entropy, comparable across recipes.
-    training_loss = functools.partial(seq2seq_loss, label_smoothing=recipe.label_smoothing)
-    started = time.perf_counter()
-    if warm_up_pairs is not None and warm_up is not None:
-        warm_sources, warm_targets = warm_up_pairs(sources)
-        print(f"warm-up phase: {warm_up.max_steps} steps on {len(warm_sources):,} self-supervised pairs")
-        warm_batches = ExampleBatches(examples(warm_sources, warm_targets), warm_up.batch_size, batch_collate)
-        train(model, training_loss, warm_batches.batch, warm_up, out_dir / "warm-up", resume=resume, progress=progress)
-        model.train()
-    batches = ExampleBatches(examples(sources, targets), recipe.train.batch_size, batch_collate, seed=recipe.train.seed)
-    valid_batches = [
-        batch_collate(chunk) for chunk in in_batches(examples(valid_sources, valid_targets), recipe.train.batch_size)
-    ]
-    decoded_sources = valid_sources[: recipe.valid_examples]
-    decoded_references = valid_targets[: recipe.valid_examples]
-
-    def evaluate(model: Seq2Seq) -> dict[str, float]:
-        results = {"loss": mean_loss(model, valid_batches)}
-        if decoded_sources:
-            # Greedy on a small slice keeps the check cheap; the test split gets the full treatment.
-            outputs = generate_texts(
-                model,
-                tokenizer,
-                decoded_sources,
-                max_new_tokens=recipe.max_target_length,
-                batch_size=64,
-                max_source_length=recipe.max_source_length,
-                no_repeat_ngram_size=recipe.no_repeat_ngram_size,
-            )
-            results.update(_numbers(score(outputs, decoded_references)))
-        return results
-
-    train(model, training_loss, batches.batch, recipe.train, out_dir, evaluate, resume=resume, progress=progress)
-    minutes = (time.perf_counter() - started) / 60
-    save_model(out_dir, model)
-    tokenizer.save(out_dir, model_max_length=recipe.max_source_length)
-    decoding = {
+def task_decoding(recipe: TextToTextRecipe) -> dict[str, Any]:
+    """The decoding settings task.json records, the defaults of the run's evaluations."""
+    return {
         "max_source_length": recipe.max_source_length,
         "max_target_length": recipe.max_target_length,
         "num_beams": recipe.num_beams,
@@ -367,10 +267,182 @@ def finetune_text_to_text(
         "mbr_samples": recipe.mbr_samples,
         "mbr_temperature": recipe.mbr_temperature,
     }
-    write_json(out_dir / "task.json", {**task, **decoding})
-    write_json(out_dir / "recipe.json", to_dict(recipe))
-    plot_losses(read_jsonl(out_dir / "metrics.jsonl"), out_dir / "loss.png", title=f"{task['task']} training")
-    return evaluate_run(out_dir, recipe.data, "test", out_dir, training_minutes=minutes, progress=progress)
+
+
+def prepare_text_to_text(
+    recipe: TextToTextRecipe,
+    setup: Setup,
+    task: dict,
+    score: Score,
+    warm_up_pairs: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
+    warm_up: TrainConfig | None = None,
+) -> Training:
+    """A tokenizer and an encoder-decoder for a task's pairs, its training batches and its validation.
+
+    task: what task.json records about the task, at least {"task", "source_field", "target_field"}.
+    score: the task's metric on decoded validation text, watched during training.
+    warm_up_pairs, warm_up: an optional first phase on self-supervised pairs made from the training sources
+    (e.g. summarization's lead-bias pretraining), trained with `warm_up` in `out_dir/warm-up` before the task's pairs.
+    """
+    sources, targets = text_pairs(recipe.data, "train", task["source_field"], task["target_field"])
+    valid_sources, valid_targets = text_pairs(recipe.data, "valid", task["source_field"], task["target_field"])
+    # One vocabulary for both sides: the embedding is shared by encoder, decoder and output layer.
+    tokenizer = setup.tokenizer(lambda: sources + targets, recipe.vocab_size)
+    recipe.model.vocab_size = tokenizer.vocab_size
+    recipe.model.max_position_embeddings = max(
+        recipe.model.max_position_embeddings, recipe.max_source_length, recipe.max_target_length
+    )
+    torch.manual_seed(recipe.train.seed)
+    model = Seq2Seq(recipe.model).to(setup.device)
+    print(f"encoder-decoder ({task['task']}): {model.num_parameters():,} parameters on {setup.device}; "
+          f"{len(sources):,} pairs")  # fmt: skip
+
+    def examples(texts: list[str], references: list[str]) -> list[tuple[list[int], list[int]]]:
+        source_rows = encode_single(tokenizer, texts, recipe.max_source_length)
+        return list(zip(source_rows, encode_targets(tokenizer, references, recipe.max_target_length)))
+
+    batch_collate = functools.partial(collate, tokenizer)
+    objective = {"label_smoothing": recipe.label_smoothing}  # validation loss stays plain cross-entropy
+    first_phase = None
+    if warm_up_pairs is not None and warm_up is not None:
+
+        def first_phase() -> None:
+            warm_sources, warm_targets = warm_up_pairs(sources)
+            print(f"warm-up phase: {warm_up.max_steps} steps on {len(warm_sources):,} self-supervised pairs")
+            warm_batches = ExampleBatches(examples(warm_sources, warm_targets), warm_up.batch_size, batch_collate)
+            loss = functools.partial(seq2seq_loss, **objective)
+            train(model, loss, warm_batches.batch, warm_up, setup.folder / "warm-up", resume=setup.resume,
+                  progress=setup.progress)  # fmt: skip
+            model.train()
+
+    batches = ExampleBatches(examples(sources, targets), recipe.train.batch_size, batch_collate, seed=recipe.train.seed)
+    valid_batches = [
+        batch_collate(chunk) for chunk in in_batches(examples(valid_sources, valid_targets), recipe.train.batch_size)
+    ]
+    decoded = (valid_sources[: recipe.valid_examples], valid_targets[: recipe.valid_examples])
+
+    def validate(model: Seq2Seq) -> dict[str, float]:
+        results = {"loss": mean_loss(model, valid_batches)}
+        if decoded[0]:
+            # Greedy on a small slice keeps the check cheap; the test split gets the full treatment.
+            outputs = generate_texts(
+                model, tokenizer, decoded[0], max_new_tokens=recipe.max_target_length, batch_size=64,
+                max_source_length=recipe.max_source_length, no_repeat_ngram_size=recipe.no_repeat_ngram_size,
+            )  # fmt: skip
+            results.update(_numbers(score(outputs, decoded[1])))
+        return results
+
+    return Training(
+        model, tokenizer, batches.batch, validate, task_info={**task, **task_decoding(recipe)},
+        max_length=recipe.max_source_length, title=f"{task['task']} training", objective_options=objective,
+        warm_up=first_phase,
+    )  # fmt: skip
+
+
+@dataclass
+class Scoring:
+    """What a text-to-text task brings to its evaluation: metrics, baselines and the report's words.
+
+    baselines: name -> function from the split's sources to its outputs. utility: the sentence metric MBR
+    decoding maximises (none: no MBR). per_example: the metric per example, for paired differences from baselines.
+    """
+
+    score: Score
+    columns: list[tuple[str, str]]
+    baselines: dict[str, Callable[[list[str]], list[str]]]
+    notes: list[str]
+    utility: Utility | None = None
+    per_example: PerExampleScore | None = None
+
+
+@dataclass
+class Decoding:
+    """How a split is decoded: the run's task.json settings, each replaceable by the caller."""
+
+    num_beams: int
+    length_penalty: float
+    no_repeat_ngram_size: int
+    max_new_tokens: int
+    max_source_length: int
+    mbr_samples: int
+    mbr_temperature: float
+
+    @classmethod
+    def of_run(cls, task: dict, **overrides: Any) -> Decoding:
+        settings = {
+            "num_beams": task["num_beams"],
+            "length_penalty": task["length_penalty"],
+            "no_repeat_ngram_size": task.get("no_repeat_ngram_size", 0),
+            "max_new_tokens": task["max_target_length"],
+            "max_source_length": task["max_source_length"],
+            "mbr_samples": task.get("mbr_samples", 0),
+            "mbr_temperature": task.get("mbr_temperature", 0.7),
+        }
+        decoding = cls(**{**settings, **{k: v for k, v in overrides.items() if v is not None}})
+        if decoding.num_beams < 1:
+            raise UserError(f"num_beams must be >= 1, not {decoding.num_beams}")
+        if decoding.mbr_samples < 0:
+            raise UserError(f"mbr_samples must be >= 0, not {decoding.mbr_samples}")
+        return decoding
+
+    def names(self) -> dict[str, str]:
+        """Report names of the decodings."""
+        return {
+            "greedy": "lmforge seq2seq, greedy",
+            "beam": f"lmforge seq2seq, beam search ({self.num_beams})",
+            "mbr": f"lmforge seq2seq, MBR over {self.mbr_samples} samples (temperature {self.mbr_temperature})",
+        }
+
+    def report(self) -> dict[str, Any]:
+        """metrics.json's decoding entry."""
+        return {
+            "num_beams": self.num_beams,
+            "length_penalty": self.length_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "max_new_tokens": self.max_new_tokens,
+            "mbr_samples": self.mbr_samples,
+            "mbr_temperature": self.mbr_temperature,
+        }
+
+
+def decode_split(
+    model: Seq2Seq, tokenizer: Tokenizer, sources: list[str], decoding: Decoding, utility: Utility | None, progress
+) -> dict[str, list[str]]:
+    """Outputs by decoding: greedy, beam search when num_beams > 1, MBR when mbr_samples > 0 (most thorough last)."""
+    common = dict(
+        max_new_tokens=decoding.max_new_tokens, max_source_length=decoding.max_source_length, progress=progress,
+        no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+    )  # fmt: skip
+    outputs = {"greedy": generate_texts(model, tokenizer, sources, num_beams=1, length_penalty=decoding.length_penalty,
+                                        **common)}  # fmt: skip
+    if decoding.num_beams > 1:
+        outputs["beam"] = generate_texts(
+            model, tokenizer, sources, num_beams=decoding.num_beams, length_penalty=decoding.length_penalty, **common
+        )
+    if decoding.mbr_samples:
+        outputs["mbr"] = mbr_texts(
+            model, tokenizer, sources, decoding.mbr_samples, utility, temperature=decoding.mbr_temperature, **common
+        )
+    return outputs
+
+
+def score_outputs(
+    outputs: dict[str, list[str]], baseline_outputs: dict[str, list[str]], references: list[str], scoring: Scoring
+) -> tuple[dict, dict, dict]:
+    """(scores by decoding, scores by baseline, paired differences of the last decoding from each baseline)."""
+    if scoring.per_example is None:
+        scores = {kind: scoring.score(texts, references) for kind, texts in outputs.items()}
+        baseline_scores = {name: scoring.score(texts, references) for name, texts in baseline_outputs.items()}
+        return scores, baseline_scores, {}
+    values = {kind: scoring.per_example(texts, references) for kind, texts in outputs.items()}
+    baseline_values = {name: scoring.per_example(texts, references) for name, texts in baseline_outputs.items()}
+    final = values[list(outputs)[-1]]
+    differences = {
+        name: {key: paired_difference(final[key], theirs[key]) for key in theirs}
+        for name, theirs in baseline_values.items()
+    }
+    scores = {kind: means(per_metric) for kind, per_metric in values.items()}
+    return scores, {name: means(per_metric) for name, per_metric in baseline_values.items()}, differences
 
 
 def evaluate_text_to_text(
@@ -379,141 +451,75 @@ def evaluate_text_to_text(
     data: TaskData,
     split: str,
     out_dir: str | Path | None,
-    score: Score,
-    columns: list[tuple[str, str]],
-    baselines: dict[str, Callable[[list[str]], list[str]]],
-    notes: list[str],
+    scoring: Scoring,
     training_minutes: float | None = None,
     progress: bool = True,
-    num_beams: int | None = None,
-    length_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    per_example: PerExampleScore | None = None,
-    utility: Utility | None = None,
-    mbr_samples: int | None = None,
+    **overrides: Any,
 ) -> dict:
     """Decode a split greedily, with beam search and by MBR, score each beside the baselines, write the report.
 
-    baselines: name -> function from the split's sources to its outputs. The decoding settings default to the
-    run's task.json; MBR decoding (`mbr_samples` > 0) needs the task's `utility`. The top-level scores in
-    metrics.json are those of the last decoding: MBR's, else the beam search's (greedy's when num_beams is 1).
-    With `per_example` (a metric averaged over examples), each baseline also gets that decoding's paired
-    difference from it with a 95% bootstrap interval: metrics.json baselines.NAME.difference.
+    overrides: num_beams, length_penalty, no_repeat_ngram_size or mbr_samples instead of the run's task.json;
+    MBR decoding (`mbr_samples` > 0) needs the task's utility. The top-level scores in metrics.json are those
+    of the last decoding: MBR's, else the beam search's (greedy's when num_beams is 1). With a per-example
+    metric, each baseline also gets that decoding's paired difference from it with a 95% bootstrap interval:
+    metrics.json baselines.NAME.difference.
     """
     model_dir, out_dir = report_folders(model_dir, out_dir)
-    task = read_json(model_dir / "task.json")
+    task = RunFolder(model_dir).read_task()
     if task.get("task") != task_name:
         raise UserError(f"{model_dir} was fine-tuned for task '{task.get('task')}', not '{task_name}'")
-    num_beams = task["num_beams"] if num_beams is None else num_beams
-    length_penalty = task["length_penalty"] if length_penalty is None else length_penalty
-    if no_repeat_ngram_size is None:
-        no_repeat_ngram_size = task.get("no_repeat_ngram_size", 0)
-    mbr_samples = task.get("mbr_samples", 0) if mbr_samples is None else mbr_samples
-    mbr_temperature = task.get("mbr_temperature", 0.7)
-    if num_beams < 1:
-        raise UserError(f"num_beams must be >= 1, not {num_beams}")
-    if mbr_samples < 0:
-        raise UserError(f"mbr_samples must be >= 0, not {mbr_samples}")
-    if mbr_samples and utility is None:
+    decoding = Decoding.of_run(task, **overrides)
+    if decoding.mbr_samples and scoring.utility is None:
         raise UserError(f"task '{task_name}' has no utility for minimum Bayes risk decoding; use mbr_samples 0")
     model = load_model(model_dir, pick_device("auto"))
     tokenizer = Tokenizer.load(model_dir)
     sources, references = text_pairs(data, split, task["source_field"], task["target_field"])
-
-    def decode(beams: int) -> list[str]:
-        return generate_texts(
-            model,
-            tokenizer,
-            sources,
-            num_beams=beams,
-            length_penalty=length_penalty,
-            max_new_tokens=task["max_target_length"],
-            max_source_length=task["max_source_length"],
-            progress=progress,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
-
-    outputs = {"greedy": decode(1)}
-    if num_beams > 1:
-        outputs["beam"] = decode(num_beams)
-    if mbr_samples:
-        outputs["mbr"] = mbr_texts(
-            model,
-            tokenizer,
-            sources,
-            mbr_samples,
-            utility,
-            temperature=mbr_temperature,
-            max_new_tokens=task["max_target_length"],
-            max_source_length=task["max_source_length"],
-            progress=progress,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
+    outputs = decode_split(model, tokenizer, sources, decoding, scoring.utility, progress)
     final = list(outputs)[-1]  # the most thorough decoding asked for is the one reported
-    baseline_outputs = {name: baseline(sources) for name, baseline in baselines.items()}
-    differences: dict[str, dict[str, dict[str, float]]] = {}
-    if per_example is None:
-        scores = {kind: score(texts, references) for kind, texts in outputs.items()}
-        baseline_scores = {name: score(texts, references) for name, texts in baseline_outputs.items()}
-    else:
-        values = {kind: per_example(texts, references) for kind, texts in outputs.items()}
-        baseline_values = {name: per_example(texts, references) for name, texts in baseline_outputs.items()}
-        scores = {kind: means(per_metric) for kind, per_metric in values.items()}
-        baseline_scores = {name: means(per_metric) for name, per_metric in baseline_values.items()}
-        for name, theirs in baseline_values.items():
-            differences[name] = {key: paired_difference(values[final][key], theirs[key]) for key in theirs}
-
-    names = {
-        "greedy": "lmforge seq2seq, greedy",
-        "beam": f"lmforge seq2seq, beam search ({num_beams})",
-        "mbr": f"lmforge seq2seq, MBR over {mbr_samples} samples (temperature {mbr_temperature})",
-    }
+    baseline_outputs = {name: baseline(sources) for name, baseline in scoring.baselines.items()}
+    scores, baseline_scores, differences = score_outputs(outputs, baseline_outputs, references, scoring)
+    names = decoding.names()
     rows = [(names[kind], values) for kind, values in scores.items()]
     rows += [(f"baseline: {name}", values) for name, values in baseline_scores.items()]
     metrics = {
-        "task": task["task"],
-        "split": split,
-        "examples": len(sources),
-        **scores[final],
-        "decoding": {
-            "num_beams": num_beams,
-            "length_penalty": length_penalty,
-            "no_repeat_ngram_size": no_repeat_ngram_size,
-            "max_new_tokens": task["max_target_length"],
-            "mbr_samples": mbr_samples,
-            "mbr_temperature": mbr_temperature,
-        },
+        "task": task["task"], "split": split, "examples": len(sources), **scores[final], "decoding": decoding.report(),
         **scores,
         "baselines": {
             name: {**_numbers(values), **({"difference": differences[name]} if name in differences else {})}
             for name, values in baseline_scores.items()
         },
         "training_minutes": training_minutes,
-    }
+    }  # fmt: skip
     if "direction" in task:
         metrics["direction"] = task["direction"]
-    notes = list(notes)
-    if training_minutes is not None:
-        notes.insert(0, f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss](loss.png)")
-    for name, by_metric in differences.items():
-        spans = [
-            f"{heading} {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-            for key, heading in columns
-            if (d := by_metric.get(key))
-        ]
-        notes.append(
-            f"{names[final]} minus baseline '{name}', per example, with a 95% paired bootstrap interval: "
-            f"{', '.join(spans)}. An interval that contains 0 is no evidence of a difference."
-        )
+    notes = _notes(scoring, training_minutes, differences, names[final])
     examples = [
         {"source": source[:80], "reference": reference, "output": output}
         for source, reference, output in list(zip(sources, references, outputs[final]))[:8]
     ]
     title = f"{task['task']}{' ' + task['direction'] if 'direction' in task else ''} — {model_dir}"
-    write_task_report(
-        out_dir, title, metrics, rows, columns, examples, describe_split(data, split, task["source_field"]), notes
-    )
+    write_task_report(out_dir, title, metrics, rows, scoring.columns, examples,
+                      describe_split(data, split, task["source_field"]), notes)  # fmt: skip
     return metrics
+
+
+def _notes(scoring: Scoring, training_minutes: float | None, differences: dict, final_name: str) -> list[str]:
+    notes = list(scoring.notes)
+    if training_minutes is not None:
+        notes.insert(
+            0, f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})"
+        )
+    for name, by_metric in differences.items():
+        spans = [
+            f"{heading} {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            for key, heading in scoring.columns
+            if (d := by_metric.get(key))
+        ]
+        notes.append(
+            f"{final_name} minus baseline '{name}', per example, with a 95% paired bootstrap interval: "
+            f"{', '.join(spans)}. An interval that contains 0 is no evidence of a difference."
+        )
+    return notes
 
 
 def _numbers(values: dict) -> dict[str, float]:

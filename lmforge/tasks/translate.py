@@ -17,9 +17,11 @@ from typing import Literal
 
 from lmforge.config import option
 from lmforge.evaluate.metrics import bleu_chrf, chrf
-from lmforge.run_folder import read_json
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.examples import TaskData
-from lmforge.tasks.text_to_text import Score, TextToTextRecipe, evaluate_text_to_text, finetune_text_to_text
+from lmforge.tasks.text_to_text import Score, Scoring, TextToTextRecipe, evaluate_text_to_text, prepare_text_to_text
+from lmforge.train.objectives import seq2seq_loss
 
 COLUMNS = [("bleu", "BLEU"), ("chrf", "chrF")]
 
@@ -50,9 +52,9 @@ def scorer(target_lang: str) -> Score:
     return score
 
 
-def finetune(recipe: Recipe, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def prepare(recipe: Recipe, setup: Setup) -> Training:
     task = task_info(recipe.direction)
-    return finetune_text_to_text(recipe, out_dir, task, scorer(task["target_lang"]), evaluate_run, resume, progress)
+    return prepare_text_to_text(recipe, setup, task, scorer(task["target_lang"]))
 
 
 def evaluate_run(
@@ -68,23 +70,29 @@ def evaluate_run(
 
     decoding: num_beams, length_penalty, no_repeat_ngram_size or mbr_samples instead of the run's task.json.
     """
-    target_lang = read_json(Path(model_dir) / "task.json").get("target_lang", "en")
+    target_lang = RunFolder(model_dir).read_task().get("target_lang", "en")
     notes = [
         f"BLEU: sacrebleu, tokenizer {'zh' if target_lang == 'zh' else '13a'}; chrF: sacrebleu defaults.",
         "Baseline 'copy the source' outputs the untranslated source sentence.",
     ]
-    return evaluate_text_to_text(
-        "translate",
-        model_dir,
-        data,
-        split,
-        out_dir,
+    scoring = Scoring(
         score=scorer(target_lang),
         columns=COLUMNS,
         baselines={"copy the source": lambda sources: list(sources)},
         notes=notes,
-        training_minutes=training_minutes,
-        progress=progress,
         utility=chrf,
-        **decoding,
     )
+    return evaluate_text_to_text(
+        "translate", model_dir, data, split, out_dir, scoring, training_minutes, progress, **decoding
+    )
+
+
+TASK = Task(
+    name="translate",
+    Recipe=Recipe,
+    fields=("src", "tgt"),
+    family="seq2seq",
+    objective=seq2seq_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+)

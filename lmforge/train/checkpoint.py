@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from lmforge.errors import UserError
-from lmforge.run_folder import load_tensors, read_json, save_tensors, write_json
+from lmforge.run_folder import RunFolder, load_tensors, read_json, save_tensors, write_json
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = RunFolder.TRAINER_STATE
 
 
 def _sha256(path: Path) -> str:
@@ -67,7 +67,7 @@ def save_checkpoint(
     keep_last: int = 2,
 ) -> Path:
     """Write full model and optimizer state (keyed by parameter name) as checkpoints/step_N; keep the last few."""
-    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints = RunFolder(run_dir).checkpoints
     final = checkpoints / f"step_{step:08d}"
     optimizer_tensors, optimizer_rest = _optimizer_tensors(optimizer_state)
     optimizer_tensors["rng.torch"] = torch.get_rng_state()
@@ -75,15 +75,15 @@ def save_checkpoint(
         optimizer_tensors["rng.cuda"] = torch.cuda.get_rng_state()
 
     def write(folder: Path) -> None:
-        save_tensors(folder / "model.safetensors", model_state)
-        save_tensors(folder / "optimizer.safetensors", optimizer_tensors)
+        save_tensors(folder / RunFolder.WEIGHTS, model_state)
+        save_tensors(folder / RunFolder.OPTIMIZER, optimizer_tensors)
         write_json(
             folder / STATE_FILE,
             {
                 **trainer_state,
                 "step": step,
                 "optimizer": optimizer_rest,
-                "sha256": {name: _sha256(folder / name) for name in ("model.safetensors", "optimizer.safetensors")},
+                "sha256": {name: _sha256(folder / name) for name in (RunFolder.WEIGHTS, RunFolder.OPTIMIZER)},
             },
         )
 
@@ -141,21 +141,21 @@ def save_best(run_dir: Path, step: int, metric: str, value: float, model_state: 
     """Keep the weights of the best validation result so far as best/ (written aside, then renamed into place)."""
 
     def write(folder: Path) -> None:
-        save_tensors(folder / "model.safetensors", model_state)
+        save_tensors(folder / RunFolder.WEIGHTS, model_state)
         write_json(folder / STATE_FILE, {"step": step, "metric": metric, "value": value})
 
     try:
-        _write_aside(Path(run_dir) / "best", write)
+        _write_aside(RunFolder(run_dir).best, write)
     except OSError as error:
         raise UserError(
-            f"could not keep the best weights (step {step}) in {Path(run_dir) / 'best'}: {error.strerror or error}; "
+            f"could not keep the best weights (step {step}) in {RunFolder(run_dir).best}: {error.strerror or error}; "
             "the previous best and the checkpoints are intact. Free some space, then continue with --resume"
         ) from None
 
 
 def read_best(run_dir: Path, metric: str) -> dict[str, Any] | None:
     """{"step", "metric", "value"} of the kept best weights for `metric`, or None when there are none."""
-    path = _settled(Path(run_dir) / "best") / STATE_FILE
+    path = _settled(RunFolder(run_dir).best) / STATE_FILE
     if not path.is_file():
         return None
     best = read_json(path)
@@ -163,7 +163,7 @@ def read_best(run_dir: Path, metric: str) -> dict[str, Any] | None:
 
 
 def load_best(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_tensors(_settled(Path(run_dir) / "best") / "model.safetensors")
+    return load_tensors(_settled(RunFolder(run_dir).best) / RunFolder.WEIGHTS)
 
 
 def _fsync_directory(path: Path) -> None:
@@ -184,7 +184,7 @@ def _is_intact(folder: Path) -> bool:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint whose files match their checksums; damaged ones are reported and skipped."""
-    for folder in sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True):
+    for folder in sorted((RunFolder(run_dir).checkpoints).glob("step_*"), reverse=True):
         if _is_intact(folder):
             return folder
         warnings.warn(f"checkpoint {folder} is damaged or incomplete; falling back to an earlier one", stacklevel=2)
@@ -194,9 +194,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(model state, optimizer state, trainer state) of a checkpoint, on the CPU; restores the RNG too."""
     state = read_json(folder / STATE_FILE)
-    tensors = load_tensors(folder / "optimizer.safetensors")
+    tensors = load_tensors(folder / RunFolder.OPTIMIZER)
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda_state = tensors.pop("rng.cuda", None)
     if cuda_state is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_state)
-    return load_tensors(folder / "model.safetensors"), _optimizer_state(tensors, state["optimizer"]), state
+    return load_tensors(folder / RunFolder.WEIGHTS), _optimizer_state(tensors, state["optimizer"]), state

@@ -16,10 +16,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from lmforge.run_folder import append_jsonl, atomic_write_text, read_jsonl
+from lmforge.run_folder import RunFolder, append_jsonl, atomic_write_text, read_jsonl
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 
 
@@ -46,12 +44,12 @@ class Logbook:
         self, run_dir: str | Path, resume_from_step: int | None, enabled: bool = True, flush_seconds: float = 10.0
     ) -> None:
         self.enabled = enabled
-        self.metrics_path = Path(run_dir) / METRICS_FILE
+        self.metrics_path = RunFolder(run_dir).metrics_log
         self._writer = None
         self._closed = False
         if not enabled:
             return
-        tensorboard_dir = Path(run_dir) / TENSORBOARD_DIR
+        tensorboard_dir = RunFolder(run_dir).tensorboard
         old_event_files = sorted(tensorboard_dir.glob(EVENT_FILE_GLOB))
         kept: list[dict[str, Any]] = []
         if resume_from_step is None:

@@ -1,16 +1,27 @@
-"""Training objectives as loss functions: (model, batch) -> (mean loss, tokens in the batch).
+"""Every training objective as a loss function: (model, batch) -> (mean loss, tokens in the batch).
 
-The trainer knows nothing about what a batch holds; an objective does.
+The trainer knows nothing about what a batch holds; an objective does. Each
+docstring gives the formula; tests/test_objectives.py checks each against a
+direct computation of it. Extra settings (label smoothing, a reference or
+teacher model, temperatures) are bound with functools.partial by the task.
+The token count is what the batch processed (for tokens/s), not only what was scored.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lmforge.data.batches import IGNORE_INDEX
 
 
 def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy; batch = (inputs (B, T), targets (B, T)), targets < 0 are ignored."""
+    """Next-token cross-entropy: L = -1/N sum_{t: y_t >= 0} log softmax(z_t)[y_t].
+
+    batch = (inputs (B, T), targets (B, T)); targets < 0 are ignored (N counts the others).
+    The model fuses the output layer with the loss (`linear_cross_entropy`), so no (B, T, V) logits exist.
+    """
     inputs, targets = batch
     return model(inputs, targets=targets), targets.numel()
 
@@ -18,8 +29,111 @@ def causal_lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -
 def chat_sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy on assistant tokens only, over rows that pack several conversations.
 
+    L = -1/N sum_{t: y_t != -100} log softmax(z_t)[y_t], with z_t computed attending only inside t's conversation.
     batch: input_ids, targets (B, T) with -100 wherever the next token is not an assistant's,
     segment_ids (B, T) keeping attention inside each conversation.
     """
     loss = model(batch["input_ids"], segment_ids=batch["segment_ids"], targets=batch["targets"])
     return loss, int((batch["segment_ids"] > 0).sum())  # tokens processed (for tokens/s), not only those scored
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """BERT's masked-LM cross-entropy: L = -1/|M| sum_{t in M} log softmax(z_t)[y_t], M = {t: labels_t != -100}.
+
+    batch: input_ids (corrupted), attention_mask, labels (B, T) holding the original token where one was chosen.
+    """
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])  # (B, T, hidden)
+    chosen = batch["labels"] != IGNORE_INDEX
+    # NOTE: the vocabulary projection runs on the ~15% chosen positions only: most of the work, saved.
+    logits = model.mlm_head(hidden[chosen])  # (chosen, vocab)
+    return F.cross_entropy(logits.float(), batch["labels"][chosen]), int(batch["attention_mask"].sum())
+
+
+def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sequence classification cross-entropy: L = -1/B sum_b log softmax(z_b)[label_b], z_b the (labels,) logits.
+
+    batch: input_ids, attention_mask (B, T), labels (B,).
+    """
+    logits = model(batch["input_ids"], batch["attention_mask"])  # (B, labels)
+    return F.cross_entropy(logits.float(), batch["labels"]), int(batch["attention_mask"].sum())
+
+
+def span_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Extractive QA: L = (CE(start logits, start) + CE(end logits, end)) / 2, each averaged over the batch.
+
+    batch: input_ids, attention_mask, token_type_ids (B, T), starts and ends (B,) token positions;
+    the model gives (B, T, 2) logits, [..., 0] for the start and [..., 1] for the end.
+    """
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).float()  # (B, T, 2)
+    loss = (F.cross_entropy(logits[..., 0], batch["starts"]) + F.cross_entropy(logits[..., 1], batch["ends"])) / 2
+    return loss, int(batch["attention_mask"].sum())
+
+
+def seq2seq_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """Target-token cross-entropy of an encoder-decoder, optionally against smoothed labels.
+
+    With e = label_smoothing and V the vocabulary: L = 1/N sum_t [(1 - e) (-log p_t[y_t]) + e/V sum_v (-log p_t[v])]
+    over the N target positions with labels_t != -100 (e = 0: plain cross-entropy).
+    batch: input_ids, attention_mask (B, S), decoder_input_ids, labels (B, T).
+    """
+    # NOTE: no decoder_attention_mask: right padding follows every real token, so the causal mask already hides
+    # it from them, and without a padding mask attention keeps SDPA's causal fast path.
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"])  # (B, T, vocab)
+    labels = batch["labels"]
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )
+    return loss, int((labels != IGNORE_INDEX).sum())
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(reply | prompt) per row: sum_{t: y_t != -100} log softmax(z_t)[y_t], shape (rows,)."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (rows, T, V)
+    targets = batch["targets"]
+    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (token_logprobs * (targets != IGNORE_INDEX)).sum(dim=-1)
+
+
+def dpo_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], reference: nn.Module, beta: float, sft_weight: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """DPO (https://arxiv.org/abs/2305.18290), with RPO's optional cross-entropy on the chosen reply.
+
+    m = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), per pair (c chosen, r rejected, sums over reply tokens);
+    L = -1/B sum_b log sigmoid(beta m_b) + sft_weight * 1/B sum_b (-log pi(c_b) / |c_b|).
+    batch: rows 0..B-1 prompt + chosen, rows B..2B-1 prompt + rejected (see tasks/dpo.collate_pairs).
+    """
+    policy = sequence_logprobs(model, batch)  # (2B,)
+    with torch.no_grad():
+        anchor = sequence_logprobs(reference, batch)
+    pairs = policy.shape[0] // 2
+    margin = (policy[:pairs] - anchor[:pairs]) - (policy[pairs:] - anchor[pairs:])  # (B,)
+    loss = -F.logsigmoid(beta * margin).mean()
+    scored = batch["targets"] != IGNORE_INDEX
+    if sft_weight:
+        # NOTE: DPO alone can lower the likelihood of the chosen reply too, as long as the rejected one falls
+        # faster; a cross-entropy term on the chosen reply keeps it up (RPO, https://arxiv.org/abs/2404.19733).
+        loss = loss + sft_weight * (-policy[:pairs] / scored[:pairs].sum(dim=-1)).mean()
+    return loss, int(scored.sum())
+
+
+def distillation_loss(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], teacher: nn.Module, temperature: float, alpha: float
+) -> tuple[torch.Tensor, int]:
+    """Knowledge distillation (https://arxiv.org/abs/1503.02531) mixed with next-token cross-entropy.
+
+    With q = softmax(teacher logits / T) and p = softmax(student logits / T), per token:
+    L = alpha T^2 1/N sum_t KL(q_t || p_t) + (1 - alpha) 1/N sum_t -log softmax(student logits_t)[y_t],
+    N = B * T tokens; the T^2 keeps the soft term's gradient scale independent of T.
+    """
+    inputs, targets = batch
+    logits = model(inputs).float()  # (B, T, V)
+    with torch.no_grad():
+        soft_targets = F.log_softmax(teacher(inputs).float() / temperature, dim=-1)
+    student = F.log_softmax(logits / temperature, dim=-1)
+    # KL(teacher || student) per token, averaged over tokens.
+    kl = F.kl_div(student.flatten(0, 1), soft_targets.flatten(0, 1), log_target=True, reduction="batchmean")
+    lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return alpha * temperature**2 * kl + (1 - alpha) * lm, targets.numel()

@@ -122,180 +122,232 @@ def train(
     `batch_for(index)` gives the global micro-batch `index`; under torchrun each process keeps its own
     rows of it, or, with `batches_are_local`, `batch_for` reads only this process's rows itself.
     """
-    run_dir = Path(run_dir)  # under torchrun, ranks other than 0 get a scratch folder of their own
-    here = world()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    amp_dtype = autocast_dtype(device, config.precision)
-    replicas = Replicas(model, config.fsdp)
-    optimizer = build_optimizer(replicas.training, config)
-    # NOTE: compiling the objective rather than the model leaves the model itself eager, so evaluation
-    # and generation afterwards do not recompile for every new shape.
-    step_loss_fn = torch.compile(objective) if config.compile else objective
-    start_step, tokens_seen, lr_scale = 0, 0, 1.0
+    run = _Run(model, objective, batch_for, config, Path(run_dir), evaluate, resume, batches_are_local)
+    if evaluate is not None and run.step == 0:
+        run.validate(0)
+    run.replicas.training.train()
+    run.started = time.perf_counter()  # the time budget and tokens/s count training, not the first validation
+    run.window_start, run.window_tokens = run.started, 0
+    run.bar = tqdm(
+        total=config.max_steps,
+        initial=run.step,
+        desc="train",
+        unit="step",
+        disable=not (progress and run.here.main),
+        dynamic_ncols=True,
+    )
+    while run.step < config.max_steps:
+        lr = run.set_learning_rate()
+        step_loss, step_tokens, grad_norm = run.accumulate_gradients()
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            run.skip_step(lr, step_loss, grad_norm)
+            continue
+        run.bad_in_a_row = 0
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        out_of_time = run.log_step(lr, step_loss, step_tokens, grad_norm)
+        last = run.step == config.max_steps or out_of_time
+        if evaluate is not None and (last or (config.eval_every and run.step % config.eval_every == 0)):
+            run.validate_and_print()
+        # Every rank decides alike: ranks disagreeing on the clock would leave one waiting for the others forever.
+        out_of_time = broadcast(out_of_time)
+        if last or out_of_time or run.step % config.save_every == 0:
+            run.save_checkpoint()
+        if out_of_time:
+            run.write(f"stopping at step {run.step}: the {config.max_minutes}-minute budget is spent")
+            break
+    run.bar.close()
+    return run.finish()
 
-    def restore(checkpoint: str) -> dict[str, Any] | None:
+
+class _Run:
+    """The state of one `train()` call and its steps: optimizer, counters, logbook, best validation, checkpoints."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        batch_for: Callable[[int], Any],
+        config: TrainConfig,
+        run_dir: Path,  # under torchrun, ranks other than 0 get a scratch folder of their own
+        evaluate: Callable[[nn.Module], dict[str, float]] | None,
+        resume: bool,
+        batches_are_local: bool,
+    ) -> None:
+        self.model, self.batch_for, self.config, self.run_dir = model, batch_for, config, run_dir
+        self.evaluate, self.batches_are_local = evaluate, batches_are_local
+        self.here = world()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = next(model.parameters()).device
+        self.amp_dtype = autocast_dtype(self.device, config.precision)
+        self.replicas = Replicas(model, config.fsdp)
+        self.optimizer = build_optimizer(self.replicas.training, config)
+        # NOTE: compiling the objective rather than the model leaves the model itself eager, so evaluation
+        # and generation afterwards do not recompile for every new shape.
+        self.step_loss_fn = torch.compile(objective) if config.compile else objective
+        self.step, self.tokens_seen, self.lr_scale, self.bad_in_a_row = 0, 0, 1.0, 0
+        # Rollbacks go to checkpoints of this run only: the one resumed from, or one written since.
+        self.last_checkpoint = str(latest_checkpoint(run_dir) or "") if resume and self.here.main else ""
+        state = self.restore(self.last_checkpoint)
+        if state is not None:
+            self.step, self.tokens_seen, self.lr_scale = state["step"], state["tokens_seen"], state.get("lr_scale", 1.0)
+        # On resume the logbook drops what was logged after the checkpoint: that work is about to be redone.
+        self.logbook = Logbook(run_dir, resume_from_step=self.step if state else None)  # other ranks: their scratch
+        self.records: list[dict[str, Any]] = []
+        resumed_best = config.best_metric and state is not None
+        self.best = read_best(run_dir, config.best_metric) if resumed_best else None
+        self.started = self.window_start = time.perf_counter()
+        self.window_tokens = 0
+        self.bar: tqdm | None = None
+
+    def restore(self, checkpoint: str) -> dict[str, Any] | None:
         """Load a checkpoint (rank 0's choice) into model and optimizer; its trainer state, or None for none."""
         checkpoint = broadcast(checkpoint)
         if not checkpoint:
             return None
         # Rank 0 reads the checkpoint; the others receive their part from it.
-        model_state, optimizer_state, state = read_checkpoint(Path(checkpoint)) if here.main else ({}, {}, {})
-        replicas.load_full_state(_with_tied_copies(model, model_state), optimizer, optimizer_state)
+        model_state, optimizer_state, state = read_checkpoint(Path(checkpoint)) if self.here.main else ({}, {}, {})
+        self.replicas.load_full_state(_with_tied_copies(self.model, model_state), self.optimizer, optimizer_state)
         state, rng = broadcast((state, torch.get_rng_state()))
         torch.set_rng_state(rng)
         return state
 
-    # Rollbacks go to checkpoints of this run only: the one resumed from, or one written since.
-    last_checkpoint = str(latest_checkpoint(run_dir) or "") if resume and here.main else ""
-    state = restore(last_checkpoint)
-    if state is not None:
-        start_step, tokens_seen, lr_scale = state["step"], state["tokens_seen"], state.get("lr_scale", 1.0)
-    # On resume the logbook drops what was logged after the checkpoint: that work is about to be redone.
-    logbook = Logbook(run_dir, resume_from_step=start_step if state else None)  # other ranks: their scratch
+    def log(self, record: dict[str, Any]) -> None:
+        self.logbook.log(record)
+        self.records.append(record)
 
-    records: list[dict[str, Any]] = []
-    best = read_best(run_dir, config.best_metric) if config.best_metric and state is not None else None
+    def write(self, line: str) -> None:
+        """A line above the progress bar, from the main process only."""
+        if self.here.main:
+            self.bar.write(line)
 
-    def log(record: dict[str, Any]) -> None:
-        logbook.log(record)
-        records.append(record)
-
-    def validate(step: int) -> dict[str, float]:
+    def validate(self, step: int) -> dict[str, float]:
         """Evaluate, log the results as valid_NAME, and keep the weights if they are the best so far."""
-        nonlocal best
         # Every rank evaluates (FSDP needs them all; under DDP the others would only wait for rank 0).
-        results = evaluate(replicas.evaluated)
-        replicas.training.train()
+        results = self.evaluate(self.replicas.evaluated)
+        self.replicas.training.train()
         record = {"step": step, **{f"valid_{name}": value for name, value in results.items()}}
-        log(record)
-        if config.best_metric not in record:
+        self.log(record)
+        metric = self.config.best_metric
+        if metric not in record:
             return results
-        value = record[config.best_metric]
-        improved = best is None or better(config.best_metric, value, best["value"])
+        value = record[metric]
+        improved = self.best is None or better(metric, value, self.best["value"])
         if broadcast(improved):  # rank 0 decides for all: gathering the weights takes every rank
-            best = {"step": step, "metric": config.best_metric, "value": value}
-            model_state = replicas.full_state()
-            if here.main:
-                save_best(run_dir, step, config.best_metric, value, _without_tied_copies(model, model_state))
+            self.best = {"step": step, "metric": metric, "value": value}
+            model_state = self.replicas.full_state()
+            if self.here.main:
+                save_best(self.run_dir, step, metric, value, _without_tied_copies(self.model, model_state))
         return results
 
-    if evaluate is not None and start_step == 0:
-        validate(0)
-    replicas.training.train()
-    started = time.perf_counter()
-    window_start, window_tokens = started, 0
-    bar = tqdm(
-        total=config.max_steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        disable=not (progress and here.main),
-        dynamic_ncols=True,
-    )
-    step, bad_in_a_row = start_step, 0
-    while step < config.max_steps:
-        lr = learning_rate(step, config) * lr_scale
-        for group in optimizer.param_groups:
+    def validate_and_print(self) -> None:
+        results = self.validate(self.step)
+        shown = ", ".join(f"valid {k} {v:.4g}" for k, v in results.items() if k not in COUNT_KEYS)
+        self.write(f"step {self.step}: {shown}")
+
+    def set_learning_rate(self) -> float:
+        lr = learning_rate(self.step, self.config) * self.lr_scale
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
+        return lr
+
+    def accumulate_gradients(self) -> tuple[float, int, float]:
+        """Forward and backward over the step's micro-batches, then clip: (mean loss, tokens, gradient norm)."""
+        config, training = self.config, self.replicas.training
         step_loss, step_tokens = 0.0, 0
         for micro in range(config.grad_accum):
-            batch = batch_for(step * config.grad_accum + micro)
-            batch = _to_device(batch if batches_are_local else rows_of_rank(batch), device)
-            with autocast(device, amp_dtype):
-                loss, num_tokens = step_loss_fn(replicas.training, batch)
+            batch = self.batch_for(self.step * config.grad_accum + micro)
+            batch = _to_device(batch if self.batches_are_local else rows_of_rank(batch), self.device)
+            with autocast(self.device, self.amp_dtype):
+                loss, num_tokens = self.step_loss_fn(training, batch)
             (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
             step_tokens += num_tokens
         step_loss = mean(step_loss)  # each rank's loss is over its own rows
-        step_tokens = round(mean(step_tokens) * here.size)
+        step_tokens = round(mean(step_tokens) * self.here.size)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(replicas.training.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(training.parameters(), max_norm)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            # A NaN/inf step would poison the weights and every step after it: skip it, and if it keeps
-            # happening, go back to the last good checkpoint with a smaller learning rate.
-            optimizer.zero_grad(set_to_none=True)
-            bad_in_a_row += 1
-            log({"step": step + 1, "skipped": f"loss {step_loss}, gradient norm {grad_norm}", "lr": lr})
-            if here.main:
-                bar.write(f"step {step + 1}: loss {step_loss}, gradient norm {grad_norm}: not finite, step skipped")
-            step += 1
-            if bad_in_a_row >= config.max_bad_steps:
-                state = restore(last_checkpoint)
-                if state is None:
-                    raise UserError(
-                        f"the loss was not finite for {bad_in_a_row} steps in a row (up to step {step}) and there "
-                        f"is no checkpoint to go back to: lower train.lr (now {config.lr}) or check the data"
-                    )
-                step, tokens_seen, bad_in_a_row = state["step"], state["tokens_seen"], 0
-                lr_scale = state.get("lr_scale", 1.0) * config.rollback_lr_factor
-                logbook.close()
-                logbook = Logbook(run_dir, resume_from_step=step)
-                log({"step": step, "rolled_back_to": step, "lr_scale": lr_scale})
-                bar.reset(total=config.max_steps)
-                bar.update(step)
-                if here.main:
-                    bar.write(f"rolled back to step {step}; learning rate now x{lr_scale:g}")
-            continue
-        bad_in_a_row = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += step_tokens
-        window_tokens += step_tokens
+        return step_loss, step_tokens, grad_norm
+
+    def skip_step(self, lr: float, step_loss: float, grad_norm: float) -> None:
+        """Drop a step whose loss or gradient is not finite; after too many in a row, roll back."""
+        # A NaN/inf step would poison the weights and every step after it: skip it, and if it keeps
+        # happening, go back to the last good checkpoint with a smaller learning rate.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_in_a_row += 1
+        self.log({"step": self.step + 1, "skipped": f"loss {step_loss}, gradient norm {grad_norm}", "lr": lr})
+        self.write(f"step {self.step + 1}: loss {step_loss}, gradient norm {grad_norm}: not finite, step skipped")
+        self.step += 1
+        if self.bad_in_a_row >= self.config.max_bad_steps:
+            self.roll_back()
+
+    def roll_back(self) -> None:
+        """Back to the last checkpoint of this run, with the learning rate scaled down."""
+        state = self.restore(self.last_checkpoint)
+        if state is None:
+            raise UserError(
+                f"the loss was not finite for {self.bad_in_a_row} steps in a row (up to step {self.step}) and there "
+                f"is no checkpoint to go back to: lower train.lr (now {self.config.lr}) or check the data"
+            )
+        self.step, self.tokens_seen, self.bad_in_a_row = state["step"], state["tokens_seen"], 0
+        self.lr_scale = state.get("lr_scale", 1.0) * self.config.rollback_lr_factor
+        self.logbook.close()
+        self.logbook = Logbook(self.run_dir, resume_from_step=self.step)
+        self.log({"step": self.step, "rolled_back_to": self.step, "lr_scale": self.lr_scale})
+        self.bar.reset(total=self.config.max_steps)
+        self.bar.update(self.step)
+        self.write(f"rolled back to step {self.step}; learning rate now x{self.lr_scale:g}")
+
+    def log_step(self, lr: float, step_loss: float, step_tokens: int, grad_norm: float) -> bool:
+        """Count, log and show a finished step; whether the time budget is spent."""
+        self.tokens_seen += step_tokens
+        self.window_tokens += step_tokens
         now = time.perf_counter()
-        tokens_per_second = window_tokens / max(now - window_start, 1e-9)
-        if now - window_start > 2.0:  # a short moving window, so the bar shows current speed
-            window_start, window_tokens = now, 0
-        log(
+        tokens_per_second = self.window_tokens / max(now - self.window_start, 1e-9)
+        if now - self.window_start > 2.0:  # a short moving window, so the bar shows current speed
+            self.window_start, self.window_tokens = now, 0
+        self.log(
             {
-                "step": step,
+                "step": self.step,
                 "loss": step_loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens": tokens_seen,
+                "tokens": self.tokens_seen,
                 "tokens_per_second": tokens_per_second,
-                "elapsed": now - started,
+                "elapsed": now - self.started,
             }
         )
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
-        out_of_time = config.max_minutes > 0 and now - started > config.max_minutes * 60
-        last = step == config.max_steps or out_of_time
-        if evaluate is not None and (last or (config.eval_every and step % config.eval_every == 0)):
-            results = validate(step)
-            if here.main:
-                bar.write(
-                    f"step {step}: "
-                    + ", ".join(f"valid {k} {v:.4g}" for k, v in results.items() if k not in COUNT_KEYS)
-                )
-        # Every rank decides alike: ranks disagreeing on the clock would leave one waiting for the others forever.
-        out_of_time = broadcast(out_of_time)
-        if last or out_of_time or step % config.save_every == 0:
-            model_state, optimizer_state = replicas.full_state(), replicas.full_optimizer_state(optimizer)
-            if here.main:
-                model_state = _without_tied_copies(model, model_state)
-                trainer_state = {"tokens_seen": tokens_seen, "lr_scale": lr_scale}
-                saved = save_checkpoint(run_dir, step, model_state, optimizer_state, trainer_state, config.keep_last)
-                last_checkpoint = str(saved)
-            barrier()
-        if out_of_time:
-            if here.main:
-                bar.write(f"stopping at step {step}: the {config.max_minutes}-minute budget is spent")
-            break
-    bar.close()
-    model = replicas.finish()
-    if best is not None and best["step"] != step and here.main:
-        # Only the main process writes the run folder; the others have no best/ of their own.
-        model.load_state_dict(_with_tied_copies(model, load_best(run_dir)))
-        log({"step": step, "best_step": best["step"], f"best_{config.best_metric}": best["value"]})
-        bar.write(
-            f"ending with the weights of step {best['step']}, the best {config.best_metric} ({best['value']:.4g})"
-        )
-    logbook.close()
-    model.eval()
-    return records
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:,.0f}")
+        return self.config.max_minutes > 0 and now - self.started > self.config.max_minutes * 60
+
+    def save_checkpoint(self) -> None:
+        model_state = self.replicas.full_state()
+        optimizer_state = self.replicas.full_optimizer_state(self.optimizer)
+        if self.here.main:
+            model_state = _without_tied_copies(self.model, model_state)
+            trainer_state = {"tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale}
+            saved = save_checkpoint(
+                self.run_dir, self.step, model_state, optimizer_state, trainer_state, self.config.keep_last
+            )
+            self.last_checkpoint = str(saved)
+        barrier()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The trained model in eval mode (the best validation's weights when asked for); this run's records."""
+        model = self.replicas.finish()
+        best = self.best
+        if best is not None and best["step"] != self.step and self.here.main:
+            # Only the main process writes the run folder; the others have no best/ of their own.
+            model.load_state_dict(_with_tied_copies(model, load_best(self.run_dir)))
+            metric = self.config.best_metric
+            self.log({"step": self.step, "best_step": best["step"], f"best_{metric}": best["value"]})
+            self.bar.write(f"ending with the weights of step {best['step']}, the best {metric} ({best['value']:.4g})")
+        self.logbook.close()
+        model.eval()
+        return self.records
 
 
 def _without_tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,146 @@
+"""The task interface and the one driver every training job goes through.
+
+A task (one file in `tasks/`) states only what is specific to it, as a `Task`:
+the recipe, the record fields it reads, the model family, the objective (a loss
+from `train/objectives.py`), `prepare` (records -> model, tokenizer, training
+batches and the validation run during training) and `evaluate_run` (the final
+evaluation: metrics, baselines, report sections). `run_task` does everything
+else once, the same way for every task: device, run folder, tokenizer,
+`recipe.json` and `task.json`, the training loop, weights (and LoRA adapters),
+generation settings, `loss.png` from every record of `metrics.jsonl` (resumed
+runs too), `report.md` + `metrics.json`, and exact resume. This module knows the
+order of a training job, not any task's data, model or metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lmforge.config import to_dict
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.device import pick_device
+from lmforge.evaluate.report import plot_losses
+from lmforge.generate.sampling import SamplingConfig
+from lmforge.lm import save_generation_config
+from lmforge.models import save_model
+from lmforge.models.lora import LoRAConfig, merge_lora
+from lmforge.run_folder import RunFolder
+from lmforge.train.lora import save_adapter
+from lmforge.train.trainer import Objective, train
+
+Family = Literal["decoder", "encoder", "seq2seq"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What `run_task` hands a task's `prepare`: where the run lives, on what device, and whether it resumes."""
+
+    folder: RunFolder
+    device: torch.device
+    resume: bool
+    progress: bool
+
+    def tokenizer(self, texts: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
+        """The run folder's own tokenizer when resuming (its ids match the checkpoint), else one trained on texts()."""
+        if self.resume and self.folder.has_tokenizer():
+            return Tokenizer.load(self.folder.path)
+        return Tokenizer.train(texts(), vocab_size, show_progress=self.progress)
+
+
+@dataclass
+class Training:
+    """What a task's `prepare` gives back: the task-specific pieces `run_task` trains, saves and reports."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    batch_for: Callable[[int], Any]  # micro-batch index -> batch, a pure function (exact resume)
+    validate: Callable[[nn.Module], dict[str, float]] | None  # run during training, logged as valid_NAME
+    task_info: dict[str, Any]  # task.json
+    max_length: int  # the tokenizer's model_max_length
+    title: str  # of loss.png
+    objective_options: dict[str, Any] = field(default_factory=dict)  # bound to the task's objective
+    generation: SamplingConfig | None = None  # sampling defaults, for families that generate
+    lora: LoRAConfig | None = None  # adapters to save beside the merged weights
+    batches_are_local: bool = False  # batch_for already reads only this process's rows (torchrun)
+    evaluate_options: dict[str, Any] = field(default_factory=dict)  # extra arguments of the final evaluate_run
+    warm_up: Callable[[], None] | None = None  # a first training phase of the task's own, timed with the rest
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task's specifics; everything common is `run_task`'s.
+
+    evaluate_run(model_dir, data, split, out_dir, training_minutes, progress, **options) scores a run folder on a
+    split and writes report.md and metrics.json (also what `lmforge eval --task` calls).
+    """
+
+    name: str
+    Recipe: type  # dataclass with at least data, train and device
+    fields: tuple[str, ...]  # the record fields the task reads
+    family: Family
+    objective: Objective  # from train/objectives.py
+    prepare: Callable[[Any, Setup], Training]
+    evaluate_run: Callable[..., dict[str, Any]]
+    eval_split: str = "test"  # the split the final evaluation scores
+
+
+def run_task(task: Task, recipe: Any, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train `task` from `recipe` into the run folder `out_dir`, save it, evaluate it; the evaluation's metrics."""
+    folder = RunFolder(out_dir)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    setup = Setup(folder, pick_device(recipe.device), resume, progress)
+    training = task.prepare(recipe, setup)
+    training.tokenizer.save(folder.path, model_max_length=training.max_length)
+    folder.write_recipe(to_dict(recipe))
+    folder.write_task(training.task_info)
+
+    started = time.perf_counter()
+    if training.warm_up is not None:
+        training.warm_up()
+    options = training.objective_options
+    objective = functools.partial(task.objective, **options) if options else task.objective
+    train(
+        training.model,
+        objective,
+        training.batch_for,
+        recipe.train,
+        folder.path,
+        training.validate,
+        resume=resume,
+        progress=progress,
+        batches_are_local=training.batches_are_local,
+    )
+    minutes = (time.perf_counter() - started) / 60
+    save_trained(folder, training, recipe)
+    plot_losses(folder.read_metrics_log(), folder.loss_plot, title=training.title)
+    return task.evaluate_run(
+        folder.path, recipe.data, task.eval_split, folder.path, training_minutes=minutes, progress=progress,
+        **training.evaluate_options,
+    )  # fmt: skip
+
+
+def save_trained(folder: RunFolder, training: Training, recipe: Any) -> None:
+    """Weights (merged, plus adapters when LoRA was used) and, for families that generate, sampling defaults."""
+    if training.lora is not None:
+        save_adapter(folder.path, training.model, training.lora, base=str(recipe.base))
+        merge_lora(training.model)  # the run folder also holds the merged model, so every command can use it as is
+    save_model(folder.path, training.model)
+    if training.generation is not None:
+        save_generation_config(folder.path, training.generation, training.tokenizer)
+
+
+def validation_records(folder: RunFolder) -> list[dict[str, float]]:
+    """Every validation of a run (resumed parts included), as {name: value} without the valid_ prefix, plus step."""
+    return [
+        {"step": record["step"], **{k.removeprefix("valid_"): v for k, v in record.items() if k.startswith("valid_")}}
+        for record in folder.read_metrics_log()
+        if "valid_loss" in record
+    ]

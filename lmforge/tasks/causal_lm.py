@@ -1,0 +1,195 @@
+"""Causal-LM pretraining as a task: a tokenizer, token windows of a corpus, a decoder, next-token loss.
+
+`lmforge pretrain` runs this task through `run_task`. The corpus is read
+through `data.tokens.lm_windows` (a memory-mapped token cache, or the shards of
+`lmforge data prepare`); `training_windows` and `lm_validation` are
+shared with distillation, so both read corpora the same way. The report
+compares validation loss, perplexity and bits per character/byte before and
+after training.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.config import from_dict, load_yaml, merge, option
+from lmforge.data.sources import read_split, record_text
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import LMWindows, is_prepared, lm_windows
+from lmforge.device import autocast_dtype
+from lmforge.errors import UserError
+from lmforge.evaluate.perplexity import evaluate_lm
+from lmforge.generate.sampling import SamplingConfig
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training, validation_records
+from lmforge.tasks.examples import report_folders, write_task_report
+from lmforge.train.distributed import broadcast, main_first, world
+from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.trainer import TrainConfig
+
+COLUMNS = [
+    ("loss", "loss (nats/token)"),
+    ("perplexity", "perplexity"),
+    ("bits_per_char", "bits per character"),
+    ("bits_per_byte", "bits per byte"),
+]
+
+
+@dataclass
+class DataConfig:
+    source: str = option(
+        "builtin:peoples-daily", "builtin:NAME, a .txt/.jsonl/.csv/.parquet file, or a `lmforge data prepare` folder"
+    )
+    tokenizer: str | None = option(None, "folder with a trained tokenizer.json (default: train one)")
+    vocab_size: int = option(8192, "vocabulary size when training a tokenizer")
+    context: int = option(256, "tokens per training window")
+    valid_fraction: float = option(0.01, "share of records held out for validation (by hash)")
+    test_fraction: float = option(0.01, "share of records held out for testing (by hash)")
+
+
+@dataclass
+class PretrainRecipe:
+    data: DataConfig = option(DataConfig(), "what to train on")
+    model: DecoderConfig = option(DecoderConfig(), "the decoder's shape")
+    train: TrainConfig = option(TrainConfig(), "optimisation")
+    generation: SamplingConfig = option(SamplingConfig(), "sampling defaults saved with the model")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+def load_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PretrainRecipe:
+    values = load_yaml(path) if path else {}
+    return from_dict(PretrainRecipe, merge(values, overrides or {}))
+
+
+def prepare_tokenizer(data: DataConfig, out_dir: Path, progress: bool = True) -> Tokenizer:
+    """The recipe's tokenizer, the run folder's own (on resume), or a new one trained on the train split."""
+    if data.tokenizer:
+        return Tokenizer.load(data.tokenizer)
+    if is_prepared(data.source):
+        return Tokenizer.load(data.source)  # `lmforge data prepare` keeps the tokenizer it encoded with
+    if RunFolder(out_dir).has_tokenizer():
+        existing = Tokenizer.load(out_dir)
+        if existing.vocab_size == data.vocab_size:
+            return existing  # so a second run hits the token cache and starts training at once
+    texts = (
+        record_text(record) for record in read_split(data.source, "train", data.valid_fraction, data.test_fraction)
+    )
+    return Tokenizer.train(texts, data.vocab_size, show_progress=progress)
+
+
+def training_windows(
+    source: str, tokenizer: Tokenizer, context: int, fractions: tuple[float, float], seed: int, progress: bool = True
+) -> tuple[LMWindows, LMWindows]:
+    """(training windows in a seeded order, validation windows) of a corpus; one process fills the token cache."""
+    with main_first():  # the others open it
+        train_windows = lm_windows(source, "train", tokenizer, context, seed, *fractions, progress=progress)
+        valid_windows = lm_windows(source, "valid", tokenizer, context, 0, *fractions, progress=progress)
+    if len(train_windows) == 0 or len(valid_windows) == 0:
+        raise UserError(
+            f"{source} is too small: each split needs more than {context} tokens "
+            f"(train and validation take {1 - sum(fractions):.0%} / {fractions[0]:.0%})"
+        )
+    return train_windows, valid_windows
+
+
+def lm_validation(
+    windows: LMWindows, tokenizer: Tokenizer, config: TrainConfig, device: torch.device, max_windows: int
+):
+    """Validation during training: loss, perplexity and bits per byte/character on the first windows."""
+    return functools.partial(
+        evaluate_lm,
+        windows=windows,
+        token_bytes=tokenizer.token_bytes(),
+        batch_size=config.batch_size,
+        max_windows=max_windows,
+        autocast_dtype=autocast_dtype(device, config.precision),
+    )
+
+
+def shared_tokenizer(data: DataConfig, out_dir: Path, progress: bool) -> Tokenizer:
+    """Rank 0 trains (or loads) the tokenizer; under torchrun the other ranks take it from rank 0."""
+    here = world()
+    tokenizer = prepare_tokenizer(data, out_dir, progress) if here.main else None
+    shared = broadcast((tokenizer.to_str(), tokenizer.chat_template) if here.main else None)
+    return tokenizer or Tokenizer.from_str(*shared)
+
+
+def prepare(recipe: PretrainRecipe, setup: Setup) -> Training:
+    data, config = recipe.data, recipe.train
+    tokenizer = shared_tokenizer(data, setup.folder.path, setup.progress)
+    recipe.model.vocab_size = tokenizer.vocab_size
+    recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, data.context)
+    fractions = (data.valid_fraction, data.test_fraction)
+    train_windows, valid_windows = training_windows(
+        data.source, tokenizer, data.context, fractions, config.seed, setup.progress
+    )
+    torch.manual_seed(config.seed)
+    model = Decoder(recipe.model).to(setup.device)
+    print(
+        f"decoder: {model.num_parameters():,} parameters on {setup.device}; "
+        f"{len(train_windows.tokens):,} training tokens, {len(valid_windows.tokens):,} validation tokens"
+    )
+    here = world()
+    return Training(
+        model,
+        tokenizer,
+        functools.partial(train_windows.training_batch, batch_size=config.batch_size, rank=here.rank,
+                          world_size=here.size),
+        lm_validation(valid_windows, tokenizer, config, setup.device, config.eval_windows),
+        task_info={"task": "pretrain"},
+        max_length=recipe.model.max_position_embeddings,
+        title=f"pretraining on {data.source}",
+        generation=recipe.generation,
+        batches_are_local=True,
+    )  # fmt: skip
+
+
+def evaluate_run(
+    model_dir: str | Path,
+    data: DataConfig,
+    split: str = "valid",
+    out_dir: str | Path | None = None,
+    training_minutes: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Validation loss, perplexity and bits per character/byte before and after training, from metrics.jsonl."""
+    model_dir, out_dir = report_folders(model_dir, out_dir)
+    validations = validation_records(RunFolder(model_dir))
+    before, after = validations[0], validations[-1]
+    metrics = {
+        "task": "pretrain",
+        "steps": after["step"],
+        **{key: after[key] for key, _ in COLUMNS},
+        "before": before,
+        "after": after,
+        "training_minutes": training_minutes,
+    }
+    write_task_report(
+        out_dir,
+        f"pretraining — {model_dir}",
+        metrics,
+        [(f"step {record['step']}", record) for record in (before, after)],
+        COLUMNS,
+        [],
+        f"{data.source}, the first windows of the {split} split (valid {data.valid_fraction:.0%} by hash)",
+        [f"Training curve: ![loss]({RunFolder.LOSS_PLOT})"],
+    )
+    return metrics
+
+
+TASK = Task(
+    name="pretrain",
+    Recipe=PretrainRecipe,
+    fields=("text",),
+    family="decoder",
+    objective=causal_lm_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+    eval_split="valid",
+)
