@@ -357,3 +357,16 @@ def test_a_resumed_run_plots_and_reports_every_step(task_data, tmp_path, monkeyp
     assert [r["step"] for r in plotted[-1] if "valid_loss" in r] == [0, 3, 5]
     assert after["masked_loss_before"] == before["masked_loss_before"] and after["steps"] == 5
     assert RunFolder(tmp_path).tokenizer.read_bytes() == tokenizer  # the resumed run kept its own tokenizer
+
+
+def test_a_lora_recipe_repeats_exactly(task_data, chat_data, base_run, tmp_path):
+    """The adapters' random start comes from the recipe's seed, not from whatever the process drew before."""
+    module, values = tiny_recipes(task_data, chat_data, base_run)["chat"]
+    losses = []
+    for attempt in range(2):
+        torch.manual_seed(attempt)  # a different global random state before each run
+        recipe = from_dict(module.TASK.Recipe, {**values, "train": TWO_STEPS, "device": "cpu"})
+        run_task(module.TASK, recipe, tmp_path / str(attempt), progress=False)
+        records = RunFolder(tmp_path / str(attempt)).read_metrics_log()
+        losses.append([record["loss"] for record in records if "loss" in record])
+    assert losses[0] == losses[1]

@@ -133,10 +133,11 @@ def load_decoder_base(base: str | None, device: torch.device, task: str) -> tupl
     return model, tokenizer
 
 
-def tuned_task_info(model: Decoder, lora: LoRAConfig, task: dict) -> dict:
+def tuned_task_info(model: Decoder, lora: LoRAConfig, task: dict, seed: int) -> dict:
     """Adapters on `model` when LoRA is on; task.json with the trainable and the (merged) model's parameter counts."""
     parameters = model.num_parameters()  # before adapters: what the merged model will have
     if lora.enabled:
+        torch.manual_seed(seed)  # the adapters' random start, so a recipe repeats exactly
         apply_lora(model, lora)
     trainable, total = lora_parameters(model)
     print(f"{task['task']}: {trainable:,} of {total:,} parameters trainable ({trainable / total:.1%}) "
@@ -153,7 +154,7 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed)
     valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed)
     valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
-    task_info = tuned_task_info(model, recipe.lora, {"task": "chat", "base": str(recipe.base)})
+    task_info = tuned_task_info(model, recipe.lora, {"task": "chat", "base": str(recipe.base)}, seed)
     print(f"chat fine-tuning: {len(train_rows['input_ids']):,} packed rows of {length} tokens")
     batches = ExampleBatches(range(len(train_rows["input_ids"])), recipe.train.batch_size, _stack(train_rows), seed)
     return Training(

@@ -155,7 +155,8 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     valid_pairs = encode_pairs(tokenizer, preference_records(recipe.data, "valid"), length)[:200]
     if not train_pairs or not valid_pairs:
         raise UserError(f"no preference pair of {recipe.data.source} fits in {length} tokens")
-    task_info = tuned_task_info(model, recipe.lora, {"task": "dpo", "base": str(recipe.base), "beta": recipe.beta})
+    task = {"task": "dpo", "base": str(recipe.base), "beta": recipe.beta}
+    task_info = tuned_task_info(model, recipe.lora, task, recipe.train.seed)
     print(f"DPO: {len(train_pairs):,} training pairs")
     collate = functools.partial(_collate, pad_id=tokenizer.pad_id)
     batches = ExampleBatches(train_pairs, recipe.train.batch_size, collate, recipe.train.seed)
