@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import UserError
-from lmforge.generate.compiled import few_rows_linear, few_rows_on_cpu
 from lmforge.models import family_of, load_model, load_model_weights, model_state
+from lmforge.models.layers import few_rows_linear, few_rows_on_cpu
 from lmforge.run_folder import atomic_write_bytes, read_json, save_tensors, write_json
 
 METHODS = {
