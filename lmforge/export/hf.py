@@ -21,11 +21,12 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.export.bert import from_bert_state, load_backbone, read_bert_config, with_head
 from lmforge.generate.sampling import SamplingConfig
-from lmforge.lm import GENERATION_FILE, load, save_generation_config
+from lmforge.lm import load, save_generation_config
 from lmforge.models import model_state, save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder
 from lmforge.run_folder import (
+    RunFolder,
     atomic_write_bytes,
     load_tensors,
     read_json,
@@ -126,7 +127,7 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
         template = None
     save_tensors(out / "model.safetensors", to_llama_state(model_state(model)), metadata={"format": "pt"})
     tokenizer.save(out, model_max_length=model.config.max_position_embeddings, chat_template=template)
-    write_json(out / GENERATION_FILE, hf_generation_config(lm.defaults, tokenizer))
+    write_json(RunFolder(out).generation, hf_generation_config(lm.defaults, tokenizer))
     # Last: a folder without config.json is plainly an unfinished export.
     write_json(out / "config.json", hf_config(model.config, tokenizer, model.embed_tokens.weight.dtype))
     return out
@@ -164,7 +165,7 @@ def import_folder(folder: str | Path, out: str | Path) -> str:
     tokenizer = Tokenizer.from_str(tokenizer_json, tokenizer_config.get("chat_template"))
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids, the model only {config.vocab_size}")
-    sampling = sampling_from_hf(folder / GENERATION_FILE)
+    sampling = sampling_from_hf(RunFolder(folder).generation)
     with torch.device("meta"):  # shapes and names only: the weights are the checkpoint's own tensors
         model = Decoder(config)
     check_fit(model, tensors, str(folder))

@@ -26,7 +26,7 @@ from lmforge.device import autocast_dtype, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_lm, evaluate_source
 from lmforge.evaluate.report import plot_losses
-from lmforge.generate.decode import generate_ids
+from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import LM, load, read_generation_config, save_generation_config
 from lmforge.models import load_model, save_model

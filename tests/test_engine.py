@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmforge.generate.decode import generate_ids, left_pad
+from lmforge.generate.engine import generate_ids, left_pad
 from lmforge.generate.sampling import (
     SamplingConfig,
     candidates,
