@@ -40,10 +40,12 @@ def with_budget(tokens):
     return SamplingConfig(**{**vars(GREEDY), "max_new_tokens": tokens})
 
 
-def test_sequences_joining_and_leaving_decode_as_alone(lm):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sequences_joining_and_leaving_decode_as_alone(lm, compiled):
+    # compiled: `lmforge serve --compile`, compiled steps for up to 4 rows; the same text as eager decoding alone.
     prompts = ["第1句的颜色是红", "第22句", "颜色", "第300句的颜色是蓝色的吗", "绿"]
     budgets = [12, 3, 9, 12, 5]
-    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=3)
+    scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=3, compiled=compiled)
     runs = [sequence(lm, prompt, with_budget(budget)) for prompt, budget in zip(prompts, budgets)]
     scheduler.submit([runs[0][0], runs[1][0]])
     scheduler.step()

@@ -239,6 +239,19 @@ def test_api_key_accepts_only_the_right_bearer(locked_server):
         assert posted.status_code == 200
 
 
+def test_compiled_server_gives_the_eager_servers_tokens(served_lm, client):
+    # `lmforge serve --compile`: three prompts decode together in compiled steps, token for token as eager.
+    body = {"model": "tiny", "prompt": ["第1句", "第22句的颜色", "绿"], **GREEDY}
+    with TestClient(create_app(served_lm, model_name="tiny", compiled=True)) as compiled:
+        answer = compiled.post("/v1/completions", json=body).json()
+    eager = client.post("/v1/completions", json=body).json()
+    assert answer["choices"] == eager["choices"] and answer["usage"] == eager["usage"]
+    assert [choice["text"] for choice in eager["choices"]] == [
+        completion.text for completion in served_lm.complete(body["prompt"], max_new_tokens=12, temperature=0,
+                                                             repetition_penalty=1.0)
+    ]  # fmt: skip
+
+
 def line_has_text(line: str) -> bool:
     """Whether an SSE line is a chunk with generated text in it."""
     if not line.startswith("data: {"):

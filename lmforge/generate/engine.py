@@ -126,10 +126,10 @@ class Engine:
         seen = prompt_tokens_seen(input_ids, attention_mask, self.model.config.vocab_size)  # (N, V)
         if not self.live:
             self._reset()
+        self._uncompile()  # the rows change: the compiled batch's cache comes back to be merged
         if self.cache is None:
             self.cache, self.logits, self.seen = cache, logits.float(), seen
         else:
-            self._uncompile()
             self._drop([row for row, request in enumerate(self.rows) if request is None])
             length = max(self.cache.length, cache.length)
             self.cache = self.cache.merge(cache, length + self._remaining(self.live + requests))
