@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lmforge.errors import UserError
 from lmforge.generate.engine import Engine, Request, generate_ids, left_pad
 from lmforge.generate.sampling import (
     SamplingConfig,
@@ -153,5 +154,5 @@ def test_the_engine_runs_decoders_only():
     config = Seq2SeqConfig(
         vocab_size=50, hidden_size=32, num_encoder_layers=1, num_decoder_layers=1, intermediate_size=64
     )
-    with pytest.raises(TypeError, match="decoders"):
+    with pytest.raises(UserError, match="decoders"):
         Engine(Seq2Seq(config))

@@ -30,6 +30,9 @@ from lmforge.models.layers import few_rows_linear, few_rows_on_cpu
 
 COMPILE_OPTIONS = {"max_autotune": True, "freezing": True, "cpp_wrapper": True}
 LENGTH_MULTIPLE = 256  # cache lengths are rounded up to this, so a handful of graphs serve every prompt
+# Graphs one process may compile for the decode step: one per model, batch size and cache length. Dynamo's default
+# of 8 is one server's batch sizes 1-4 at two cache lengths; past the limit a fullgraph compile fails.
+RECOMPILE_LIMIT = 64
 
 
 def static_length(model: nn.Module, needed: int) -> int:
@@ -71,6 +74,7 @@ class CompiledDecoding:
 
     def __init__(self, model: Decoder, cache: KVCache, needed: int) -> None:
         check_compilable(model)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.model = model
         self.step = _compiled_step()
         self.static = cache.static(static_length(model, needed))

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.errors import UserError
 from lmforge.generate.compiled import CompiledDecoding, check_compilable
 from lmforge.generate.sampling import SamplingConfig, next_tokens_per_row, prompt_tokens_seen
 from lmforge.models.cache import KVCache
@@ -86,7 +87,7 @@ class Engine:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, Decoder):
-            raise TypeError(f"the decoding engine runs decoders; this is a {type(self.model).__name__}")
+            raise UserError(f"the decoding engine runs decoders; this is a {type(self.model).__name__}")
         if self.compiled:
             check_compilable(self.model)
         self.context = self.model.config.max_position_embeddings
@@ -152,17 +153,12 @@ class Engine:
         live = [row for row, request in enumerate(self.rows) if request is not None]
         if not live:
             return out
-        index = torch.tensor(live, device=self.device)
         requests = [self.rows[row] for row in live]
-        tokens = torch.full((len(self.rows),), self.pad_id, dtype=torch.long, device=self.device)  # (B,)
-        tokens[index] = next_tokens_per_row(
-            self.logits[index],
-            [request.sampling for request in requests],
-            self.seen[index],
-            [request.generator for request in requests],
-        )
+        tokens = self._sample(live, requests)  # (B,)
         finished = []
-        for row, request, token in zip(live, requests, tokens[index].tolist()):
+        values = tokens.tolist()
+        for row, request in zip(live, requests):
+            token = values[row]
             request.generated += 1
             reason = "stop" if token in request.stop_ids else "length" if request.generated >= request.budget else None
             out.append(Token(request, token, reason))
@@ -170,8 +166,18 @@ class Engine:
                 finished.append(row)
         kept = self._finish(finished)
         if self.live:
-            self._forward(tokens[kept])
+            self._forward(tokens if len(kept) == len(tokens) else tokens[kept])
         return out
+
+    def _sample(self, live: list[int], requests: list[Request]) -> torch.Tensor:
+        """A token for every row (B,): sampled for the live ones, padding for the dead rows of a compiled batch."""
+        configs, generators = [r.sampling for r in requests], [r.generator for r in requests]
+        if len(live) == len(self.rows):  # no dead rows: no gathering and scattering
+            return next_tokens_per_row(self.logits, configs, self.seen, generators)
+        index = torch.tensor(live, device=self.device)
+        tokens = torch.full((len(self.rows),), self.pad_id, dtype=torch.long, device=self.device)
+        tokens[index] = next_tokens_per_row(self.logits[index], configs, self.seen[index], generators)
+        return tokens
 
     def _finish(self, rows: list[int]) -> list[int]:
         """Retire these rows; return the row indices that stay in the batch (dead rows of a compiled batch too)."""

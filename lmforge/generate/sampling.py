@@ -121,6 +121,8 @@ def next_tokens_per_row(
     for row, (config, generator) in enumerate(zip(configs, generators)):
         settings = (config.temperature, config.top_k, config.top_p, config.repetition_penalty)
         groups.setdefault((*settings, id(generator)), []).append(row)
+    if len(groups) == 1:  # the common case, one setting for all: no gathering and scattering
+        return next_tokens(logits, configs[0], seen, generators[0])
     tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)  # (B,)
     for rows in groups.values():
         index = torch.tensor(rows, device=logits.device)

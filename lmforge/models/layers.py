@@ -138,8 +138,10 @@ class Attention(nn.Module):
                 key = apply_rotary(key, *rotary)
             key = key.transpose(1, 2)  # (B, KV, T, D)
             value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            # NOTE: no rotary on values: only query-key dot products carry relative positions.
             if cache is not None:
                 key, value = cache.update(layer_index, key, value)  # (B, KV, S, D)
+        # NOTE: enable_gqa lets SDPA read each key/value head for its group of query heads, without repeating it.
         out = F.scaled_dot_product_attention(
             query,
             key,
@@ -161,6 +163,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, T, hidden) -> gate, up (B, T, intermediate) -> (B, T, hidden)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -173,7 +176,7 @@ class GELUFeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(F.gelu(self.up_proj(x)))  # (B, T, hidden) -> (B, T, intermediate) -> (B, T, hidden)
 
 
 def padding_mask_for(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -198,8 +201,8 @@ def attention_mask_for(
             return None, False
     total = past_length + query_length
     device = attention_mask.device if attention_mask is not None else None
-    query_positions = torch.arange(past_length, total, device=device)[:, None]
-    key_positions = torch.arange(total, device=device)[None, :]
+    query_positions = torch.arange(past_length, total, device=device)[:, None]  # (T, 1)
+    key_positions = torch.arange(total, device=device)[None, :]  # (1, S)
     allowed = (key_positions <= query_positions)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
