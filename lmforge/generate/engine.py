@@ -105,16 +105,7 @@ class Engine:
         """Prefill these requests together and join them to the live rows (eagerly, between steps)."""
         requests = list(requests)
         for request in requests:
-            if not request.prompt_ids:
-                raise ValueError("every prompt needs at least one token")
-            if len(request.prompt_ids) >= self.context:
-                raise ValueError(
-                    f"a prompt of {len(request.prompt_ids)} tokens leaves no room in the model's context of "
-                    f"{self.context}"
-                )
-            request.budget = min(request.sampling.max_new_tokens, self.context - len(request.prompt_ids))
-            if request.generator is None and request.sampling.seed is not None:
-                request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed % 2**64)
+            self._prepare(request)
         self.unstarted += [request for request in requests if request.budget == 0]
         requests = [request for request in requests if request.budget > 0]
         if not requests:
@@ -137,6 +128,18 @@ class Engine:
             self.logits = torch.cat([self.logits, logits.float()])
             self.seen = torch.cat([self.seen, seen])
         self.rows += requests
+
+    def _prepare(self, request: Request) -> None:
+        """Check the prompt's length; set the request's budget and, when it is seeded, its own generator."""
+        if not request.prompt_ids:
+            raise ValueError("every prompt needs at least one token")
+        if len(request.prompt_ids) >= self.context:
+            raise ValueError(
+                f"a prompt of {len(request.prompt_ids)} tokens leaves no room in the model's context of {self.context}"
+            )
+        request.budget = min(request.sampling.max_new_tokens, self.context - len(request.prompt_ids))
+        if request.generator is None and request.sampling.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed % 2**64)
 
     def remove(self, requests: Iterable[Request]) -> None:
         """Stop decoding these requests (their client went away, or their text hit a stop string)."""
