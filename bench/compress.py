@@ -30,7 +30,7 @@ import lmforge
 from lmforge.compress.prune import prune_run
 from lmforge.compress.quantize import quantize_run
 from lmforge.evaluate.perplexity import evaluate_source
-from lmforge.generate.decode import generate_ids
+from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models import load_model
 from lmforge.models.quantized import Int4Linear, Int8Linear

@@ -17,7 +17,7 @@ from _common import interleaved, median_ratio, print_table
 from train_throughput import hf_model
 
 from lmforge.export.hf import to_llama_state
-from lmforge.generate.decode import generate_ids
+from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models.decoder import Decoder
 from lmforge.tasks.causal_lm import load_recipe

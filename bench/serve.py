@@ -1,12 +1,13 @@
-"""Serving throughput: N concurrent streaming clients vs the same N requests one after another.
+"""Serving throughput: N concurrent streaming clients vs the same N requests one after another, eager and compiled.
 
-    python bench/serve.py [--rounds 7] [--new-tokens 64] [--model RUN_DIR]
+    python bench/serve.py [--rounds 7] [--new-tokens 64] [--model RUN_DIR] [--clients 1 4 8 16]
 
-A real `lmforge serve` process (uvicorn, continuous batching) on 127.0.0.1; the
-clients, in this process, stream `/v1/chat/completions` over HTTP. For 1, 4, 8 and 16 clients each
-round times the N requests sent at once and the same N sent in turn, and the
-table gives aggregate completion tokens/s for both and the median ratio (goal:
->= 4x at 8 clients). Without --model: the bench-small shape (19M parameters,
+Two real `lmforge serve` processes (uvicorn, continuous batching) on 127.0.0.1, one eager and one
+with `--compile` (compiled steps while at most 4 sequences are live); the clients, in this process,
+stream `/v1/chat/completions` over HTTP. For each number of clients, each round times the N requests
+sent at once and the same N sent in turn, on both servers, and the table gives aggregate completion
+tokens/s and the median ratios (goals: >= 4x at 8 clients on each server; one client >= 2x on the
+compiled server than on the eager one). Without --model: the bench-small shape (19M parameters,
 random weights) with a tokenizer trained on a slice of the built-in news.
 """
 
@@ -49,9 +50,9 @@ def bench_model(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def server_process(model: Path, port: int = 8765) -> Iterator[str]:
+def server_process(model: Path, port: int, compiled: bool = False) -> Iterator[str]:
     command = [sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
-               "--max-batch", "16", "--model-name", "bench"]  # fmt: skip
+               "--max-batch", "16", "--model-name", "bench", *(["--compile"] if compiled else [])]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -85,55 +86,63 @@ async def one_request(http: httpx.AsyncClient, model: str, new_tokens: int, seed
     return tokens
 
 
+def rates(loop: asyncio.AbstractEventLoop, http: httpx.AsyncClient, clients: int, new_tokens: int):
+    """Two timed runs of `clients` requests: all at once, and one after another; each -> tokens/s."""
+
+    async def concurrent() -> float:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one_request(http, "bench", new_tokens, seed) for seed in range(clients)))
+        return sum(counts) / (time.perf_counter() - start)
+
+    async def sequential() -> float:
+        start = time.perf_counter()
+        tokens = 0
+        for seed in range(clients):
+            tokens += await one_request(http, "bench", new_tokens, seed)
+        return tokens / (time.perf_counter() - start)
+
+    return lambda: loop.run_until_complete(concurrent()), lambda: loop.run_until_complete(sequential())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--model", type=Path, help="a decoder run folder (default: random bench-small weights)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     arguments = parser.parse_args()
 
     scratch = tempfile.TemporaryDirectory()
     model = arguments.model or bench_model(Path(scratch.name))
     print(f"model: {model}; {arguments.new_tokens} new tokens per request")
     loop = asyncio.new_event_loop()
-
-    with server_process(model) as url:
-        http = httpx.AsyncClient(base_url=url, timeout=600)
-
-        def concurrent(clients: int):
-            async def run() -> float:
-                start = time.perf_counter()
-                counts = await asyncio.gather(
-                    *(one_request(http, "bench", arguments.new_tokens, seed) for seed in range(clients))
-                )
-                return sum(counts) / (time.perf_counter() - start)
-
-            return lambda: loop.run_until_complete(run())
-
-        def sequential(clients: int):
-            async def run() -> float:
-                start = time.perf_counter()
-                tokens = 0
-                for seed in range(clients):
-                    tokens += await one_request(http, "bench", arguments.new_tokens, seed)
-                return tokens / (time.perf_counter() - start)
-
-            return lambda: loop.run_until_complete(run())
-
-        concurrent(2)()  # warm-up: allocator, thread pools, first-request paths
+    with server_process(model, 8765) as eager_url, server_process(model, 8766, compiled=True) as compiled_url:
+        servers = {"eager": httpx.AsyncClient(base_url=eager_url, timeout=600),
+                   "compiled": httpx.AsyncClient(base_url=compiled_url, timeout=600)}  # fmt: skip
+        for http in servers.values():
+            # Warm-up: allocator, thread pools, first-request paths, and (compiled) one graph per batch size 1-4.
+            for clients in (1, 2, 3, 4):
+                rates(loop, http, clients, arguments.new_tokens)[0]()
         rows = []
-        for clients in (1, 4, 8, 16):
+        for clients in arguments.clients:
             print(f"{clients} clients:")
-            results = interleaved(
-                {"concurrent": concurrent(clients), "sequential": sequential(clients)}, rounds=arguments.rounds
-            )
-            medians = {name: sorted(rates)[len(rates) // 2] for name, rates in results.items()}
-            rows.append([
-                clients, f"{medians['concurrent']:,.0f}", f"{medians['sequential']:,.0f}",
-                f"{median_ratio(results, 'concurrent', 'sequential'):.2f}x",
-            ])  # fmt: skip
-        loop.run_until_complete(http.aclose())
-    print_table(["clients", "concurrent tok/s", "sequential tok/s", "ratio (median)"], rows)
+            contenders = {}
+            for name, http in servers.items():
+                contenders[f"{name} concurrent"], contenders[f"{name} sequential"] = rates(
+                    loop, http, clients, arguments.new_tokens
+                )
+            results = interleaved(contenders, rounds=arguments.rounds)
+            medians = {name: sorted(values)[len(values) // 2] for name, values in results.items()}
+            for name in servers:
+                rows.append([
+                    clients, name, f"{medians[f'{name} concurrent']:,.0f}", f"{medians[f'{name} sequential']:,.0f}",
+                    f"{median_ratio(results, f'{name} concurrent', f'{name} sequential'):.2f}x",
+                    f"{median_ratio(results, f'{name} concurrent', 'eager concurrent'):.2f}x",
+                ])  # fmt: skip
+        for http in servers.values():
+            loop.run_until_complete(http.aclose())
+    header = ["clients", "server", "concurrent tok/s", "sequential tok/s", "vs sequential", "vs eager concurrent"]
+    print_table(header, rows)
     scratch.cleanup()
 
 

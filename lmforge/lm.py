@@ -1,9 +1,7 @@
 """A trained model with its tokenizer: text in, text out. `lmforge.load(run_dir)` returns one.
 
-This is the text edge of generation: prompts are encoded here, new tokens are
-detokenized incrementally (never half a UTF-8 character) and stop strings are
-matched on text, holding back any tail that could still become a stop string.
-The engine underneath (`lmforge.generate`) only sees token ids.
+Prompts and chat templates are encoded here; the decoding loop is generate/engine.py's (token ids in,
+token ids out) and the text edge, detokenizing and stop strings, is generate/text.py's.
 """
 
 from __future__ import annotations
@@ -18,23 +16,22 @@ from torch import nn
 
 from lmforge.config import from_dict
 from lmforge.data.chat import Message, check_messages, truncate_chat
-from lmforge.data.tokenizer import StreamDecoder, Tokenizer
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.generate.compiled import check_compilable
-from lmforge.generate.decode import stream_ids
+from lmforge.generate.engine import Engine, Request
 from lmforge.generate.sampling import SamplingConfig
+from lmforge.generate.text import TextStream
 from lmforge.models import load_model
 from lmforge.models.lora import load_adapter, merge_lora
 from lmforge.run_folder import RunFolder, read_json, write_json
-
-GENERATION_FILE = "generation_config.json"
 
 
 def save_generation_config(folder: str | Path, sampling: SamplingConfig, tokenizer: Tokenizer) -> None:
     """Sampling defaults in Hugging Face's `generation_config.json` shape, so they travel with the model."""
     write_json(
-        Path(folder) / GENERATION_FILE,
+        RunFolder(folder).generation,
         {
             "do_sample": sampling.temperature > 0,
             **{k: v for k, v in dataclasses.asdict(sampling).items() if k != "seed"},
@@ -46,7 +43,7 @@ def save_generation_config(folder: str | Path, sampling: SamplingConfig, tokeniz
 
 
 def read_generation_config(folder: str | Path) -> SamplingConfig:
-    path = Path(folder) / GENERATION_FILE
+    path = RunFolder(folder).generation
     if not path.is_file():
         return SamplingConfig()
     saved = read_json(path)
@@ -177,113 +174,55 @@ class LM:
         """Yield, per step, the new text of every row; fill `completions` (without text) at the end.
 
         A row ends at <eos>, at any of `stop_ids` (e.g. the chat end marker) or at a stop string.
+        A seeded `config` draws every row from one generator, so a batch repeats exactly.
         """
         if not prompt_ids:
             raise UserError("no prompt given")
-        end_ids = {self.tokenizer.eos_id, *stop_ids}
+        end_ids = frozenset({self.tokenizer.eos_id, *stop_ids})
         context = self.model.config.max_position_embeddings
         for ids in prompt_ids:
             if len(ids) >= context:
                 raise UserError(f"the prompt has {len(ids)} tokens; this model's context holds {context}")
-        streams = [TextStream(self.tokenizer, stop, end_ids) for _ in prompt_ids]
-        steps = stream_ids(self.model, prompt_ids, config, sorted(end_ids), self.tokenizer.pad_id, self.compiled)
-        for step_tokens in steps:
-            pieces = [
-                "" if token is None or text.finished else text.push(token) for token, text in zip(step_tokens, streams)
-            ]
-            yield pieces
-            if all(text.finished for text in streams):
-                steps.close()
-                break
-        tails = [text.finish() for text in streams]
-        if any(tails):
-            yield tails
+        engine = Engine(self.model, self.tokenizer.pad_id, self.compiled)
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=engine.device).manual_seed(config.seed % 2**64)
+        requests = [Request(ids, config, end_ids, generator) for ids in prompt_ids]
+        streams = {id(request): TextStream(self.tokenizer, stop, end_ids) for request in requests}
+        engine.add(requests)
+        while engine.has_work():
+            pieces = dict.fromkeys(streams, "")
+            for token in engine.step():
+                stream = streams[id(token.request)]
+                pieces[id(token.request)] += stream.feed(token)
+                if stream.finished and token.finish_reason is None:  # a stop string
+                    engine.remove([token.request])
+            yield list(pieces.values())
         completions.extend(
-            Completion("", text.finish_reason, len(ids), text.token_count) for ids, text in zip(prompt_ids, streams)
+            Completion("", stream.finish_reason, len(ids), stream.token_count)
+            for ids, stream in zip(prompt_ids, streams.values())
         )
 
 
-def stop_strings(stop: Sequence[str] | str | None) -> list[str]:
-    """One stop string or many -> the non-empty ones."""
-    if isinstance(stop, str):
-        return [stop] if stop else []
-    return [text for text in stop or [] if text]
-
-
-class TextStream:
-    """One sequence's new tokens -> text pieces.
-
-    Detokenizes incrementally (never half a UTF-8 character) and matches stop
-    strings on text, holding back any tail that could still become one. Ends
-    at an end token ("stop"), a stop string ("stop"), or when the caller runs
-    out of tokens and calls `finish` ("length").
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] | str | None, end_ids: set[int]) -> None:
-        self.decoder = StreamDecoder(tokenizer)
-        self.stop_strings = stop_strings(stop)
-        self.end_ids = end_ids
-        self.pending = ""
-        self.finished = False
-        self.finish_reason = "length"
-        self.token_count = 0  # tokens generated, the end token included
-
-    def push(self, token: int) -> str:
-        """Add one token; return the text now safe to emit."""
-        self.token_count += 1
-        if token in self.end_ids:
-            self.finished, self.finish_reason = True, "stop"
-            return _split_at_stop(self.pending + self.decoder.flush(), self.stop_strings, final=True)[0]
-        self.pending += self.decoder.push(token)
-        piece, self.pending, hit = _split_at_stop(self.pending, self.stop_strings)
-        if hit:
-            self.finished, self.finish_reason = True, "stop"
-        return piece
-
-    def finish(self) -> str:
-        """End the stream where it is; return the text still held back."""
-        if self.finished:
-            return ""
-        self.finished = True
-        return _split_at_stop(self.pending + self.decoder.flush(), self.stop_strings, final=True)[0]
-
-
-def _split_at_stop(text: str, stop_strings: list[str], final: bool = False) -> tuple[str, str, bool]:
-    """(text safe to emit, text held back, whether a stop string was hit)."""
-    hits = [text.find(stop) for stop in stop_strings if stop in text]
-    if hits:
-        return text[: min(hits)], "", True
-    if final:
-        return text, "", False
-    # Hold back the longest tail that is the start of some stop string: it may still complete.
-    held = 0
-    for stop in stop_strings:
-        for size in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:size]):
-                held = size
-                break
-    return text[: len(text) - held], text[len(text) - held :], False
-
-
 def load(run_dir: str | Path, device: str | None = None, compiled: bool = False) -> LM:
-    """Load a run folder (config.json, model.safetensors, tokenizer.json, generation_config.json).
+    """Load a run folder (config, weights, tokenizer, generation settings).
 
     `compiled`: decode with compiled steps (see `LM`).
 
-    A LoRA folder without a merged `model.safetensors` (adapter_config.json + adapter_model.safetensors)
-    loads its base model, named in adapter_config.json, and merges the adapters into it.
+    A LoRA folder without merged weights (adapter config + adapter weights) loads its base model,
+    named in the adapter config, and merges the adapters into it.
     """
-    run_dir = Path(run_dir)
-    if not (run_dir / "model.safetensors").is_file() and (run_dir / RunFolder.ADAPTER_CONFIG).is_file():
-        base = read_json(run_dir / RunFolder.ADAPTER_CONFIG).get("base_model_name_or_path")
-        if not base or not (Path(base) / "config.json").is_file():
-            raise UserError(f"{run_dir} holds LoRA adapters for {base!r}, which is not a model folder here")
+    folder = RunFolder(run_dir)
+    if not folder.has_weights() and folder.has_adapter():
+        base = read_json(folder.adapter_config).get("base_model_name_or_path")
+        if not base or not RunFolder(base).has_model():
+            raise UserError(f"{folder} holds LoRA adapters for {base!r}, which is not a model folder here")
         model = load_model(base, pick_device(device))
-        load_adapter(run_dir, model)
+        load_adapter(folder.path, model)
         merge_lora(model)
-        tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else Path(base)
+        tokenizer_dir = folder.path if folder.has_tokenizer() else Path(base)
         return LM(model.eval(), Tokenizer.load(tokenizer_dir), read_generation_config(tokenizer_dir), compiled)
-    if not (run_dir / "config.json").is_file():
-        raise UserError(f"{run_dir} is not a model folder: it has no config.json")
-    model = load_model(run_dir, pick_device(device))
-    return LM(model, Tokenizer.load(run_dir), read_generation_config(run_dir), compiled)
+    if not folder.has_model():
+        raise UserError(f"{folder} is not a model folder: it has no {RunFolder.CONFIG}")
+    model = load_model(folder.path, pick_device(device))
+    return LM(model, Tokenizer.load(folder.path), read_generation_config(folder.path), compiled)

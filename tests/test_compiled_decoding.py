@@ -6,7 +6,7 @@ import torch
 from lmforge.compress.quantize import quantize_model
 from lmforge.errors import UserError
 from lmforge.generate.compiled import CompiledDecoding, static_length
-from lmforge.generate.decode import generate_ids, left_pad
+from lmforge.generate.engine import generate_ids, left_pad
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import LM
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -30,9 +30,10 @@ def test_each_compiled_step_gives_the_eager_logits_on_a_left_padded_batch():
     input_ids, attention_mask = left_pad(PROMPTS, 0, "cpu")
     eager_cache = model.new_cache(len(PROMPTS), 48)
     prefill_cache = model.new_cache(len(PROMPTS), 48)
+    prefill_cache.pad_left([len(prompt) for prompt in PROMPTS])
     eager = model(input_ids, attention_mask=attention_mask, cache=eager_cache, last_only=True)[:, -1]
     model(input_ids, attention_mask=attention_mask, cache=prefill_cache, last_only=True)
-    step = CompiledDecoding(model, prefill_cache, attention_mask, needed=48)
+    step = CompiledDecoding(model, prefill_cache, needed=48)
     for _ in range(10):
         tokens = eager.argmax(dim=-1)
         compiled = step(tokens)

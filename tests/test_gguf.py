@@ -15,7 +15,7 @@ import torch
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.export.gguf import LLAMA3_SPLIT_PATTERN, export, rotary_halves_to_pairs
-from lmforge.generate.decode import generate_ids
+from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import LM
 from lmforge.models import save_model

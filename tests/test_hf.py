@@ -12,7 +12,7 @@ from lmforge.data.chat import encode_chat, render_chat
 from lmforge.data.tokenizer import StreamDecoder, Tokenizer, train_byte_level_bpe
 from lmforge.errors import UserError
 from lmforge.export.hf import export, import_folder
-from lmforge.generate.decode import generate_ids
+from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.models import load_model, save_model
 from lmforge.models.decoder import Decoder, DecoderConfig

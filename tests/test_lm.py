@@ -2,39 +2,31 @@
 
 import pytest
 import torch
-from torch import nn
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.lm import LM, _split_at_stop
+from lmforge.generate.text import split_at_stop
+from lmforge.lm import LM
 from lmforge.models.decoder import Decoder, DecoderConfig
 
 TEXT = "你好，世界！🎉 lmforge 天气很好。👩‍👩‍👧 结束"
 
 
-class ScriptedModel(nn.Module):
+class ScriptedModel(Decoder):
     """Emits a fixed token sequence whatever the input, so text-edge behaviour is exactly predictable."""
 
     def __init__(self, script: list[int], vocab_size: int) -> None:
-        super().__init__()
-        self.inner = Decoder(
-            DecoderConfig(
-                vocab_size=vocab_size,
-                hidden_size=8,
-                num_layers=1,
-                num_heads=1,
-                intermediate_size=8,
-                max_position_embeddings=256,
-            )
-        )
-        self.config = self.inner.config
-        self.embed_tokens = self.inner.embed_tokens
+        config = DecoderConfig(
+            vocab_size=vocab_size, hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8,
+            max_position_embeddings=256,
+        )  # fmt: skip
+        super().__init__(config)
         self.script = script
         self.position = 0
 
     def new_cache(self, batch_size, max_length):
         self.position = 0
-        return self.inner.new_cache(batch_size, max_length)
+        return super().new_cache(batch_size, max_length)
 
     def forward(self, input_ids, attention_mask=None, cache=None, last_only=False):
         logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e9)
@@ -80,9 +72,9 @@ def test_finish_reason_length_and_stop(tokenizer):
 
 
 def test_split_at_stop_holds_back_a_possible_start():
-    assert _split_at_stop("abc结", ["结束"]) == ("abc", "结", False)
-    assert _split_at_stop("abc结束def", ["结束"]) == ("abc", "", True)
-    assert _split_at_stop("abc结", ["结束"], final=True) == ("abc结", "", False)
+    assert split_at_stop("abc结", ["结束"]) == ("abc", "结", False)
+    assert split_at_stop("abc结束def", ["结束"]) == ("abc", "", True)
+    assert split_at_stop("abc结", ["结束"], final=True) == ("abc结", "", False)
 
 
 def test_bad_sampling_values_and_long_prompts_are_user_errors(tokenizer):

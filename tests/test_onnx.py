@@ -9,7 +9,7 @@ import torch
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.export.onnx import decoder_names, export
-from lmforge.generate.decode import left_pad
+from lmforge.generate.engine import left_pad
 from lmforge.models import save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder, EncoderConfig

@@ -1,1 +1,1 @@
-"""Generation engine: token ids in, token ids out. Text lives at the edges (lmforge.lm)."""
+"""Generation: token ids in, token ids out (engine.py is the decoding loop); text.py is the text edge."""

@@ -113,28 +113,19 @@ def next_tokens_per_row(
 ) -> torch.Tensor:
     """logits (B, V) -> token ids (B,), each row with its own sampling settings and random generator.
 
-    Rows that share settings are filtered together; a row with its own generator (a seeded request)
-    then draws alone, so its tokens do not depend on its neighbours.
+    Rows that share settings and a generator (or have none) are filtered and drawn together; a row
+    with its own generator (a seeded request) draws alone, so its tokens do not depend on its neighbours.
     """
     generators = generators or [None] * len(configs)
     groups: dict[tuple, list[int]] = {}
-    for row, config in enumerate(configs):
-        groups.setdefault((config.temperature, config.top_k, config.top_p, config.repetition_penalty), []).append(row)
-    tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)
+    for row, (config, generator) in enumerate(zip(configs, generators)):
+        settings = (config.temperature, config.top_k, config.top_p, config.repetition_penalty)
+        groups.setdefault((*settings, id(generator)), []).append(row)
+    if len(groups) == 1:  # the common case, one setting for all: no gathering and scattering
+        return next_tokens(logits, configs[0], seen, generators[0])
+    tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)  # (B,)
     for rows in groups.values():
-        config = configs[rows[0]]
         index = torch.tensor(rows, device=logits.device)
         rows_seen = seen[index] if seen is not None else None
-        if config.temperature < GREEDY_BELOW:
-            tokens[index] = next_tokens(logits[index], config, rows_seen)
-            continue
-        probabilities, ids = candidates(logits[index], config, rows_seen)
-        shared = [position for position, row in enumerate(rows) if generators[row] is None]
-        if shared:
-            picked = ids[shared] if ids is not None else None
-            tokens[index[shared]] = draw(probabilities[shared], picked, None)
-        for position, row in enumerate(rows):
-            if generators[row] is not None:
-                own = ids[position : position + 1] if ids is not None else None
-                tokens[row] = draw(probabilities[position : position + 1], own, generators[row])[0]
+        tokens[index] = next_tokens(logits[index], configs[rows[0]], rows_seen, generators[rows[0]])
     return tokens

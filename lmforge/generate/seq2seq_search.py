@@ -187,10 +187,8 @@ def beam_search(
         is_eos = top_tokens == eos_id
         # NOTE: as in Hugging Face, eos only counts among the top K candidates.
         for index, rank in is_eos[:, :beams].nonzero().tolist():
-            score = float(top_scores[index, rank]) / (step + 1) ** length_penalty
-            if score > best[active[index]][0]:
-                row = index * beams + int(top_beams[index, rank])
-                best[active[index]] = (score, sequences[row].tolist())
+            row = index * beams + int(top_beams[index, rank])
+            _offer(best, active[index], float(top_scores[index, rank]) / (step + 1) ** length_penalty, sequences[row])
         live = torch.sort(is_eos.to(torch.int8), dim=1, stable=True).indices[:, :beams]  # (A, K) best non-eos
         beam_scores = top_scores.gather(1, live)
         tokens = top_tokens.gather(1, live).view(-1)  # (A * K,)
@@ -215,6 +213,11 @@ def beam_search(
     for index, source in enumerate(active):  # cut off at max_new_tokens: the live beams compete too
         beam = int(beam_scores[index].argmax())
         score = float(beam_scores[index, beam]) / max(max_new_tokens, 1) ** length_penalty
-        if score > best[source][0]:
-            best[source] = (score, sequences[index * beams + beam].tolist())
+        _offer(best, source, score, sequences[index * beams + beam])
     return [hypothesis for _, hypothesis in best]
+
+
+def _offer(best: list[tuple[float, list[int]]], source: int, score: float, sequence: torch.Tensor) -> None:
+    """Keep `sequence` (step,) as the source's best finished hypothesis if it scores higher."""
+    if score > best[source][0]:
+        best[source] = (score, sequence.tolist())

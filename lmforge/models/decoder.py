@@ -13,12 +13,11 @@ import torch
 from torch import nn
 
 from lmforge.config import option, require_divisible, require_positive
+from lmforge.models.cache import KVCache, StaticKVCache
 from lmforge.models.layers import (
     Attention,
-    KVCache,
     RMSNorm,
     RotaryEmbedding,
-    StaticKVCache,
     SwiGLU,
     attention_mask_for,
     packed_attention,
@@ -177,18 +176,18 @@ class Decoder(nn.Module):
             hidden = hidden[:, -1:]  # (B, 1, hidden): a long prompt's (T, vocab) logits would be thrown away
         return self.lm_head(hidden)  # (B, T or 1, vocab)
 
-    def decode_step(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, cache: StaticKVCache
-    ) -> torch.Tensor:
+    def decode_step(self, input_ids: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
         """One new token per row over a static cache -> its logits (B, vocab); the shape `torch.compile` wants.
 
-        input_ids (B, 1); position_ids (B, 1), each row's count of real tokens before this one; key_mask
-        (B, cache.max_length) bool, the columns each row may attend to, this step's column included.
-        The caller moves `cache.column` on afterwards.
+        input_ids (B, 1). The cache holds each row's position id and key mask in tensors, so every step is
+        the same graph; the caller calls `cache.advance()` afterwards.
         """
         x = self.embed_tokens(input_ids)  # (B, 1, hidden)
+        # NOTE: positions count real tokens only; the clamp only ever touches a finished row that a compiled batch
+        # carries to keep its shape (its output is never read), which would otherwise run off the rotary table.
+        position_ids = cache.position_ids.clamp(max=self.config.max_position_embeddings - 1)  # (B, 1)
         rotary = self.rotary(position_ids, x.dtype)
-        mask = key_mask[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and the one query
+        mask = cache.key_mask[:, None, None, :]  # (B, 1, 1, max_length): written, non-padding columns
         for index, layer in enumerate(self.layers):
             # NOTE: an explicit mask, never is_causal: the static cache holds unwritten columns past this step.
             x = layer(x, rotary, mask, False, cache, index)  # (B, 1, hidden)

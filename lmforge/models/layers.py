@@ -1,9 +1,10 @@
-"""Building blocks shared by every model family: norms, rotary positions, attention, feed-forward.
+"""Building blocks shared by every model family: norms, rotary positions, attention, feed-forward, few-row products.
 
 Each block is a small `nn.Module` whose weight names follow Hugging Face's Llama
 names (`q_proj`, `gate_proj`, ...), so importing and exporting weights is a
 near-identity map. This module knows tensors and shapes, not tokens, configs or
-training: a family file (`decoder.py`, ...) picks the blocks and wires them.
+training: a family file (`decoder.py`, ...) picks the blocks and wires them. The KV cache
+that attention writes into is `cache.py`'s.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmforge.models.cache import KVCache, StaticKVCache
 
 
 class RMSNorm(nn.Module):
@@ -53,81 +56,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-class KVCache:
-    """Keys and values of every layer, preallocated for `max_length` positions.
-
-    All layers write the same positions in one forward pass; `advance` moves the
-    write position once the pass is done.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        batch_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_length: int,
-        device: torch.device | str,
-        dtype: torch.dtype,
-    ) -> None:
-        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[3]
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # keys, values: (B, kv_heads, T, head_dim) -> everything cached so far, (B, kv_heads, length + T, head_dim)
-        end = self.length + keys.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache holds {self.max_length} positions; asked for {end}")
-        self.keys[layer, :, :, self.length : end] = keys
-        self.values[layer, :, :, self.length : end] = values
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def advance(self, num_tokens: int) -> None:
-        self.length += num_tokens
-
-    def reorder(self, row_indices: torch.Tensor) -> None:
-        """Keep only (or repeat) the given batch rows, e.g. when sequences finish or beams are reordered."""
-        self.keys = self.keys[:, row_indices]
-        self.values = self.values[:, row_indices]
+# NOTE: on a CPU, with at most FEW_ROWS rows, a product with a weight matrix is a matrix-vector product, bound by
+# reading the weights, and BLAS's matrix-vector kernels read them at about 8 GB/s on our AMD EPYC while a copy runs
+# at 49. Written as a multiply and a sum over the inputs, inductor turns it into one vectorised loop that reads each
+# weight once, at 28-40 GB/s. Compiled decoding steps (generate/compiled.py) and the int8 layers use it; from
+# 8 rows on BLAS is as fast or faster.
+FEW_ROWS = 4
 
 
-class StaticKVCache:
-    """Keys and values for a compiled decoding step: one tensor per layer, written at a column held in a tensor.
+def few_rows_on_cpu(x: torch.Tensor) -> bool:
+    """Whether x (..., in) has at most FEW_ROWS rows and lives on a CPU (GPU BLAS reads weights at memory speed)."""
+    return x.device.type == "cpu" and x.numel() <= FEW_ROWS * x.shape[-1]
 
-    Nothing here is a Python number that changes from one step to the next, so a compiled step
-    sees the same graph every time (a `KVCache` slices at its Python `length`, which a compiled
-    graph would bake in). Attention reads all `max_length` columns; the caller's key mask hides
-    the ones not written yet. Separate tensors per layer, not views of one: a compiler copies
-    the whole buffer when it sees a write into a view of an input.
-    """
 
-    def __init__(self, cache: KVCache, max_length: int) -> None:
-        """A copy of `cache` (its first `cache.length` columns) with room for `max_length` columns."""
-        layers, batch, heads, _, head_dim = cache.keys.shape
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        for source, target in ((cache.keys, self.keys), (cache.values, self.values)):
-            for layer in range(layers):
-                buffer = source.new_zeros(batch, heads, max_length, head_dim)
-                buffer[:, :, : cache.length] = source[layer, :, :, : cache.length]
-                target.append(buffer)
-        self.column = torch.tensor([cache.length], device=cache.keys.device)  # where the next token goes
-
-    @property
-    def max_length(self) -> int:
-        return self.keys[0].shape[2]
-
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # keys, values: (B, kv_heads, 1, head_dim) -> the whole buffer, (B, kv_heads, max_length, head_dim)
-        self.keys[layer].index_copy_(2, self.column, keys)
-        self.values[layer].index_copy_(2, self.column, values)
-        return self.keys[layer], self.values[layer]
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear as a multiply and a sum: x (..., in), weight (out, in) -> (..., out)."""
+    out = (x.unsqueeze(-2) * weight).sum(-1)  # (..., 1, in) * (out, in) -> (..., out, in) -> (..., out)
+    return out if bias is None else out + bias
 
 
 class Attention(nn.Module):
@@ -193,8 +138,10 @@ class Attention(nn.Module):
                 key = apply_rotary(key, *rotary)
             key = key.transpose(1, 2)  # (B, KV, T, D)
             value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            # NOTE: no rotary on values: only query-key dot products carry relative positions.
             if cache is not None:
                 key, value = cache.update(layer_index, key, value)  # (B, KV, S, D)
+        # NOTE: enable_gqa lets SDPA read each key/value head for its group of query heads, without repeating it.
         out = F.scaled_dot_product_attention(
             query,
             key,
@@ -216,6 +163,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, T, hidden) -> gate, up (B, T, intermediate) -> (B, T, hidden)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -228,7 +176,7 @@ class GELUFeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(F.gelu(self.up_proj(x)))  # (B, T, hidden) -> (B, T, intermediate) -> (B, T, hidden)
 
 
 def padding_mask_for(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -253,8 +201,8 @@ def attention_mask_for(
             return None, False
     total = past_length + query_length
     device = attention_mask.device if attention_mask is not None else None
-    query_positions = torch.arange(past_length, total, device=device)[:, None]
-    key_positions = torch.arange(total, device=device)[None, :]
+    query_positions = torch.arange(past_length, total, device=device)[:, None]  # (T, 1)
+    key_positions = torch.arange(total, device=device)[None, :]  # (1, S)
     allowed = (key_positions <= query_positions)[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)

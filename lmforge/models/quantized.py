@@ -38,10 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import UserError
-
-# NOTE: the few-row product is moving to models/layers.py (issue 17); until then it is read from
-# generate/compiled.py as a module attribute at call time, because that module imports models/ itself.
-from lmforge.generate import compiled
+from lmforge.models.layers import few_rows_linear, few_rows_on_cpu
 
 METHODS = {
     "int8": "int8 weights, one scale per output channel (4x smaller linear layers)",
@@ -112,12 +109,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x)
         on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
-        if torch.compiler.is_compiling() and compiled.few_rows_on_cpu(x) and self.dynamic_weight is None:
+        if torch.compiler.is_compiling() and few_rows_on_cpu(x) and self.dynamic_weight is None:
             # A compiled decoding step reads the int8 weights in one loop (generate/compiled.py), with x and the
             # scales rounded to bf16 where the eager kernel rounds them, so both give the same tokens.
             scales = self.kernel_scales.float() if self.use_kernel else self.scales
             x_used = x.to(torch.bfloat16).float() if self.use_kernel else x.float()
-            out = compiled.few_rows_linear(x_used, self.qweight) * scales
+            out = few_rows_linear(x_used, self.qweight) * scales
             return (out if self.bias is None else out + self.bias).to(x.dtype)
         if self.dynamic_weight is not None and on_cpu:
             flat = x.reshape(rows, self.in_features)  # (rows, in)

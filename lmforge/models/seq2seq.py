@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from lmforge.config import option, require_divisible, require_positive
+from lmforge.models.cache import KVCache
 from lmforge.models.encoder import Embeddings, Encoder, EncoderConfig
 from lmforge.models.layers import (
     Attention,
     GELUFeedForward,
-    KVCache,
     RotaryEmbedding,
     attention_mask_for,
     padding_mask_for,

@@ -22,7 +22,7 @@ from lmforge.config import option
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_source
-from lmforge.generate.decode import generate_ids
+from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import LM, load, read_generation_config
 from lmforge.models import load_model

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lmforge.generate.decode import generate_ids, left_pad
+from lmforge.errors import UserError
+from lmforge.generate.engine import Engine, Request, generate_ids, left_pad
 from lmforge.generate.sampling import (
     SamplingConfig,
     candidates,
@@ -13,6 +14,7 @@ from lmforge.generate.sampling import (
     prompt_tokens_seen,
 )
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 
 def tiny_model() -> Decoder:
@@ -85,3 +87,72 @@ def test_the_repetition_penalty_sees_a_prompts_tokens_but_not_its_padding():
     seen = prompt_tokens_seen(input_ids, mask, vocab_size=10)
     assert [row.nonzero().flatten().tolist() for row in seen] == [[0, 5, 7], [9]]
     assert prompt_tokens_seen(input_ids[:1], None, vocab_size=10)[0].nonzero().flatten().tolist() == [0, 5, 7]
+
+
+def run_continuously(engine: Engine, arrivals: dict[int, list[Request]], cancel: dict[int, Request] | None = None):
+    """Step the engine, adding requests at the steps `arrivals` names; each request's tokens and ending."""
+    cancel = cancel or {}
+    tokens: dict[int, list[int]] = {}
+    endings: dict[int, str] = {}
+    step = 0
+    while engine.has_work() or any(at >= step for at in arrivals):
+        if step in arrivals:
+            engine.add(arrivals[step])
+        if step in cancel:
+            engine.remove([cancel[step]])
+        for token in engine.step():
+            if token.finish_reason == "stop":
+                endings[id(token.request)] = "stop"
+                continue
+            tokens.setdefault(id(token.request), []).append(token.token_id)
+            if token.finish_reason:
+                endings[id(token.request)] = token.finish_reason
+        step += 1
+    return tokens, endings
+
+
+CONTINUOUS_PROMPTS = [[1, 7, 9], [1, 3, 4, 5, 6, 8, 2, 11], [1, 20], [5, 5, 5, 5], [2]]
+CONTINUOUS_BUDGETS = [12, 4, 9, 7, 15]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_continuous_batching_gives_each_request_the_tokens_it_gets_alone(compiled):
+    model = tiny_model()
+    configs = [SamplingConfig(max_new_tokens=n, temperature=0, repetition_penalty=1.3) for n in CONTINUOUS_BUDGETS]
+    requests = [Request(prompt, config) for prompt, config in zip(CONTINUOUS_PROMPTS, configs)]
+    # Compiled steps for at most 2 rows: the batch crosses between compiled and eager steps as rows come and go.
+    engine = Engine(model, compiled=compiled, compiled_rows=2 if compiled else None)
+    tokens, endings = run_continuously(engine, {0: requests[:2], 2: requests[2:3], 5: requests[3:]})
+    for request, prompt, config in zip(requests, CONTINUOUS_PROMPTS, configs):
+        [alone] = generate_ids(model, [prompt], config)
+        assert tokens[id(request)] == alone.token_ids and endings[id(request)] == alone.finish_reason
+    assert engine.cache is None and not engine.rows  # everything freed
+
+
+def test_a_removed_request_leaves_and_the_rest_decode_as_alone():
+    model = tiny_model()
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0, repetition_penalty=1.0)
+    requests = [Request(prompt, greedy) for prompt in CONTINUOUS_PROMPTS[:3]]
+    engine = Engine(model)
+    tokens, endings = run_continuously(engine, {0: requests}, cancel={3: requests[1]})
+    assert len(tokens[id(requests[1])]) == 3 and id(requests[1]) not in endings
+    for request in (requests[0], requests[2]):
+        assert tokens[id(request)] == generate_ids(model, [request.prompt_ids], greedy)[0].token_ids
+
+
+def test_seeded_rows_of_one_batch_draw_from_their_shared_generator_reproducibly():
+    model = tiny_model()
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=3)
+    first = generate_ids(model, CONTINUOUS_PROMPTS[:3], sampling)
+    assert [row.token_ids for row in generate_ids(model, CONTINUOUS_PROMPTS[:3], sampling)] == [
+        row.token_ids for row in first
+    ]
+
+
+def test_the_engine_runs_decoders_only():
+    # The encoder-decoder has a KV cache too: the family is told by type, not by a `new_cache` attribute.
+    config = Seq2SeqConfig(
+        vocab_size=50, hidden_size=32, num_encoder_layers=1, num_decoder_layers=1, intermediate_size=64
+    )
+    with pytest.raises(UserError, match="decoders"):
+        Engine(Seq2Seq(config))

@@ -1,0 +1,132 @@
+"""What sits around the routes: the API key check, CORS, and error handlers that answer in OpenAI's shape.
+
+Every error, bad input included, is an OpenAI-style `{"error": {message, type, param, code}}`
+with a 4xx status: the official client retries each 5xx twice, so a 500 on bad input is felt
+three times. Only a bug in the server itself answers 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from lmforge.errors import UserError
+from lmforge.serve import protocol
+
+OPEN_PATHS = ("/health", "/")  # everything else needs the API key when one is set
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        detail = protocol.ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return JSONResponse(
+            protocol.ErrorResponse(error=detail).model_dump(), status_code=self.status, headers=self.headers
+        )
+
+
+class BearerAuth:
+    """ASGI middleware: deny by default unless `Authorization: Bearer KEY` matches, compared in constant time.
+
+    The only open routes are matched on the exact path the router sees, so no spelling of
+    another path (`//v1/models`, `/v1/../v1/models`, `%2Fv1`, a forged Host) can pass as one.
+    """
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan" or (
+            scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] in OPEN_PATHS
+        ):
+            return await self.app(scope, receive, send)
+        given = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+        # NOTE: compare_digest takes the same time wherever the strings differ, so timing leaks nothing.
+        if len(given) == 1 and hmac.compare_digest(given[0], self.expected):
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return  # a websocket is refused by closing it unanswered
+        error = APIError(
+            401,
+            "missing or wrong API key: send the header 'Authorization: Bearer YOUR_KEY'",
+            "authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await error.response()(scope, receive, send)
+
+
+def install_middleware(app: FastAPI, api_key: str | None, cors_origins: Sequence[str]) -> None:
+    """The API key check (when a key is set), CORS (when origins are given) and the error handlers."""
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+    if cors_origins:  # added last, so it is the outer layer and answers preflight requests itself
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(UserError, _user_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _bug)
+
+
+async def _api_error(request: Request, error: APIError) -> JSONResponse:
+    return error.response()
+
+
+async def _user_error(request: Request, error: UserError) -> JSONResponse:
+    return APIError(400, str(error)).response()
+
+
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """pydantic's first problem as a 400 naming the field (`param`), e.g. `messages.0.role`."""
+    problems = error.errors()
+    first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"the request body is not valid JSON: {reason}", code="json_invalid").response()
+    where = [str(part) for part in first.get("loc", ()) if _is_field(part)]
+    param = ".".join(where) or None
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problems)"
+    return APIError(400, message, param=param, code=str(first.get("type", "invalid"))).response()
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+    return APIError(error.status_code, str(error.detail), kind, headers=error.headers).response()
+
+
+async def _bug(request: Request, error: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {error}", "server_error").response()
+
+
+def _is_field(part: str | int) -> bool:
+    """Whether a pydantic error location part names a field or index, not a union member ("str", "list[str]")."""
+    if isinstance(part, int):
+        return True
+    return part != "body" and part.isidentifier() and part not in ("str", "int", "float", "bool", "list", "dict")
