@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge.config import from_dict
+from lmforge.data.sources import split_of
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import choice_logprobs
@@ -370,3 +371,28 @@ def test_a_lora_recipe_repeats_exactly(task_data, chat_data, base_run, tmp_path)
         records = RunFolder(tmp_path / str(attempt)).read_metrics_log()
         losses.append([record["loss"] for record in records if "loss" in record])
     assert losses[0] == losses[1]
+
+
+def one_line_corpus(path, characters: int = 4000):
+    """A .txt corpus of one long line: one record, so the hash split puts all of it in the training split."""
+    rng = random.Random(5)
+    line = "".join(rng.choice(FILLER) for _ in range(characters))
+    assert split_of(line, 0.01, 0.01) == "train"
+    path.write_text(line + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_corpus_of_one_record_says_it_all_fell_in_the_training_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    corpus = one_line_corpus(tmp_path / "one-line.txt")
+    recipe = from_dict(
+        causal_lm.PretrainRecipe,
+        {"data": {"source": str(corpus), "vocab_size": 300, "context": 16}, "model": TINY_DECODER,
+         "train": TWO_STEPS, "device": "cpu"},
+    )  # fmt: skip
+    with pytest.raises(UserError) as caught:
+        run_task(causal_lm.TASK, recipe, tmp_path / "run", progress=False)
+    message = str(caught.value)
+    assert f"all 1 records of {corpus} fell in the training split" in message
+    assert "more lines" in message and "valid_fraction" in message
+    assert "too small" not in message  # thousands of tokens: size was never the problem
