@@ -115,8 +115,8 @@ def _too_small(source: str, context: int, fractions: tuple[float, float], train_
             )
         if total:
             return (
-                f"the {SPLIT_NAMES[split]} split of {source} ({counts[split]:,} of {total:,} records) has at most {context} tokens, "
-                f"less than one training window: {advice}, lower data.context, or give more text"
+                f"the {SPLIT_NAMES[split]} split of {source} ({counts[split]:,} of {total:,} records) has at most "
+                f"{context} tokens, less than one training window: {advice}, lower data.context, or give more text"
             )
     return (
         f"{source} is too small: each split needs more than {context} tokens "
