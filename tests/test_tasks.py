@@ -396,3 +396,47 @@ def test_a_corpus_of_one_record_says_it_all_fell_in_the_training_split(tmp_path,
     assert f"all 1 records of {corpus} fell in the training split" in message
     assert "more lines" in message and "valid_fraction" in message
     assert "too small" not in message  # thousands of tokens: size was never the problem
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_was(task_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    values = {"data": {"source": str(one_line_corpus(tmp_path / "one-line.txt")), "vocab_size": 300, "context": 16},
+              "model": TINY_DECODER, "train": TWO_STEPS, "device": "cpu"}  # fmt: skip
+    # Bad data: a new folder (and its new parent) is removed, an existing one keeps exactly what it held.
+    with pytest.raises(UserError, match="all 1 records"):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, values), tmp_path / "new" / "run", progress=False)
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    (existing / "notes").mkdir(parents=True)
+    (existing / "notes" / "mine.txt").write_text("keep me")
+    (existing / RunFolder.RECIPE).write_text('{"mine": true}')
+    with pytest.raises(UserError, match="all 1 records"):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, values), existing, progress=False)
+    left = {p.relative_to(existing).as_posix() for p in existing.rglob("*")}
+    assert left == {RunFolder.RECIPE, "notes", "notes/mine.txt"}
+
+    # A failure in training, after the tokenizer, recipe and first validation were written: all of it goes, and
+    # the recipe.json the folder held before comes back.
+    good = {**values, "data": {**values["data"], "source": str(task_data / "text.jsonl"), "valid_fraction": 0.1}}
+    real_train = base.train
+
+    def train_then_fail(model, objective, batch_for, config, run_dir, *args, **kwargs):
+        RunFolder(run_dir).read_recipe()  # written by now
+        (RunFolder(run_dir).path / RunFolder.METRICS_LOG).write_text('{"step": 0}\n')
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(base, "train", train_then_fail)
+    with pytest.raises(RuntimeError):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, good), existing, progress=False)
+    assert (existing / RunFolder.RECIPE).read_text() == '{"mine": true}'
+    assert not (existing / RunFolder.TOKENIZER).exists() and not (existing / RunFolder.METRICS_LOG).exists()
+
+    # Once a checkpoint exists the run is resumable, and a later failure keeps every file for --resume.
+    def fail_after_a_checkpoint(*args, **kwargs):
+        real_train(*args, **kwargs)
+        raise RuntimeError("the disk filled up while plotting")
+
+    monkeypatch.setattr(base, "train", fail_after_a_checkpoint)
+    with pytest.raises(RuntimeError):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, good), existing, progress=False)
+    assert (existing / RunFolder.TOKENIZER).is_file() and any((existing / RunFolder.CHECKPOINTS).iterdir())
