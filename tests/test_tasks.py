@@ -440,3 +440,73 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_wa
     with pytest.raises(RuntimeError):
         run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, good), existing, progress=False)
     assert (existing / RunFolder.TOKENIZER).is_file() and any((existing / RunFolder.CHECKPOINTS).iterdir())
+
+
+@pytest.fixture
+def bayes_calls(tmp_path, monkeypatch):
+    """A private baseline cache, and how often snownlp's Bayes is trained and asked to classify."""
+    from snownlp.sentiment import Sentiment
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    calls = {"train": 0, "classify": 0}
+    train, classify = Sentiment.train, Sentiment.classify
+
+    def counted_train(self, *args):
+        calls["train"] += 1
+        return train(self, *args)
+
+    def counted_classify(self, text):
+        calls["classify"] += 1
+        return classify(self, text)
+
+    monkeypatch.setattr(Sentiment, "train", counted_train)
+    monkeypatch.setattr(Sentiment, "classify", counted_classify)
+    return calls
+
+
+def test_the_retrained_bayes_baseline_is_cached_per_training_split(sentiment_data, tmp_path, bayes_calls):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sentiment_data, data)
+    recipe = from_dict(
+        sentiment.Recipe,
+        {"data": {"source": str(data)}, "vocab_size": 300, "model": tiny_encoder("classify"), "max_length": 24,
+         "train": {**TINY_TRAIN, "max_steps": 2}, "device": "cpu"},
+    )  # fmt: skip
+    first = run_task(sentiment.TASK, recipe, tmp_path / "run", progress=False)
+    assert bayes_calls["train"] == 1 and bayes_calls["classify"] > 0
+    assert "from the cache" not in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+
+    # The same splits again: neither retrained nor asked again, and the same numbers.
+    bayes_calls["classify"] = 0
+    again = sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(data)), "test", tmp_path / "again")
+    assert bayes_calls == {"train": 1, "classify": 0}
+    assert again["baselines"] == first["baselines"]
+    report = (tmp_path / "again" / "report.md").read_text(encoding="utf-8")
+    assert "retrained from the cache" in report and "--baselines none" in report
+
+    # Another split to score: the trained classifier comes from the cache, only its predictions are new.
+    sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(data)), "valid", tmp_path / "valid", None, False)
+    assert bayes_calls["train"] == 1 and bayes_calls["classify"] > 0
+
+    # A changed training split is a different classifier: retrained.
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    (data / "train.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(data)), "test", tmp_path / "changed", None, False)
+    assert bayes_calls["train"] == 2
+
+
+def test_baselines_none_skips_them_and_the_report_says_so(sentiment_data, tmp_path, bayes_calls):
+    recipe = from_dict(
+        sentiment.Recipe,
+        {"data": {"source": str(sentiment_data)}, "vocab_size": 300, "model": tiny_encoder("classify"),
+         "max_length": 24, "train": {**TINY_TRAIN, "max_steps": 1}, "device": "cpu", "baselines": "none"},
+    )  # fmt: skip
+    metrics = run_task(sentiment.TASK, recipe, tmp_path / "run", progress=False)
+    assert metrics["baselines"] == {} and metrics["baselines_skipped"] is True
+    assert bayes_calls == {"train": 0, "classify": 0}
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "Baselines were skipped" in report and "majority class" not in report
+    with pytest.raises(UserError, match="baselines must be one of all, none"):
+        sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(sentiment_data)), baselines="some")
