@@ -484,7 +484,7 @@ def test_the_retrained_bayes_baseline_is_cached_per_training_split(sentiment_dat
     assert bayes_calls == {"train": 1, "classify": 0}
     assert again["baselines"] == first["baselines"]
     report = (tmp_path / "again" / "report.md").read_text(encoding="utf-8")
-    assert "retrained from the cache" in report and "--baselines none" in report
+    assert "retrained: from the cache" in report and "--baselines none" in report
 
     # Another split to score: the trained classifier comes from the cache, only its predictions are new.
     sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(data)), "valid", tmp_path / "valid", None, False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,10 @@ def cached_baseline(description: dict[str, Any], compute: Callable[[], Any]) -> 
         except (ValueError, KeyError, AttributeError):
             pass  # a damaged entry is computed again and replaced
     value = compute()
-    atomic_write_text(path, json.dumps({"description": description, "value": value}, ensure_ascii=False))
+    try:
+        atomic_write_text(path, json.dumps({"description": description, "value": value}, ensure_ascii=False))
+    except OSError as error:  # a read-only or full cache folder costs the next run time, not this run its report
+        warnings.warn(f"could not cache a baseline in {path.parent}: {error}", stacklevel=2)
     return value, False
 
 

@@ -186,7 +186,7 @@ def snownlp_bayes(
         return ["1" if model.classify(text) > 0.5 else "0" for text in bar]
 
     predictions, hit = cached_baseline(description, classify)
-    cost = "from the cache" if hit else f"{time.perf_counter() - started:.0f} s, now cached"
+    cost = "from the cache" if hit else f"computed in {time.perf_counter() - started:.0f} s and cached"
     return predictions, cost
 
 
@@ -300,17 +300,17 @@ def _baselines(
     if shipped is None:
         return rows, []
     rows.append(("snownlp naive Bayes, shipped model", classification_metrics(shipped[0], truth, labels)))
-    costs = [f"shipped model {shipped[1]}"]
+    costs = [f"shipped model: {shipped[1]}"]
     if train_records:
         retrained, cost = snownlp_bayes(texts, labels, train_records, progress)
         rows.append(
             ("snownlp naive Bayes, retrained on this train split", classification_metrics(retrained, truth, labels))
         )
-        costs.append(f"retrained {cost}")
+        costs.append(f"retrained: {cost}")
     notes = [
         "snownlp's shipped Bayes model was trained on snownlp's own review files, so on `builtin:reviews` it has "
         "seen the test texts: an optimistic baseline. The retrained one learns from this run's train split only.",
-        f"snownlp baselines ({', '.join(costs)}; cache: {baseline_cache_folder()}; `--baselines none` skips them).",
+        f"snownlp baselines: {'; '.join(costs)} (cache: {baseline_cache_folder()}; `--baselines none` skips them).",
     ]
     return rows, notes
 
