@@ -6,6 +6,8 @@ show local variables: they can hold secrets such as API keys.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -36,6 +38,11 @@ CompileOption = Annotated[
 ]
 FsdpOption = Annotated[bool, typer.Option("--fsdp", help="under torchrun: shard the model (FSDP) instead of DDP")]
 KeepLastOption = Annotated[int | None, typer.Option("--keep-last", help="checkpoints to keep (train.keep_last)")]
+BASELINE_CHOICES = ("all", "none")
+BaselinesOption = Annotated[
+    str | None,
+    typer.Option(help="all, or none to skip the report's baselines (sentiment: snownlp's Bayes, minutes uncached)"),
+]
 
 
 @app.command()
@@ -290,6 +297,7 @@ def finetune(
     lora_alpha: Annotated[float | None, typer.Option(help="LoRA scale: updates times alpha/rank")] = None,
     lora_targets: Annotated[str | None, typer.Option(help="LoRA targets: q,k,v,o,gate,up,down")] = None,
     teacher: Annotated[str | None, typer.Option(help="teacher run folder (distill)")] = None,
+    baselines: BaselinesOption = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's last checkpoint")] = False,
     fsdp: FsdpOption = False,
     keep_last: KeepLastOption = None,
@@ -325,6 +333,9 @@ def finetune(
         del overrides["lora"]
     if teacher:
         overrides["teacher"] = teacher
+    if baselines is not None:
+        _check_baselines(task, baselines, "baselines" in {f.name for f in dataclasses.fields(module.TASK.Recipe)})
+        overrides["baselines"] = baselines
     if fsdp:
         overrides.setdefault("train", {})["fsdp"] = True
     if keep_last is not None:
@@ -358,6 +369,7 @@ def evaluate(
         int | None,
         typer.Option(help="minimum Bayes risk decoding over this many samples, 0 = off (translate, summarize)"),
     ] = None,
+    baselines: BaselinesOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -385,6 +397,9 @@ def evaluate(
                 "--num-beams, --length-penalty, --no-repeat-ngram-size and --mbr-samples apply to translate and "
                 f"summarize, not {task}"
             )
+        if baselines is not None:
+            _check_baselines(task, baselines, "baselines" in inspect.signature(module.evaluate_run).parameters)
+            decoding["baselines"] = baselines
         # A folder of its own, so evaluating never overwrites the run's own report (the demo's, a fine-tune's).
         out = out or model / f"eval-{task}-{split}"
         metrics = module.evaluate_run(
@@ -457,9 +472,18 @@ def import_model(
     typer.echo(f"imported {source} as an lmforge {family}; saved to {out}")
 
 
+def _check_baselines(task: str, baselines: str, supported: bool) -> None:
+    if baselines not in BASELINE_CHOICES:
+        raise UserError(f"--baselines takes {' or '.join(BASELINE_CHOICES)}, not '{baselines}'")
+    if not supported:
+        raise UserError(f"--baselines applies to tasks with costly baselines (sentiment), not {task}")
+
+
 def _print_task_metrics(metrics: dict) -> None:
     numbers = {k: v for k, v in metrics.items() if isinstance(v, float) and k != "training_minutes"}
     typer.echo(_decoding_label(metrics.get("decoding")) + ", ".join(f"{k} {v:.4g}" for k, v in numbers.items()))
+    if metrics.get("baselines_skipped"):
+        typer.echo("  baselines skipped (--baselines none)")
     for name, values in metrics.get("baselines", {}).items():
         scores = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
         typer.echo(f"  baseline {name}: {scores}")

@@ -94,6 +94,43 @@ def test_templates_render_in_a_sandbox(tokenizer):
         tokenizer.chat_template = None
 
 
+# Qwen2.5-Instruct's template (tools left out): it reads messages[0] to decide on a default system prompt.
+QWEN_STYLE_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_templates_that_read_the_first_message_work_in_training_and_chat(tokenizer):
+    from lmforge.chat_terminal import ChatSession
+    from lmforge.lm import LM
+
+    qwen_style = Tokenizer.from_str(tokenizer.to_str(), QWEN_STYLE_TEMPLATE)
+    tokens = encode_chat(qwen_style, CONVERSATION[1:3])
+    assert qwen_style.decode(tokens.ids, skip_special_tokens=False).startswith("<|im_start|>system\nYou are a helpful")
+    learned = [token for token, weight in zip(tokens.ids, tokens.loss_mask) if weight]
+    assert learned == [*qwen_style.encode("今天天气很好。"), qwen_style.im_end_id]
+
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=qwen_style.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                           intermediate_size=32, max_position_embeddings=128)  # fmt: skip
+    lm = LM(Decoder(config), qwen_style)
+    assert isinstance(lm.chat(CONVERSATION[1:2], max_new_tokens=3, temperature=0), str)  # LM.chat
+    session = ChatSession(lm, system="你是一个乐于助人的助手。", max_new_tokens=3, temperature=0)  # lmforge chat
+    session.reply("明天呢?", lambda piece: None)
+    assert [message["role"] for message in session.messages()] == ["system", "user", "assistant"]
+
+
 def test_bad_messages_are_named():
     with pytest.raises(UserError, match="role 'bot'"):
         chat.check_messages([{"role": "bot", "content": "hi"}])

@@ -144,6 +144,23 @@ def test_finetune_and_eval_a_task_through_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "eval-sentiment-valid" / "report.md").is_file()
     assert (tmp_path / "run" / "report.md").read_bytes() == own_report
+    # --baselines none skips them, and the output and the report say so.
+    result = lmforge_cli(
+        "eval", "--task", "sentiment", "--model", run, "--data", str(data), "--baselines", "none",
+        "--out", str(tmp_path / "bare"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "baselines skipped" in result.stdout and "baseline majority class" not in result.stdout
+    assert "Baselines were skipped" in (tmp_path / "bare" / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_failed_pretrain_leaves_no_files_behind(tmp_path):
+    corpus = tmp_path / "one-line.txt"
+    corpus.write_text("".join(CORPUS) * 40 + "\n", encoding="utf-8")  # one record: it all hashes into train
+    result = lmforge_cli("pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), "--data.vocab_size", "300")
+    assert result.returncode == 2, result.stderr
+    assert "all 1 records" in result.stderr and "fell in the training split" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one-line.txt"]
 
 
 def test_summarize_through_the_cli_prints_the_difference_from_the_lead(tmp_path):
@@ -178,6 +195,8 @@ def test_summarize_through_the_cli_prints_the_difference_from_the_lead(tmp_path)
         (["finetune", "--task", "sentiment", "--out", "x", "--data", "nowhere.jsonl"], "no such data file"),
         (["eval", "--task", "sentiment", "--model", "nowhere"], "nowhere"),
         (["finetune", "--task", "sentiment", "--out", "x", "--base", "builtin:gpt5"], "unknown built-in model"),
+        (["finetune", "--task", "sentiment", "--out", "x", "--baselines", "some"], "--baselines takes all or none"),
+        (["eval", "--task", "summarize", "--model", "x", "--baselines", "none"], "not summarize"),
     ],
 )
 def test_task_mistakes_are_one_line_errors(arguments, message, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lmforge.config import from_dict
+from lmforge.data.sources import split_of
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import choice_logprobs
@@ -370,3 +371,142 @@ def test_a_lora_recipe_repeats_exactly(task_data, chat_data, base_run, tmp_path)
         records = RunFolder(tmp_path / str(attempt)).read_metrics_log()
         losses.append([record["loss"] for record in records if "loss" in record])
     assert losses[0] == losses[1]
+
+
+def one_line_corpus(path, characters: int = 4000):
+    """A .txt corpus of one long line: one record, so the hash split puts all of it in the training split."""
+    rng = random.Random(5)
+    line = "".join(rng.choice(FILLER) for _ in range(characters))
+    assert split_of(line, 0.01, 0.01) == "train"
+    path.write_text(line + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_corpus_of_one_record_says_it_all_fell_in_the_training_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    corpus = one_line_corpus(tmp_path / "one-line.txt")
+    recipe = from_dict(
+        causal_lm.PretrainRecipe,
+        {"data": {"source": str(corpus), "vocab_size": 300, "context": 16}, "model": TINY_DECODER,
+         "train": TWO_STEPS, "device": "cpu"},
+    )  # fmt: skip
+    with pytest.raises(UserError) as caught:
+        run_task(causal_lm.TASK, recipe, tmp_path / "run", progress=False)
+    message = str(caught.value)
+    assert f"all 1 records of {corpus} fell in the training split" in message
+    assert "more lines" in message and "valid_fraction" in message
+    assert "too small" not in message  # thousands of tokens: size was never the problem
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_was(task_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    values = {"data": {"source": str(one_line_corpus(tmp_path / "one-line.txt")), "vocab_size": 300, "context": 16},
+              "model": TINY_DECODER, "train": TWO_STEPS, "device": "cpu"}  # fmt: skip
+    # Bad data: a new folder (and its new parent) is removed, an existing one keeps exactly what it held.
+    with pytest.raises(UserError, match="all 1 records"):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, values), tmp_path / "new" / "run", progress=False)
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    (existing / "notes").mkdir(parents=True)
+    (existing / "notes" / "mine.txt").write_text("keep me")
+    (existing / RunFolder.RECIPE).write_text('{"mine": true}')
+    with pytest.raises(UserError, match="all 1 records"):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, values), existing, progress=False)
+    left = {p.relative_to(existing).as_posix() for p in existing.rglob("*")}
+    assert left == {RunFolder.RECIPE, "notes", "notes/mine.txt"}
+
+    # A failure in training, after the tokenizer, recipe and first validation were written: all of it goes, and
+    # the recipe.json the folder held before comes back.
+    good = {**values, "data": {**values["data"], "source": str(task_data / "text.jsonl"), "valid_fraction": 0.1}}
+    real_train = base.train
+
+    def train_then_fail(model, objective, batch_for, config, run_dir, *args, **kwargs):
+        RunFolder(run_dir).read_recipe()  # written by now
+        (RunFolder(run_dir).path / RunFolder.METRICS_LOG).write_text('{"step": 0}\n')
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(base, "train", train_then_fail)
+    with pytest.raises(RuntimeError):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, good), existing, progress=False)
+    assert (existing / RunFolder.RECIPE).read_text() == '{"mine": true}'
+    assert not (existing / RunFolder.TOKENIZER).exists() and not (existing / RunFolder.METRICS_LOG).exists()
+
+    # Once a checkpoint exists the run is resumable, and a later failure keeps every file for --resume.
+    def fail_after_a_checkpoint(*args, **kwargs):
+        real_train(*args, **kwargs)
+        raise RuntimeError("the disk filled up while plotting")
+
+    monkeypatch.setattr(base, "train", fail_after_a_checkpoint)
+    with pytest.raises(RuntimeError):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, good), existing, progress=False)
+    assert (existing / RunFolder.TOKENIZER).is_file() and any((existing / RunFolder.CHECKPOINTS).iterdir())
+
+
+@pytest.fixture
+def bayes_calls(tmp_path, monkeypatch):
+    """A private baseline cache, and how often snownlp's Bayes is trained and asked to classify."""
+    from snownlp.sentiment import Sentiment
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    calls = {"train": 0, "classify": 0}
+    train, classify = Sentiment.train, Sentiment.classify
+
+    def counted_train(self, *args):
+        calls["train"] += 1
+        return train(self, *args)
+
+    def counted_classify(self, text):
+        calls["classify"] += 1
+        return classify(self, text)
+
+    monkeypatch.setattr(Sentiment, "train", counted_train)
+    monkeypatch.setattr(Sentiment, "classify", counted_classify)
+    return calls
+
+
+def test_the_retrained_bayes_baseline_is_cached_per_training_split(sentiment_data, tmp_path, bayes_calls):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sentiment_data, data)
+    recipe = from_dict(
+        sentiment.Recipe,
+        {"data": {"source": str(data)}, "vocab_size": 300, "model": tiny_encoder("classify"), "max_length": 24,
+         "train": {**TINY_TRAIN, "max_steps": 2}, "device": "cpu"},
+    )  # fmt: skip
+    first = run_task(sentiment.TASK, recipe, tmp_path / "run", progress=False)
+    assert bayes_calls["train"] == 1 and bayes_calls["classify"] > 0
+    assert "from the cache" not in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+
+    # The same splits again: neither retrained nor asked again, and the same numbers.
+    bayes_calls["classify"] = 0
+    again = sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(data)), "test", tmp_path / "again")
+    assert bayes_calls == {"train": 1, "classify": 0}
+    assert again["baselines"] == first["baselines"]
+    report = (tmp_path / "again" / "report.md").read_text(encoding="utf-8")
+    assert "retrained: from the cache" in report and "--baselines none" in report
+
+    # Another split to score: the trained classifier comes from the cache, only its predictions are new.
+    sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(data)), "valid", tmp_path / "valid", None, False)
+    assert bayes_calls["train"] == 1 and bayes_calls["classify"] > 0
+
+    # A changed training split is a different classifier: retrained.
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    (data / "train.jsonl").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(data)), "test", tmp_path / "changed", None, False)
+    assert bayes_calls["train"] == 2
+
+
+def test_baselines_none_skips_them_and_the_report_says_so(sentiment_data, tmp_path, bayes_calls):
+    recipe = from_dict(
+        sentiment.Recipe,
+        {"data": {"source": str(sentiment_data)}, "vocab_size": 300, "model": tiny_encoder("classify"),
+         "max_length": 24, "train": {**TINY_TRAIN, "max_steps": 1}, "device": "cpu", "baselines": "none"},
+    )  # fmt: skip
+    metrics = run_task(sentiment.TASK, recipe, tmp_path / "run", progress=False)
+    assert metrics["baselines"] == {} and metrics["baselines_skipped"] is True
+    assert bayes_calls == {"train": 0, "classify": 0}
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "Baselines were skipped" in report and "majority class" not in report
+    with pytest.raises(UserError, match="baselines must be one of all, none"):
+        sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(sentiment_data)), baselines="some")

@@ -90,7 +90,8 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], add_generatio
     text, so the ids are exactly `tokenizer.encode(render_chat(...))`.
     """
     spans: list[tuple[int, int]] = []
-    previous = render_chat(tokenizer, [], False)
+    # NOTE: we never render an empty conversation: templates such as Qwen2.5's read messages[0] unguarded.
+    previous = ""
     for index, message in enumerate(messages):
         text = render_chat(tokenizer, messages[: index + 1], False)
         if not text.startswith(previous):

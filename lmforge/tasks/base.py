@@ -15,6 +15,7 @@ order of a training job, not any task's data, model or metrics.
 from __future__ import annotations
 
 import functools
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import save_generation_config
 from lmforge.models import save_model
 from lmforge.models.lora import LoRAConfig, merge_lora
-from lmforge.run_folder import RunFolder
+from lmforge.run_folder import RunFolder, atomic_write_bytes
+from lmforge.train.distributed import world
 from lmforge.train.lora import save_adapter
 from lmforge.train.trainer import Objective, train
 
@@ -93,8 +95,22 @@ class Task:
 
 
 def run_task(task: Task, recipe: Any, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train `task` from `recipe` into the run folder `out_dir`, save it, evaluate it; the evaluation's metrics."""
+    """Train `task` from `recipe` into the run folder `out_dir`, save it, evaluate it; the evaluation's metrics.
+
+    A run that fails before it has a checkpoint to resume from leaves `out_dir` as it found it: a folder it
+    created is removed, files it added are deleted, files it overwrote get their old bytes back.
+    """
     folder = RunFolder(out_dir)
+    before = FolderState(folder)
+    try:
+        return _run_task(task, recipe, folder, resume, progress)
+    except BaseException:
+        if not before.resumable(resume):
+            before.restore()
+        raise
+
+
+def _run_task(task: Task, recipe: Any, folder: RunFolder, resume: bool, progress: bool) -> dict:
     folder.path.mkdir(parents=True, exist_ok=True)
     setup = Setup(folder, pick_device(recipe.device), resume, progress)
     training = task.prepare(recipe, setup)
@@ -125,6 +141,48 @@ def run_task(task: Task, recipe: Any, out_dir: str | Path, resume: bool = False,
         folder.path, recipe.data, task.eval_split, folder.path, training_minutes=minutes, progress=progress,
         **training.evaluate_options,
     )  # fmt: skip
+
+
+class FolderState:
+    """What a run folder held before a run, so that a run failing with nothing to resume can put it back."""
+
+    # What run_task and the trainer write before the first checkpoint into a folder that may already hold them.
+    REWRITTEN = (RunFolder.TOKENIZER, RunFolder.TOKENIZER_CONFIG, RunFolder.RECIPE, RunFolder.TASK,
+                 RunFolder.METRICS_LOG)  # fmt: skip
+
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+        # The outermost folder of out_dir's path that does not exist yet: the run creates it, a failure removes it.
+        missing = [path for path in (folder.path, *folder.path.parents) if not path.exists()]
+        self.created = missing[-1] if missing else None
+        self.paths = set(folder.path.rglob("*")) if not missing else set()
+        self.saved = {name: (folder / name).read_bytes() for name in self.REWRITTEN if (folder / name).is_file()}
+        self.checkpoints = self._checkpoints()
+
+    def _checkpoints(self) -> set[str]:
+        return {path.name for path in self.folder.checkpoints.glob("step_*")} if self.folder.path.is_dir() else set()
+
+    def resumable(self, resume: bool) -> bool:
+        """Whether the folder now holds a checkpoint of this run (one it wrote, or the one it resumed from)."""
+        now = self._checkpoints()
+        return bool(now - self.checkpoints) or (resume and bool(now))
+
+    def restore(self) -> None:
+        if not world().main:
+            return  # the other ranks of a torchrun job write into scratch folders of their own
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        added = sorted(set(self.folder.path.rglob("*")) - self.paths, key=lambda path: len(path.parts))
+        for path in added:  # outermost first: a new folder holds only new files
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        for name, data in self.saved.items():
+            path = self.folder / name
+            if not path.is_file() or path.read_bytes() != data:
+                atomic_write_bytes(path, data)
 
 
 def save_trained(folder: RunFolder, training: Training, recipe: Any) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lmforge.config import from_dict, load_yaml, merge, option
-from lmforge.data.sources import read_split, record_text
+from lmforge.data.sources import SPLITS, read_records, read_split, record_text, split_of
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tokens import LMWindows, is_prepared, lm_windows
 from lmforge.device import autocast_dtype
@@ -39,6 +39,7 @@ COLUMNS = [
     ("bits_per_char", "bits per character"),
     ("bits_per_byte", "bits per byte"),
 ]
+SPLIT_NAMES = {"train": "training", "valid": "validation", "test": "test"}
 
 
 @dataclass
@@ -91,11 +92,48 @@ def training_windows(
         train_windows = lm_windows(source, "train", tokenizer, context, seed, *fractions, progress=progress)
         valid_windows = lm_windows(source, "valid", tokenizer, context, 0, *fractions, progress=progress)
     if len(train_windows) == 0 or len(valid_windows) == 0:
-        raise UserError(
-            f"{source} is too small: each split needs more than {context} tokens "
-            f"(train and validation take {1 - sum(fractions):.0%} / {fractions[0]:.0%})"
-        )
+        raise UserError(_too_small(source, context, fractions, len(train_windows) == 0))
     return train_windows, valid_windows
+
+
+def _too_small(source: str, context: int, fractions: tuple[float, float], train_empty: bool) -> str:
+    """Why a split has no window, in words: often not a small corpus but one with too few records to split."""
+    split = "train" if train_empty else "valid"
+    advice = "raise data.valid_fraction" if split == "valid" else "lower data.valid_fraction and data.test_fraction"
+    if not is_prepared(source):
+        counts = split_counts(source, fractions)
+        total = sum(counts.values())
+        if counts[split] == 0 and total:
+            # Hash splits work per record: one long line is one record, and it lands in a single split.
+            where = max(counts, key=counts.get)
+            return (
+                f"all {total:,} records of {source} fell in the {SPLIT_NAMES[where]} split, none in the "
+                f"{SPLIT_NAMES[split]} split (each record goes to one split by a hash of its text, "
+                f"{_share(split, fractions):.0%} to {SPLIT_NAMES[split]}); {SPLIT_NAMES[split]} needs at least one "
+                "record: split the file into more lines or records "
+                f"(e.g. one paragraph per line), or {advice}"
+            )
+        if total:
+            return (
+                f"the {SPLIT_NAMES[split]} split of {source} ({counts[split]:,} of {total:,} records) has at most "
+                f"{context} tokens, less than one training window: {advice}, lower data.context, or give more text"
+            )
+    return (
+        f"{source} is too small: each split needs more than {context} tokens "
+        f"(train and validation take {_share('train', fractions):.0%} / {fractions[0]:.0%})"
+    )
+
+
+def _share(split: str, fractions: tuple[float, float]) -> float:
+    return {"train": 1 - sum(fractions), "valid": fractions[0], "test": fractions[1]}[split]
+
+
+def split_counts(source: str, fractions: tuple[float, float]) -> dict[str, int]:
+    """How many records of `source` fall in each split."""
+    counts = dict.fromkeys(SPLITS, 0)
+    for number, record in enumerate(read_records(source), start=1):
+        counts[split_of(record_text(record, where=f"{source} record {number}"), *fractions)] += 1
+    return counts
 
 
 def lm_validation(

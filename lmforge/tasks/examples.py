@@ -8,6 +8,9 @@ needs, and a missing one is named together with the record it is missing from.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +21,10 @@ import numpy as np
 from lmforge.config import option
 from lmforge.data.batches import shuffled_indices
 from lmforge.data.sources import SPLITS, read_records, read_split
+from lmforge.data.tokens import cache_root
 from lmforge.errors import UserError
 from lmforge.evaluate.report import markdown_table
-from lmforge.run_folder import RunFolder
+from lmforge.run_folder import RunFolder, atomic_write_text
 
 
 @dataclass
@@ -110,6 +114,42 @@ class ExampleBatches:
 def in_batches(items: Sequence[Any], size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+BASELINE_CACHE_FORMAT = 1
+
+
+def fingerprint(value: Any) -> str:
+    """SHA-256 of a JSON value (records, texts): what a cached result was computed from."""
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def baseline_cache_folder() -> Path:
+    return cache_root() / "baselines"
+
+
+def cached_baseline(description: dict[str, Any], compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """(compute()'s JSON value, whether it came from the cache), cached under `description` in the shared cache.
+
+    Baselines that cost more than the model (a pure-Python classifier retrained on a large split) are computed
+    once per input: `description` names the baseline and fingerprints of everything its result depends on.
+    """
+    description = {"format": BASELINE_CACHE_FORMAT, **description}
+    key = fingerprint(description)[:24]
+    path = baseline_cache_folder() / f"{key}.json"
+    if path.is_file():
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+            if entry.get("description") == description:
+                return entry["value"], True
+        except (ValueError, KeyError, AttributeError):
+            pass  # a damaged entry is computed again and replaced
+    value = compute()
+    try:
+        atomic_write_text(path, json.dumps({"description": description, "value": value}, ensure_ascii=False))
+    except OSError as error:  # a read-only or full cache folder costs the next run time, not this run its report
+        warnings.warn(f"could not cache a baseline in {path.parent}: {error}", stacklevel=2)
+    return value, False
 
 
 def report_folders(model_dir: str | Path, out_dir: str | Path | None) -> tuple[Path, Path]:
