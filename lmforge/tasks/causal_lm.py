@@ -2,7 +2,7 @@
 
 `lmforge pretrain` runs this task through `run_task`. The corpus is read
 through `data.tokens.lm_windows` (a memory-mapped token cache, or the shards of
-`lmforge data prepare`); `training_windows` and `lm_validation` are
+`lmforge data prepare`); `training_windows` and `window_training` are
 shared with distillation, so both read corpora the same way. The report
 compares validation loss, perplexity and bits per character/byte before and
 after training.
@@ -136,18 +136,31 @@ def split_counts(source: str, fractions: tuple[float, float]) -> dict[str, int]:
     return counts
 
 
-def lm_validation(
-    windows: LMWindows, tokenizer: Tokenizer, config: TrainConfig, device: torch.device, max_windows: int
-):
-    """Validation during training: loss, perplexity and bits per byte/character on the first windows."""
-    return functools.partial(
+def window_training(
+    model: Decoder,
+    tokenizer: Tokenizer,
+    windows: tuple[LMWindows, LMWindows],
+    config: TrainConfig,
+    device: torch.device,
+    max_windows: int,
+    **details,
+) -> Training:
+    """A decoder trained on token windows (pretraining, distillation): each process reads only its own rows of
+    each batch, and validation is loss, perplexity and bits per byte/character on the first validation windows."""
+    train_windows, valid_windows = windows
+    here = world()
+    batch_for = functools.partial(
+        train_windows.training_batch, batch_size=config.batch_size, rank=here.rank, world_size=here.size
+    )
+    validate = functools.partial(
         evaluate_lm,
-        windows=windows,
+        windows=valid_windows,
         token_bytes=tokenizer.token_bytes(),
         batch_size=config.batch_size,
         max_windows=max_windows,
         autocast_dtype=autocast_dtype(device, config.precision),
     )
+    return Training(model, tokenizer, batch_for, validate, batches_are_local=True, **details)
 
 
 def shared_tokenizer(data: DataConfig, out_dir: Path, progress: bool) -> Tokenizer:
@@ -173,19 +186,18 @@ def prepare(recipe: PretrainRecipe, setup: Setup) -> Training:
         f"decoder: {model.num_parameters():,} parameters on {setup.device}; "
         f"{len(train_windows.tokens):,} training tokens, {len(valid_windows.tokens):,} validation tokens"
     )
-    here = world()
-    return Training(
+    return window_training(
         model,
         tokenizer,
-        functools.partial(train_windows.training_batch, batch_size=config.batch_size, rank=here.rank,
-                          world_size=here.size),
-        lm_validation(valid_windows, tokenizer, config, setup.device, config.eval_windows),
+        (train_windows, valid_windows),
+        config,
+        setup.device,
+        config.eval_windows,
         task_info={"task": "pretrain"},
         max_length=recipe.model.max_position_embeddings,
         title=f"pretraining on {data.source}",
         generation=recipe.generation,
-        batches_are_local=True,
-    )  # fmt: skip
+    )
 
 
 def evaluate_run(

@@ -10,7 +10,6 @@ speed measured in interleaved rounds on this machine.
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,10 +28,9 @@ from lmforge.models import load_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training
-from lmforge.tasks.causal_lm import lm_validation, training_windows
+from lmforge.tasks.causal_lm import training_windows, window_training
 from lmforge.tasks.chat import linked_model
 from lmforge.tasks.examples import TaskData, report_folders, write_task_report
-from lmforge.train.distributed import world
 from lmforge.train.objectives import distillation_loss
 from lmforge.train.trainer import TrainConfig
 
@@ -98,20 +96,19 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         f"distilling a {teacher.num_parameters():,}-parameter teacher into a "
         f"{student.num_parameters():,}-parameter student on {setup.device}"
     )
-    here = world()
-    return Training(
+    return window_training(
         student,
         tokenizer,
-        functools.partial(train_windows.training_batch, batch_size=config.batch_size, rank=here.rank,
-                          world_size=here.size),
-        lm_validation(valid_windows, tokenizer, config, setup.device, recipe.eval_windows),
+        (train_windows, valid_windows),
+        config,
+        setup.device,
+        recipe.eval_windows,
         task_info={"task": "distill", "teacher": str(recipe.teacher)},
         max_length=recipe.model.max_position_embeddings,
         title=f"distillation on {recipe.data.source}",
         objective_options={"teacher": teacher, "temperature": recipe.temperature, "alpha": recipe.alpha},
         generation=read_generation_config(recipe.teacher),
-        batches_are_local=True,
-    )  # fmt: skip
+    )
 
 
 def evaluate_run(
