@@ -184,3 +184,69 @@ def test_task_mistakes_are_one_line_errors(arguments, message, tmp_path):
     result = lmforge_cli(*arguments, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def one_line_error(result, *messages):
+    """A user error: exit code 2, one `error:` line on stderr that holds every message, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert all(message in lines[0] for message in messages), lines[0]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(trained_run, tmp_path_factory):
+    """The trained run exported as a Hugging Face folder."""
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("hf") / "llama"
+    result = lmforge_cli("export", "--model", str(run), "--format", "hf", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def edited_copy(folder, target, **changes):
+    """A copy of `folder` whose config.json has `changes` applied."""
+    import shutil
+
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("changes", "messages"),
+    [
+        ({"num_attention_heads": 0}, ["num_heads must be positive, not 0"]),
+        ({"hidden_size": "wide"}, ["hidden_size must be int, not 'wide'"]),
+        ({"max_position_embeddings": -5}, ["max_position_embeddings must be positive, not -5"]),
+        ({"num_key_value_heads": 3}, ["num_heads 2 must be divisible by num_kv_heads 3"]),
+    ],
+)
+def test_import_of_a_bad_config_names_the_field(hf_folder, tmp_path, changes, messages):
+    bad = edited_copy(hf_folder, tmp_path / "bad", **changes)
+    one_line_error(lmforge_cli("import", "--from", str(bad), "--out", str(tmp_path / "run")), "config.json", *messages)
+
+
+def test_a_billion_positions_import_and_generate_without_allocating_them(hf_folder, tmp_path):
+    huge = edited_copy(hf_folder, tmp_path / "huge", max_position_embeddings=10**9)
+    assert lmforge_cli("import", "--from", str(huge), "--out", str(tmp_path / "run")).returncode == 0
+    result = lmforge_cli("generate", "--model", str(tmp_path / "run"), "新华社", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+
+
+def test_generate_on_weights_that_do_not_fit_the_config_names_the_tensor(trained_run, tmp_path):
+    run, _ = trained_run
+    bad = edited_copy(run, tmp_path / "bad", intermediate_size=48)
+    result = lmforge_cli("generate", "--model", str(bad), "新华社")
+    one_line_error(result, "does not fit its config.json", "mlp.", "has shape (", "the config implies (")
+
+
+def test_import_of_an_lmforge_run_folder_says_so(trained_run, tmp_path):
+    run, _ = trained_run
+    result = lmforge_cli("import", "--from", str(run), "--out", str(tmp_path / "run"))
+    one_line_error(result, "already an lmforge run folder")
+
+
+def test_generate_on_a_hugging_face_folder_suggests_import(hf_folder):
+    one_line_error(lmforge_cli("generate", "--model", str(hf_folder), "新华社"), "lmforge import --from")

@@ -143,6 +143,11 @@ def import_folder(folder: str | Path, out: str | Path) -> str:
             f"e.g. hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir {folder}"
         )
     values = hf_folder.read_config()
+    if "family" in values and "model_type" not in values:
+        raise UserError(
+            f"{folder} is already an lmforge run folder (a {values['family']} model); use it as it is, "
+            f"e.g. lmforge generate --model {folder} ..., or copy the folder to make a new run"
+        )
     model_type = values.get("model_type")
     architectures = values.get("architectures") or []
     require_empty(out)
@@ -219,9 +224,6 @@ def read_decoder_config(path: Path, values: dict[str, Any]) -> DecoderConfig:
         refuse("attention_bias (a bias on all four attention projections)")
     if values.get("use_sliding_window") or any(kind != "full_attention" for kind in values.get("layer_types") or []):
         refuse("sliding-window attention")
-    head_dim = values["hidden_size"] // values["num_attention_heads"]
-    if values.get("head_dim") not in (None, head_dim):
-        refuse(f"head_dim {values['head_dim']} (ours is hidden_size / num_attention_heads = {head_dim})")
     ours = {
         "vocab_size": values["vocab_size"],
         "hidden_size": values["hidden_size"],
@@ -231,13 +233,19 @@ def read_decoder_config(path: Path, values: dict[str, Any]) -> DecoderConfig:
         "intermediate_size": values["intermediate_size"],
         # LlamaConfig's and Qwen2Config's defaults where a key is left out.
         "max_position_embeddings": values.get("max_position_embeddings", 2048),
-        "rope_theta": float(rope.get("rope_theta", values.get("rope_theta", 10000.0))),
+        "rope_theta": rope.get("rope_theta", values.get("rope_theta", 10000.0)),
         "rms_norm_eps": values.get("rms_norm_eps", 1e-6),
         "tie_word_embeddings": values.get("tie_word_embeddings", False),
         "initializer_range": values.get("initializer_range", 0.02),
         "qkv_bias": model_type == "qwen2",
     }
-    return from_dict(DecoderConfig, ours, str(path))
+    try:  # names a bad size (0 heads, a string, negative positions) before any arithmetic on it
+        config = from_dict(DecoderConfig, ours, "model")
+    except UserError as error:
+        raise UserError(f"{path}: {error} (our name for the key; see lmforge import --help)") from None
+    if values.get("head_dim") not in (None, config.head_dim):
+        refuse(f"head_dim {values['head_dim']} (ours is hidden_size / num_attention_heads = {config.head_dim})")
+    return config
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -55,6 +55,13 @@ def save_model(folder: str | Path, model: nn.Module) -> None:
 
 
 def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise UserError(
+                f"{where} does not fit its config.json: {name} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(expected[name].shape)}"
+            )
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [name for name in missing if name not in model.tied_weights]
     if missing or unexpected:
@@ -63,6 +70,11 @@ def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where
 
 def read_model_config(folder: str | Path):
     values = dict(RunFolder(folder).read_config())
+    if "family" not in values and ("model_type" in values or "architectures" in values):
+        raise UserError(
+            f"{folder} is a Hugging Face model folder ({values.get('model_type') or values['architectures']}), "
+            f"not an lmforge run folder; bring it in first: lmforge import --from {folder} --out runs/NAME"
+        )
     family = values.pop("family", "decoder")
     values.pop("quantization", None)  # how the weights are stored, not the network: load_model reads it
     if family not in MODEL_FAMILIES:
