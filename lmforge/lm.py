@@ -265,10 +265,12 @@ def _split_at_stop(text: str, stop_strings: list[str], final: bool = False) -> t
     return text[: len(text) - held], text[len(text) - held :], False
 
 
-def load(run_dir: str | Path, device: str | None = None, compiled: bool = False) -> LM:
+def load(run_dir: str | Path, device: str | None = None, compiled: bool = False, verify_checksums: bool = True) -> LM:
     """Load a run folder (config.json, model.safetensors, tokenizer.json, generation_config.json).
 
-    `compiled`: decode with compiled steps (see `LM`).
+    `compiled`: decode with compiled steps (see `LM`). `verify_checksums`: check the weights' SHA-256
+    against the run folder's checksums.json (False, or LMFORGE_SKIP_CHECKSUMS=1, skips hashing a huge
+    folder); weights holding NaN or infinity are refused either way.
 
     A LoRA folder without a merged `model.safetensors` (adapter_config.json + adapter_model.safetensors)
     loads its base model, named in adapter_config.json, and merges the adapters into it.
@@ -278,12 +280,12 @@ def load(run_dir: str | Path, device: str | None = None, compiled: bool = False)
         base = read_json(run_dir / RunFolder.ADAPTER_CONFIG).get("base_model_name_or_path")
         if not base or not (Path(base) / "config.json").is_file():
             raise UserError(f"{run_dir} holds LoRA adapters for {base!r}, which is not a model folder here")
-        model = load_model(base, pick_device(device))
-        load_adapter(run_dir, model)
+        model = load_model(base, pick_device(device), verify_checksums)
+        load_adapter(run_dir, model, verify_checksums)
         merge_lora(model)
         tokenizer_dir = run_dir if (run_dir / "tokenizer.json").is_file() else Path(base)
         return LM(model.eval(), Tokenizer.load(tokenizer_dir), read_generation_config(tokenizer_dir), compiled)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a model folder: it has no config.json")
-    model = load_model(run_dir, pick_device(device))
+    model = load_model(run_dir, pick_device(device), verify_checksums)
     return LM(model, Tokenizer.load(run_dir), read_generation_config(run_dir), compiled)

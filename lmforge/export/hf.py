@@ -31,6 +31,7 @@ from lmforge.run_folder import (
     load_tensors,
     read_json,
     refuse_pickle_weights,
+    save_tensors,
     write_json,
 )
 
@@ -125,7 +126,8 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     except UserError:  # a tokenizer without chat markers exports without a template
         template = None
     hf_folder = RunFolder(out)
-    hf_folder.write_weights(to_llama_state(model_state(model)))
+    # Not write_weights: a Hugging Face folder holds only the files transformers knows (no checksums.json).
+    save_tensors(hf_folder.weights, to_llama_state(model_state(model)), metadata={"format": "pt"})
     tokenizer.save(out, model_max_length=model.config.max_position_embeddings, chat_template=template)
     write_json(hf_folder.generation, hf_generation_config(lm.defaults, tokenizer))
     # Last: a folder without config.json is plainly an unfinished export.

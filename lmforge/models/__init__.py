@@ -85,12 +85,28 @@ def read_model_config(folder: str | Path):
     return from_dict(config_class, values, "model"), module_class
 
 
-def load_model(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Build the model that the folder's config describes and load its weights into it (quantized or not)."""
+def require_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """A UserError naming the first floating tensor with a NaN or an infinity: such weights only make garbage."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(
+                f"{where}: weight {name} holds {bad} NaN or infinite values; the model is damaged "
+                "(a diverged run or a corrupted file): use an earlier checkpoint"
+            )
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> nn.Module:
+    """Build the model that the folder's config describes and load its weights into it (quantized or not).
+
+    The weights' SHA-256 is checked against the folder's record unless `verify` is False (or
+    LMFORGE_SKIP_CHECKSUMS=1); non-finite weights are refused either way.
+    """
     run = RunFolder(folder)
     config, module_class = read_model_config(folder)
     model = module_class(config)
-    tensors = run.read_weights()
+    tensors = run.read_weights(verify=verify)
+    require_finite(tensors, str(run.weights))
     quantization = run.read_config().get("quantization")
     if quantization:
         tensors = prepare_quantized(model, quantization, tensors, str(folder))
