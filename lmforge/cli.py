@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lmforge.config import describe, parse_overrides
-from lmforge.errors import UserError
+from lmforge.errors import Note, UserError
 from lmforge.tasks import TASKS
 
 app = typer.Typer(
@@ -561,7 +562,14 @@ def prune(
     typer.echo(f"saved to {out}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line a user reads ("warning: ..." or "note: ..."), not Python's file:line: UserWarning format.
+    prefix = "note" if issubclass(category, Note) else "warning"
+    typer.echo(f"{prefix}: {message}", err=True)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app()
     except UserError as error:

@@ -250,3 +250,22 @@ def test_import_of_an_lmforge_run_folder_says_so(trained_run, tmp_path):
 
 def test_generate_on_a_hugging_face_folder_suggests_import(hf_folder):
     one_line_error(lmforge_cli("generate", "--model", str(hf_folder), "新华社"), "lmforge import --from")
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n\t\n", '{"text": "   "}\n'])
+def test_tokenizer_train_on_an_empty_or_blank_file_is_an_error(tmp_path, content):
+    corpus = tmp_path / ("corpus.jsonl" if content.startswith("{") else "corpus.txt")
+    corpus.write_text(content, encoding="utf-8")
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--out", str(tmp_path / "tok"))
+    one_line_error(result, "no text to train a tokenizer on")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_tokenizer_train_says_when_it_got_far_fewer_tokens_than_asked(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["今天天气很好。"] * 200), encoding="utf-8")
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--vocab-size", "500", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "far fewer than the 500 asked" in warning[0], result.stderr
+    assert "UserWarning" not in result.stderr
