@@ -269,3 +269,25 @@ def test_tokenizer_train_says_when_it_got_far_fewer_tokens_than_asked(tmp_path):
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "far fewer than the 500 asked" in warning[0], result.stderr
     assert "UserWarning" not in result.stderr
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("gbk", "GB18030"), ("utf-16", "UTF-16")])
+def test_tokenizer_train_reads_a_gbk_or_utf16_file_as_chinese(tmp_path, encoding, name):
+    from lmforge.data.tokenizer import Tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\n".join(f"{line}（第{index}段）" for index in range(200) for line in CORPUS).encode(encoding))
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"reading it as {name}" in result.stderr and result.stderr.startswith("note:"), result.stderr
+    assert "\ufffd" not in (tmp_path / "tokenizer.json").read_text(encoding="utf-8")
+    tokenizer = Tokenizer.load(tmp_path)
+    # Merges were learnt on the real characters: a sentence of the corpus takes far fewer tokens than its bytes.
+    assert len(tokenizer.encode(CORPUS[0])) < len(CORPUS[0].encode("utf-8")) / 3
+
+
+def test_tokenizer_train_stops_on_a_file_in_an_unknown_encoding(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\n".join(CORPUS[:3] * 50).encode("utf-16-le"))  # no byte-order mark
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--out", str(tmp_path / "tok"))
+    one_line_error(result, "corpus.txt is not UTF-8", "UTF-16LE", "iconv -f UTF-16LE -t UTF-8")
