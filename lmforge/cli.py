@@ -334,7 +334,13 @@ def finetune(
 def evaluate(
     model: ModelOption,
     task: Annotated[str | None, typer.Option(help="score a task (see finetune --help); default: perplexity")] = None,
-    data: Annotated[str | None, typer.Option(help="data source; default: the built-in news for perplexity")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="data source: builtin:NAME, a file (split by hash), a folder of train/valid/test files or a "
+            "`data prepare` folder; default: the built-in news for perplexity"
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="train, valid or test")] = "valid",
     out: Annotated[
         Path | None, typer.Option(help="folder for report.md and metrics.json (default: MODEL/eval-TASK-SPLIT)")

@@ -291,3 +291,25 @@ def test_tokenizer_train_stops_on_a_file_in_an_unknown_encoding(tmp_path):
     corpus.write_bytes("\n".join(CORPUS[:3] * 50).encode("utf-16-le"))  # no byte-order mark
     result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--out", str(tmp_path / "tok"))
     one_line_error(result, "corpus.txt is not UTF-8", "UTF-16LE", "iconv -f UTF-16LE -t UTF-8")
+
+
+def test_eval_perplexity_on_a_folder_of_split_files(trained_run, tmp_path):
+    run, _ = trained_run
+    texts = [f"{line}（第{index}段）" for index in range(40) for line in CORPUS]
+    results = {}
+    for form in ("txt", "jsonl"):  # the same text as .txt lines and as task-style .jsonl records
+        folder = tmp_path / form
+        folder.mkdir()
+        for split, part in (("train", texts[:100]), ("valid", texts[100:130]), ("test", texts[130:])):
+            lines = part if form == "txt" else [json.dumps({"text": text}, ensure_ascii=False) for text in part]
+            (folder / f"{split}.{form}").write_text("\n".join(lines), encoding="utf-8")
+        result = lmforge_cli("eval", "--model", str(run), "--data", str(folder), "--split", "test", "--json")
+        assert result.returncode == 0, result.stderr
+        results[form] = json.loads(result.stdout)
+    # Every record of test.* is evaluated (not a hash share of it), whatever the file format.
+    assert results["txt"]["perplexity"] == results["jsonl"]["perplexity"]
+    assert results["txt"]["characters"] >= len("".join(texts[130:])) * 0.9
+    one_line_error(
+        lmforge_cli("eval", "--model", str(run), "--data", str(tmp_path), "--split", "test"),
+        "is a folder but has no test file",
+    )

@@ -336,6 +336,28 @@ def _data_file(source: str) -> Path:
     return path
 
 
+def split_file(source: str, split: str) -> Path | None:
+    """`source/SPLIT.jsonl` (or .txt, .csv, .parquet) when `source` is a folder of split files, else None.
+
+    A UserError when the folder has no file for `split`.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    for suffix in FILE_FORMATS[1:] + FILE_FORMATS[:1]:  # .jsonl first, the format task folders use
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    raise UserError(
+        f"{source} is a folder but has no {split} file ({', '.join(split + suffix for suffix in FILE_FORMATS)}); "
+        "a data folder holds train/valid/test files, or is one made by lmforge data prepare"
+    )
+
+
+def whole_file_fractions(split: str) -> tuple[float, float]:
+    """(valid_fraction, test_fraction) that put every record of a file in `split`: for a folder's split files."""
+    return {"train": (0.0, 0.0), "valid": (1.0, 0.0), "test": (0.0, 1.0)}[split]
+
+
 def read_records(source: str) -> Iterator[dict]:
     """Stream the records of `source`: `builtin:NAME` or a .txt/.jsonl/.csv/.parquet path.
 
