@@ -217,10 +217,10 @@ def edited_copy(folder, target, **changes):
 @pytest.mark.parametrize(
     ("changes", "messages"),
     [
-        ({"num_attention_heads": 0}, ["num_heads must be positive, not 0"]),
+        ({"num_attention_heads": 0}, ["num_attention_heads must be positive, not 0"]),
         ({"hidden_size": "wide"}, ["hidden_size must be int, not 'wide'"]),
         ({"max_position_embeddings": -5}, ["max_position_embeddings must be positive, not -5"]),
-        ({"num_key_value_heads": 3}, ["num_heads 2 must be divisible by num_kv_heads 3"]),
+        ({"num_key_value_heads": 3}, ["num_attention_heads 2 must be divisible by num_key_value_heads 3"]),
     ],
 )
 def test_import_of_a_bad_config_names_the_field(hf_folder, tmp_path, changes, messages):

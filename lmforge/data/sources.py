@@ -148,10 +148,12 @@ def _convert_hint(file: Path | Traversable, iconv_name: str) -> str:
 
 def _likely_encoding(head: bytes, complete: bool) -> str:
     """The iconv name of the encoding `head` most likely is in (never certain: an error states it as a guess)."""
+    sample = head[: len(head) // 2 * 2]
     for codec, iconv_name in (("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE")):
-        # Almost any even-length bytes decode as UTF-16; text that is also mostly plausible characters is it.
-        sample = head[: len(head) // 2 * 2]
-        if _decodes(sample, codec, complete) and len(_PLAUSIBLE.findall(sample.decode(codec))) > 0.9 * len(sample) / 2:
+        # Almost any even-length bytes decode as UTF-16 (pairs of ASCII letters are CJK ideographs there), so
+        # it takes line breaks and mostly plausible characters to look like UTF-16 text.
+        text = sample.decode(codec, errors="replace")
+        if "\n" in text and len(_PLAUSIBLE.findall(text)) > 0.9 * len(text):
             return iconv_name
     for codec, iconv_name in _LIKELY_ENCODINGS:
         if _decodes(head, codec, complete):

@@ -10,6 +10,7 @@ every mapping against it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,12 @@ from lmforge.run_folder import (
     write_json,
 )
 
+# Our DecoderConfig fields whose config.json key has another name.
+HF_DECODER_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
 # model_type -> the causal-LM architecture its config.json names.
 DECODER_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -244,7 +251,9 @@ def read_decoder_config(path: Path, values: dict[str, Any]) -> DecoderConfig:
     try:  # names a bad size (0 heads, a string, negative positions) before any arithmetic on it
         config = from_dict(DecoderConfig, ours, "model")
     except UserError as error:
-        raise UserError(f"{path}: {error} (our name for the key; see lmforge import --help)") from None
+        # The message names our field; say it with the key config.json has.
+        message = re.sub(r"\b(?:model\.)?(\w+)", lambda match: HF_DECODER_KEYS.get(match[1], match[1]), str(error))
+        raise UserError(f"{path}: {message}") from None
     if values.get("head_dim") not in (None, config.head_dim):
         refuse(f"head_dim {values['head_dim']} (ours is hidden_size / num_attention_heads = {config.head_dim})")
     return config
