@@ -10,13 +10,14 @@ import dataclasses
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from lmforge.config import describe, parse_overrides
-from lmforge.errors import UserError
+from lmforge.errors import Note, UserError
 from lmforge.tasks import TASKS
 
 app = typer.Typer(
@@ -353,7 +354,13 @@ def finetune(
 def evaluate(
     model: ModelOption,
     task: Annotated[str | None, typer.Option(help="score a task (see finetune --help); default: perplexity")] = None,
-    data: Annotated[str | None, typer.Option(help="data source; default: the built-in news for perplexity")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="data source: builtin:NAME, a file (split by hash), a folder of train/valid/test files or a "
+            "`data prepare` folder; default: the built-in news for perplexity"
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="train, valid or test")] = "valid",
     out: Annotated[
         Path | None, typer.Option(help="folder for report.md and metrics.json (default: MODEL/eval-TASK-SPLIT)")
@@ -379,37 +386,14 @@ def evaluate(
               lmforge eval --task sentiment --model runs/sentiment --data ../shared/data/sentiment --split test
     """
     if task is not None:
-        from lmforge.run_folder import RunFolder
-        from lmforge.tasks import task_module
-        from lmforge.tasks.examples import TaskData
-
-        module = task_module(task)
-        source = data or module.Recipe().data.source
         decoding = dict(
             num_beams=num_beams,
             length_penalty=length_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
             mbr_samples=mbr_samples,
         )
-        decoding = {key: value for key, value in decoding.items() if value is not None}
-        if decoding and task not in ("translate", "summarize"):
-            raise UserError(
-                "--num-beams, --length-penalty, --no-repeat-ngram-size and --mbr-samples apply to translate and "
-                f"summarize, not {task}"
-            )
-        if baselines is not None:
-            _check_baselines(task, baselines, "baselines" in inspect.signature(module.evaluate_run).parameters)
-            decoding["baselines"] = baselines
-        # A folder of its own, so evaluating never overwrites the run's own report (the demo's, a fine-tune's).
-        out = out or model / f"eval-{task}-{split}"
-        metrics = module.evaluate_run(
-            model, TaskData(source=source, max_eval_examples=max_examples), split, out, **decoding
-        )
-        if as_json:
-            typer.echo(json.dumps(metrics, ensure_ascii=False))
-            return
-        _print_task_metrics(metrics)
-        typer.echo(f"report: {RunFolder(out).report}")
+        options = {key: value for key, value in decoding.items() if value is not None}
+        _evaluate_task(task, model, data, split, out, max_examples, options, baselines, as_json)
         return
 
     import lmforge
@@ -425,6 +409,42 @@ def evaluate(
         f"{data} [{split}]: perplexity {results['perplexity']:.2f}, bits/byte {results['bits_per_byte']:.4f}, "
         f"bits/char {results['bits_per_char']:.4f} over {results['tokens']:,} tokens"
     )
+
+
+def _evaluate_task(
+    task: str,
+    model: Path,
+    data: str | None,
+    split: str,
+    out: Path | None,
+    max_examples: int,
+    options: dict,
+    baselines: str | None,
+    as_json: bool,
+) -> None:
+    """`lmforge eval --task`: the task's evaluate_run on one split, into a folder of its own."""
+    from lmforge.run_folder import RunFolder
+    from lmforge.tasks import task_module
+    from lmforge.tasks.examples import TaskData
+
+    module = task_module(task)
+    source = data or module.Recipe().data.source
+    if options and task not in ("translate", "summarize"):
+        raise UserError(
+            "--num-beams, --length-penalty, --no-repeat-ngram-size and --mbr-samples apply to translate and "
+            f"summarize, not {task}"
+        )
+    if baselines is not None:
+        _check_baselines(task, baselines, "baselines" in inspect.signature(module.evaluate_run).parameters)
+        options["baselines"] = baselines
+    # A folder of its own, so evaluating never overwrites the run's own report (the demo's, a fine-tune's).
+    out = out or model / f"eval-{task}-{split}"
+    metrics = module.evaluate_run(model, TaskData(source=source, max_eval_examples=max_examples), split, out, **options)
+    if as_json:
+        typer.echo(json.dumps(metrics, ensure_ascii=False))
+        return
+    _print_task_metrics(metrics)
+    typer.echo(f"report: {RunFolder(out).report}")
 
 
 EXPORT_FORMATS = {
@@ -595,7 +615,14 @@ def prune(
     typer.echo(f"saved to {out}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line a user reads ("warning: ..." or "note: ..."), not Python's file:line: UserWarning format.
+    prefix = "note" if issubclass(category, Note) else "warning"
+    typer.echo(f"{prefix}: {message}", err=True)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app()
     except UserError as error:

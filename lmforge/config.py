@@ -31,8 +31,12 @@ def option(default: Any, help: str) -> Any:
 def require_positive(config: Any, names: tuple[str, ...], section: str = "model") -> None:
     """ValueError naming `section.name` for the first of `names` that is not > 0."""
     for name in names:
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{section}.{name} must be positive, not {getattr(config, name)}")
+        value = getattr(config, name)
+        # A config built in Python skips from_dict's type checks: "64" or None must not become a TypeError later.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{section}.{name} must be a positive number, not {value!r}")
+        if not value > 0:  # also refuses NaN
+            raise ValueError(f"{section}.{name} must be positive, not {value}")
 
 
 def require_divisible(config: Any, name: str, by: str, section: str = "model") -> None:

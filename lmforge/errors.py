@@ -7,3 +7,10 @@ and keeps its traceback.
 
 class UserError(Exception):
     """Bad input, a missing file, an unknown name: a message meant for the user."""
+
+
+class Note(UserWarning):
+    """Something done on the user's behalf that they should know about (a file read as GB18030, ...).
+
+    Raised with `warnings.warn(..., Note)`; the CLI prints it as one "note:" line.
+    """

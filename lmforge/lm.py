@@ -204,10 +204,12 @@ class LM:
         )
 
 
-def load(run_dir: str | Path, device: str | None = None, compiled: bool = False) -> LM:
+def load(run_dir: str | Path, device: str | None = None, compiled: bool = False, verify_checksums: bool = True) -> LM:
     """Load a run folder (config, weights, tokenizer, generation settings).
 
-    `compiled`: decode with compiled steps (see `LM`).
+    `compiled`: decode with compiled steps (see `LM`). `verify_checksums`: check the weights' SHA-256
+    against the run folder's checksums.json (False, or LMFORGE_SKIP_CHECKSUMS=1, skips hashing a huge
+    folder); weights holding NaN or infinity are refused either way.
 
     A LoRA folder without merged weights (adapter config + adapter weights) loads its base model,
     named in the adapter config, and merges the adapters into it.
@@ -217,12 +219,12 @@ def load(run_dir: str | Path, device: str | None = None, compiled: bool = False)
         base = read_json(folder.adapter_config).get("base_model_name_or_path")
         if not base or not RunFolder(base).has_model():
             raise UserError(f"{folder} holds LoRA adapters for {base!r}, which is not a model folder here")
-        model = load_model(base, pick_device(device))
-        load_adapter(folder.path, model)
+        model = load_model(base, pick_device(device), verify_checksums)
+        load_adapter(folder.path, model, verify_checksums)
         merge_lora(model)
         tokenizer_dir = folder.path if folder.has_tokenizer() else Path(base)
         return LM(model.eval(), Tokenizer.load(tokenizer_dir), read_generation_config(tokenizer_dir), compiled)
     if not folder.has_model():
         raise UserError(f"{folder} is not a model folder: it has no {RunFolder.CONFIG}")
-    model = load_model(folder.path, pick_device(device))
+    model = load_model(folder.path, pick_device(device), verify_checksums)
     return LM(model, Tokenizer.load(folder.path), read_generation_config(folder.path), compiled)

@@ -5,6 +5,10 @@ tokenizer files, `generation_config.json`, `task.json`, `recipe.json`,
 `metrics.jsonl`, `metrics.json`, `loss.png`, `report.md`, `tensorboard/`, and
 `checkpoints/` (plus `best/`) while a run is resumable; a LoRA run holds
 `adapter_config.json` + `adapter_model.safetensors` instead of full weights.
+`checksums.json` records the SHA-256 of each weights file written here; reads
+verify it (set LMFORGE_SKIP_CHECKSUMS=1, or pass verify=False, to skip hashing a
+huge folder), and a folder without it (older runs, imported Hugging Face folders)
+still loads.
 `RunFolder` names each of them; everything else asks it instead of joining
 strings. Everything here is safetensors or JSON, and every write goes to a
 temporary file that is fsynced and then renamed, so a killed process never
@@ -14,6 +18,7 @@ atomicity, not what a model is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -83,6 +88,19 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         raise UserError(f"cannot read {path}: {error}") from None
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):  # 16 MiB at a time: memory stays flat for any file size
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checksums_skipped() -> bool:
+    """LMFORGE_SKIP_CHECKSUMS=1: load without hashing the weights (huge folders on trusted disks)."""
+    return os.environ.get("LMFORGE_SKIP_CHECKSUMS", "").strip().lower() in ("1", "true", "yes")
+
+
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line; a crash can lose at most this line, never earlier ones."""
     with open(path, "a", encoding="utf-8") as handle:
@@ -147,6 +165,7 @@ class RunFolder:
     OPTIMIZER = "optimizer.safetensors"
     ADAPTER_CONFIG = "adapter_config.json"
     ADAPTER_WEIGHTS = "adapter_model.safetensors"
+    CHECKSUMS = "checksums.json"  # {weights file name: SHA-256 hex}, written with the weights, verified on read
     PRUNE_SUMMARY = "prune.json"  # what `lmforge prune` did: source, sparsity, recovery losses
     # The files a model needs besides its weights and config: copied by quantize, prune and ONNX export.
     COMPANIONS = (TOKENIZER, TOKENIZER_CONFIG, GENERATION)
@@ -184,6 +203,7 @@ class RunFolder:
     adapter_config = property(lambda self: self.path / self.ADAPTER_CONFIG)
     adapter_weights = property(lambda self: self.path / self.ADAPTER_WEIGHTS)
     prune_summary = property(lambda self: self.path / self.PRUNE_SUMMARY)
+    checksums = property(lambda self: self.path / self.CHECKSUMS)
 
     # What the folder holds.
     def has_model(self) -> bool:
@@ -236,11 +256,57 @@ class RunFolder:
     def write_report(self, text: str) -> None:
         atomic_write_text(self.report, text)
 
-    def read_weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def read_weights(self, device: str | torch.device = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+        """model.safetensors, its SHA-256 checked against checksums.json when recorded (see `verify_checksum`)."""
+        if verify:
+            self.verify_checksum(self.WEIGHTS)
         return load_tensors(self.weights, device)
 
     def write_weights(self, tensors: dict[str, torch.Tensor]) -> None:
-        save_tensors(self.weights, tensors, metadata={"format": "pt"})
+        self._write_checksummed(self.WEIGHTS, tensors)
+
+    def read_adapter_weights(self, verify: bool = True) -> dict[str, torch.Tensor]:
+        if verify:
+            self.verify_checksum(self.ADAPTER_WEIGHTS)
+        return load_tensors(self.adapter_weights)
+
+    def write_adapter_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._write_checksummed(self.ADAPTER_WEIGHTS, tensors)
+
+    def _write_checksummed(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        # The old entry goes first: a process killed between the two writes leaves weights with no recorded
+        # checksum (which load), never new weights beside an old checksum (which would read as damage).
+        self._record_checksum(name, None)
+        save_tensors(self.path / name, tensors, metadata={"format": "pt"})
+        self._record_checksum(name, file_sha256(self.path / name))
+
+    def read_checksums(self) -> dict[str, str]:
+        return read_json(self.checksums) if self.checksums.is_file() else {}
+
+    def _record_checksum(self, name: str, digest: str | None) -> None:
+        recorded = self.read_checksums()
+        if digest is None and name not in recorded:
+            return
+        recorded.pop(name, None)
+        write_json(self.checksums, recorded if digest is None else {**recorded, name: digest})
+
+    def verify_checksum(self, name: str) -> None:
+        """A UserError if `name`'s SHA-256 differs from the one recorded when it was written.
+
+        Nothing to check when none was recorded (runs saved before checksums existed, Hugging Face
+        folders) or when LMFORGE_SKIP_CHECKSUMS=1.
+        """
+        expected = self.read_checksums().get(name)
+        path = self.path / name
+        if expected is None or checksums_skipped() or not path.is_file():
+            return
+        actual = file_sha256(path)
+        if actual != expected:
+            raise UserError(
+                f"{path} is damaged: its SHA-256 is {actual[:16]}..., not the {expected[:16]}... recorded in "
+                f"{self.checksums} when it was saved; restore it from a backup or a checkpoint "
+                "(LMFORGE_SKIP_CHECKSUMS=1 loads it anyway)"
+            )
 
     def copy_companions(self, source: str | Path) -> None:
         """Copy the COMPANIONS that `source` has (tokenizer, generation settings) into this folder, atomically."""

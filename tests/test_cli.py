@@ -203,3 +203,132 @@ def test_task_mistakes_are_one_line_errors(arguments, message, tmp_path):
     result = lmforge_cli(*arguments, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def one_line_error(result, *messages):
+    """A user error: exit code 2, one `error:` line on stderr that holds every message, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert all(message in lines[0] for message in messages), lines[0]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(trained_run, tmp_path_factory):
+    """The trained run exported as a Hugging Face folder."""
+    run, _ = trained_run
+    out = tmp_path_factory.mktemp("hf") / "llama"
+    result = lmforge_cli("export", "--model", str(run), "--format", "hf", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def edited_copy(folder, target, **changes):
+    """A copy of `folder` whose config.json has `changes` applied."""
+    import shutil
+
+    shutil.copytree(folder, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("changes", "messages"),
+    [
+        ({"num_attention_heads": 0}, ["num_attention_heads must be positive, not 0"]),
+        ({"hidden_size": "wide"}, ["hidden_size must be int, not 'wide'"]),
+        ({"max_position_embeddings": -5}, ["max_position_embeddings must be positive, not -5"]),
+        ({"num_key_value_heads": 3}, ["num_attention_heads 2 must be divisible by num_key_value_heads 3"]),
+    ],
+)
+def test_import_of_a_bad_config_names_the_field(hf_folder, tmp_path, changes, messages):
+    bad = edited_copy(hf_folder, tmp_path / "bad", **changes)
+    one_line_error(lmforge_cli("import", "--from", str(bad), "--out", str(tmp_path / "run")), "config.json", *messages)
+
+
+def test_a_billion_positions_import_and_generate_without_allocating_them(hf_folder, tmp_path):
+    huge = edited_copy(hf_folder, tmp_path / "huge", max_position_embeddings=10**9)
+    assert lmforge_cli("import", "--from", str(huge), "--out", str(tmp_path / "run")).returncode == 0
+    result = lmforge_cli("generate", "--model", str(tmp_path / "run"), "新华社", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+
+
+def test_generate_on_weights_that_do_not_fit_the_config_names_the_tensor(trained_run, tmp_path):
+    run, _ = trained_run
+    bad = edited_copy(run, tmp_path / "bad", intermediate_size=48)
+    result = lmforge_cli("generate", "--model", str(bad), "新华社")
+    one_line_error(result, "does not fit its config.json", "mlp.", "has shape (", "the config implies (")
+
+
+def test_import_of_an_lmforge_run_folder_says_so(trained_run, tmp_path):
+    run, _ = trained_run
+    result = lmforge_cli("import", "--from", str(run), "--out", str(tmp_path / "run"))
+    one_line_error(result, "already an lmforge run folder")
+
+
+def test_generate_on_a_hugging_face_folder_suggests_import(hf_folder):
+    one_line_error(lmforge_cli("generate", "--model", str(hf_folder), "新华社"), "lmforge import --from")
+
+
+@pytest.mark.parametrize("content", ["", "  \n\n\t\n", '{"text": "   "}\n'])
+def test_tokenizer_train_on_an_empty_or_blank_file_is_an_error(tmp_path, content):
+    corpus = tmp_path / ("corpus.jsonl" if content.startswith("{") else "corpus.txt")
+    corpus.write_text(content, encoding="utf-8")
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--out", str(tmp_path / "tok"))
+    one_line_error(result, "no text to train a tokenizer on")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_tokenizer_train_says_when_it_got_far_fewer_tokens_than_asked(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["今天天气很好。"] * 200), encoding="utf-8")
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--vocab-size", "500", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "far fewer than the 500 asked" in warning[0], result.stderr
+    assert "UserWarning" not in result.stderr
+
+
+@pytest.mark.parametrize(("encoding", "name"), [("gbk", "GB18030"), ("utf-16", "UTF-16")])
+def test_tokenizer_train_reads_a_gbk_or_utf16_file_as_chinese(tmp_path, encoding, name):
+    from lmforge.data.tokenizer import Tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\n".join(f"{line}（第{index}段）" for index in range(200) for line in CORPUS).encode(encoding))
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"reading it as {name}" in result.stderr and result.stderr.startswith("note:"), result.stderr
+    assert "\ufffd" not in (tmp_path / "tokenizer.json").read_text(encoding="utf-8")
+    tokenizer = Tokenizer.load(tmp_path)
+    # Merges were learnt on the real characters: a sentence of the corpus takes far fewer tokens than its bytes.
+    assert len(tokenizer.encode(CORPUS[0])) < len(CORPUS[0].encode("utf-8")) / 3
+
+
+def test_tokenizer_train_stops_on_a_file_in_an_unknown_encoding(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("\n".join(CORPUS[:3] * 50).encode("utf-16-le"))  # no byte-order mark
+    result = lmforge_cli("tokenizer", "train", "--data", str(corpus), "--out", str(tmp_path / "tok"))
+    one_line_error(result, "corpus.txt is not UTF-8", "UTF-16LE", "iconv -f UTF-16LE -t UTF-8")
+
+
+def test_eval_perplexity_on_a_folder_of_split_files(trained_run, tmp_path):
+    run, _ = trained_run
+    texts = [f"{line}（第{index}段）" for index in range(40) for line in CORPUS]
+    results = {}
+    for form in ("txt", "jsonl"):  # the same text as .txt lines and as task-style .jsonl records
+        folder = tmp_path / form
+        folder.mkdir()
+        for split, part in (("train", texts[:100]), ("valid", texts[100:130]), ("test", texts[130:])):
+            lines = part if form == "txt" else [json.dumps({"text": text}, ensure_ascii=False) for text in part]
+            (folder / f"{split}.{form}").write_text("\n".join(lines), encoding="utf-8")
+        result = lmforge_cli("eval", "--model", str(run), "--data", str(folder), "--split", "test", "--json")
+        assert result.returncode == 0, result.stderr
+        results[form] = json.loads(result.stdout)
+    # Every record of test.* is evaluated (not a hash share of it), whatever the file format.
+    assert results["txt"]["perplexity"] == results["jsonl"]["perplexity"]
+    assert results["txt"]["characters"] >= len("".join(texts[130:])) * 0.9
+    one_line_error(
+        lmforge_cli("eval", "--model", str(run), "--data", str(tmp_path), "--split", "test"),
+        "is a folder but has no test file",
+    )

@@ -11,7 +11,7 @@ from lmforge.config import from_dict
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.lora import LoRAConfig, LoRALinear, load_adapter, merge_lora
-from lmforge.run_folder import load_tensors, save_tensors
+from lmforge.run_folder import RunFolder, load_tensors
 from lmforge.train.lora import apply_lora, lora_parameters, save_adapter
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainConfig, build_optimizer
@@ -132,10 +132,24 @@ def test_saved_adapter_loads_onto_a_fresh_base(trained, tmp_path):
     assert all(".lora_" in name for name, parameter in fresh.named_parameters() if parameter.requires_grad)
 
 
+def test_a_damaged_adapter_is_refused(trained, tmp_path):
+    _, model, config, _, _ = trained
+    save_adapter(tmp_path, model, config, base="runs/tiny")
+    weights = tmp_path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor's last byte
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="adapter_model.safetensors is damaged"):
+        RunFolder(tmp_path).read_adapter_weights()
+
+
 def test_adapter_folder_is_in_peft_format(trained, tmp_path):
     _, model, config, _, _ = trained
     save_adapter(tmp_path, model, config, base="runs/tiny")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # peft reads the first two; checksums.json is lmforge's record of the adapter weights' SHA-256.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "checksums.json",
+    ]  # fmt: skip
     tensors = load_tensors(tmp_path / "adapter_model.safetensors")
     expected = set()
     for layer in range(2):
@@ -201,7 +215,7 @@ def test_adapter_that_does_not_fit_names_the_tensor(trained, tmp_path):
     assert not any(isinstance(module, LoRALinear) for module in wider.modules())  # left as it was
     tensors = load_tensors(tmp_path / "adapter_model.safetensors")
     del tensors["base_model.model.layers.1.mlp.down_proj.lora_B.weight"]
-    save_tensors(tmp_path / "adapter_model.safetensors", tensors)
+    RunFolder(tmp_path).write_adapter_weights(tensors)  # through the run folder, so its checksum follows
     with pytest.raises(UserError, match=r"missing \['base_model.model.layers.1.mlp.down_proj.lora_B.weight'\]"):
         load_adapter(tmp_path, copy.deepcopy(base))
     (tmp_path / "adapter_model.safetensors").unlink()

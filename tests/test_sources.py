@@ -86,24 +86,26 @@ def test_csv_from_a_spreadsheet(tmp_path):
     assert list(read_records(str(path))) == [{"text": "一行,\r\n两行", "label": "1"}, {"text": "second", "label": "0"}]
 
 
-def test_undecodable_bytes_are_replaced_and_counted_in_one_warning(tmp_path, recwarn):
+def test_lines_with_stray_undecodable_bytes_are_skipped_and_counted_in_one_warning(tmp_path, recwarn):
     path = tmp_path / "bad.txt"
-    path.write_bytes("好\n".encode() + b"a\xffb\n" + b"\xfe\n\n" + "中\n".encode() + b"end\x80\n")
+    path.write_bytes("好\n".encode() + b"a\xffb\n" + b"\xfe\n\n" + "中\n".encode() + b"end\x80\n" + b"ok\n")
     texts = [record["text"] for record in read_records(str(path))]
-    assert texts == ["好", "a\ufffdb", "\ufffd", "中", "end\ufffd"]
+    assert texts == ["好", "中", "ok"]  # never a U+FFFD
     assert len(recwarn) == 1
-    assert "bad.txt: replaced 3 undecodable bytes" in str(recwarn[0].message)
+    assert "bad.txt: skipped 3 lines holding 3 undecodable bytes (line 2, 3, 6)" in str(recwarn[0].message)
 
 
-def test_replacement_count_is_exact_per_file(tmp_path, recwarn):
+def test_damage_count_is_exact_per_file(tmp_path, recwarn):
     clean, damaged = tmp_path / "clean.jsonl", tmp_path / "damaged.txt"
     # A real U+FFFD in the text is not an undecodable byte.
     clean.write_text("\n".join(json.dumps({"text": f"\ufffd {i}"}) for i in range(50)), encoding="utf-8")
-    damaged.write_bytes(b"".join(b"line \xff %d\n" % i for i in range(50)))
+    damaged.write_bytes(b"".join(b"line \xff %d\n" % i if i % 10 == 0 else b"line %d\n" % i for i in range(50)))
     # Read the two files interleaved: each warning must still count its own file only.
     for _ in itertools.zip_longest(read_records(str(clean)), read_records(str(damaged))):
         pass
-    assert [str(warning.message) for warning in recwarn] == [f"{damaged}: replaced 50 undecodable bytes with U+FFFD"]
+    assert [str(warning.message) for warning in recwarn] == [
+        f"{damaged}: skipped 5 lines holding 5 undecodable bytes (line 1, 11, 21, ...); they are not read"
+    ]
 
 
 def test_a_10_megabyte_line_is_read_in_pieces_with_flat_memory(tmp_path):
@@ -219,3 +221,52 @@ def test_fingerprint_names_the_builtin_version_and_follows_file_changes(tmp_path
     assert source_fingerprint(str(path)) != before
     with pytest.raises(UserError, match="no such data file"):
         source_fingerprint(str(tmp_path / "gone.txt"))
+
+
+CHINESE = [
+    "新华社北京一月一日电，国家主席发表新年讲话，祝愿全国各族人民新年快乐。",
+    "今年经济工作的主要任务是稳定增长，深化改革，扩大开放，改善人民生活。",
+    "中国人民在新的一年里将继续努力，建设富强民主文明的现代化国家。",
+]
+
+
+def notes(recwarn):
+    from lmforge.errors import Note
+
+    return [str(warning.message) for warning in recwarn if issubclass(warning.category, Note)]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "name"), [("gbk", "GB18030"), ("gb18030", "GB18030"), ("utf-16", "UTF-16"), ("utf-32", "UTF-32")]
+)
+def test_chinese_in_gbk_or_utf16_is_read_correctly_with_one_note(tmp_path, recwarn, encoding, name):
+    texts = [f"{line}（第{index}段）" for index in range(100) for line in CHINESE]
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("\n".join(texts).encode(encoding))  # Python's utf-16 and utf-32 codecs write a BOM
+    assert [record["text"] for record in read_records(str(path))] == texts
+    assert len(notes(recwarn)) == 1 and f"reading it as {name}" in notes(recwarn)[0]
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode(encoding))
+    assert [record["text"] for record in read_records(str(jsonl))] == texts
+
+
+@pytest.mark.parametrize(
+    ("data", "encoding"),
+    [
+        ("\n".join(CHINESE * 20).encode("utf-16-le"), "UTF-16LE"),  # no byte-order mark: not certain
+        ("\n".join(["Il était une fois, déjà vu. Ça va?"] * 50).encode("cp1252"), "WINDOWS-1252"),
+    ],
+)
+def test_other_encodings_stop_with_the_likely_encoding_and_the_conversion(tmp_path, data, encoding):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(data)
+    with pytest.raises(UserError, match=f"is not UTF-8 .* looks like {encoding}: .*iconv -f {encoding} -t UTF-8"):
+        list(read_records(str(path)))
+
+
+def test_gbk_after_a_long_utf8_start_stops_instead_of_training_on_garbage(tmp_path):
+    path = tmp_path / "corpus.txt"
+    english = "".join(f"line {index} of plain ASCII text\n" for index in range(12_000)).encode()  # past the sniff
+    path.write_bytes(english + "\n".join(CHINESE * 100).encode("gbk"))
+    with pytest.raises(UserError, match=r"lines hold bytes that are not valid UTF-8 \(from line 12001\).*iconv -f GB"):
+        list(read_records(str(path)))

@@ -262,6 +262,40 @@ def test_mcq_picks_the_likeliest_choice(tmp_path, small_tokenizer):
         mcq.evaluate_run(tmp_path / "model", TaskData(source=str(tmp_path)), "test", tmp_path / "out", None, False)
 
 
+def test_mcq_skips_and_counts_a_record_whose_choice_alone_overflows_the_context(tmp_path, small_tokenizer):
+    from lmforge.generate.sampling import SamplingConfig
+    from lmforge.lm import save_generation_config
+    from lmforge.models import save_model
+
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=small_tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    save_model(tmp_path / "model", Decoder(config))
+    small_tokenizer.save(tmp_path / "model")
+    save_generation_config(tmp_path / "model", SamplingConfig(), small_tokenizer)
+    long_choice = ""
+    while len(small_tokenizer.encode(long_choice)) < 300:
+        long_choice += f"第{len(long_choice)}条北京上海"
+    assert 300 <= len(small_tokenizer.encode(long_choice)) < 320
+    records = [
+        {"question": "哪个城市？", "choices": ["北京", "上海", "老师", "小明"], "answer": "A"},
+        {"question": "长选项", "choices": ["北京", long_choice, "老师", "小明"], "answer": "B"},  # 300 tokens > 256
+        {"question": "问" * 400, "choices": ["北京", "上海", "老师", "小明"], "answer": "C"},  # the question is cut
+    ]
+    write_jsonl(tmp_path / "test.jsonl", records)
+    metrics = mcq.evaluate_run(
+        tmp_path / "model", TaskData(source=str(tmp_path)), "test", tmp_path / "out", None, False
+    )
+    assert metrics["examples"] == 2 and metrics["skipped"] == 1
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "1 of 3 records were skipped" in report
+    write_jsonl(tmp_path / "test.jsonl", records[1:2])
+    with pytest.raises(UserError, match="nothing to score in the test split; 1 of 1 records were skipped"):
+        mcq.evaluate_run(tmp_path / "model", TaskData(source=str(tmp_path)), "test", tmp_path / "out", None, False)
+
+
 def test_train_config_defaults_of_a_task_recipe_survive_a_partial_override():
     recipe = from_dict(sentiment.Recipe, {"train": {"max_steps": 5}})
     assert recipe.train == TrainConfig(**{**sentiment.Recipe().train.__dict__, "max_steps": 5})

@@ -4,7 +4,8 @@ A source is a string, `builtin:NAME` or a file path. Reading one streams records
 plain dicts with at least the field a task reads (usually `text`), and never
 holds a whole file, or even a whole over-long line, in memory. Splits are
 decided per record by a hash of its text, so a record never changes split when
-the corpus grows.
+the corpus grows. Text files are sniffed for their encoding first (see `text_encoding`):
+nothing is ever trained on U+FFFD replacement characters.
 
 This module knows records, not tokens: no tokenizer, no vocabulary, no model.
 It does not clean or deduplicate text beyond undoing the built-in corpora's
@@ -22,7 +23,6 @@ import importlib.resources
 import importlib.util
 import json
 import re
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from importlib.resources.abc import Traversable
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.data.instructions import instruction_records, preference_records
-from lmforge.errors import UserError
+from lmforge.errors import Note, UserError
 
 # Longer .txt lines are yielded as consecutive pieces of this size, so a 10 MB line
 # never becomes one giant record (and, downstream, one giant BPE "word").
@@ -104,51 +104,169 @@ _BUILTIN_NAMES = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
 _VALID_FORMS = f"a {'/'.join(FILE_FORMATS)} path or {_BUILTIN_NAMES}"
 
 
-# Undecodable bytes become U+FFFD, as with errors="replace", but we also want to say
-# how many there were. A codec error handler is global, so it counts per thread and
-# `_text_lines` takes the difference around each of its own reads: exact even when
-# several files are read interleaved, and a file that really contains U+FFFD is not
-# miscounted.
-_COUNTING_REPLACE = "lmforge-counting-replace"
-_replacements = threading.local()
+# Reading text: every .txt/.jsonl/.csv file is sniffed before it is read. A byte-order mark (UTF-8, UTF-16,
+# UTF-32) decides the encoding; a file that is not UTF-8 but decodes cleanly as GB18030 (which includes GBK and
+# GB2312) is read as GB18030. Both print one "note:" line. Any other file that is not UTF-8 is an error naming the
+# likely encoding and the iconv command that converts it. Lines with a few stray bad bytes in an otherwise good
+# file are skipped, never trained on as U+FFFD, and counted in one warning; once more than
+# MAX_DAMAGED_LINES lines *and* more than MAX_DAMAGED_SHARE of the lines read are damaged, reading stops with
+# an error: that is a file in another encoding, not a few damaged bytes.
+SNIFF_BYTES = 1 << 18  # 256 KiB: plenty to tell encodings apart, small beside a reader's other buffers
+MAX_DAMAGED_LINES = 10
+MAX_DAMAGED_SHARE = 0.001
+_BYTE_ORDER_MARKS = (  # UTF-32 first: its little-endian mark starts with UTF-16's
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+# Encodings to name when a file is neither UTF-8 nor GB18030: the first that decodes the sample cleanly.
+_LIKELY_ENCODINGS = (("big5", "BIG5"), ("shift_jis", "SHIFT_JIS"), ("euc_kr", "EUC-KR"))
 
 
-def _replace_and_count(error: UnicodeError) -> tuple[str, int]:
+# ASCII, CJK ideographs and punctuation, fullwidth forms, whitespace: what most of a text in UTF-16 decodes to.
+_PLAUSIBLE = re.compile("[\t\n\r\x20-\x7e\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
+
+
+def _too_damaged(damaged: int, lines: int) -> bool:
+    return damaged > MAX_DAMAGED_LINES and damaged > MAX_DAMAGED_SHARE * lines
+
+
+def _decodes(data: bytes, codec: str, complete: bool) -> bool:
+    """`data` decodes without an error (a character cut by the end of a sample is not one)."""
+    try:
+        codecs.getincrementaldecoder(codec)().decode(data, final=complete)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _convert_hint(file: Path | Traversable, iconv_name: str) -> str:
+    return f"convert it to UTF-8 first: iconv -f {iconv_name} -t UTF-8 '{file}' > '{file}.utf8'"
+
+
+def _likely_encoding(head: bytes, complete: bool) -> str:
+    """The iconv name of the encoding `head` most likely is in (never certain: an error states it as a guess)."""
+    sample = head[: len(head) // 2 * 2]
+    for codec, iconv_name in (("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE")):
+        # Almost any even-length bytes decode as UTF-16 (pairs of ASCII letters are CJK ideographs there), so
+        # it takes line breaks and mostly plausible characters to look like UTF-16 text.
+        text = sample.decode(codec, errors="replace")
+        if "\n" in text and len(_PLAUSIBLE.findall(text)) > 0.9 * len(text):
+            return iconv_name
+    for codec, iconv_name in _LIKELY_ENCODINGS:
+        if _decodes(head, codec, complete):
+            return iconv_name
+    return "WINDOWS-1252"  # every byte is a character there, so it is the last resort of any guess
+
+
+def text_encoding(file: Path | Traversable) -> str:
+    """The codec to read `file` with, from its first SNIFF_BYTES; a UserError for a file we must not guess at."""
+    with file.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+        complete = not handle.read(1)
+    for mark, codec, name in _BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            if codec != "utf-8-sig":
+                warnings.warn(
+                    f"{file} is {name} (it starts with a byte-order mark); reading it as {name}", Note, stacklevel=3
+                )
+            return codec
+    if _decodes(head, "utf-8", complete):
+        return "utf-8"
+    if b"\x00" not in head and _decodes(head, "gb18030", complete):
+        warnings.warn(
+            f"{file} is not UTF-8 but decodes cleanly as GB18030 (GBK); reading it as GB18030. "
+            f"To silence this, {_convert_hint(file, 'GB18030')}",
+            Note,
+            stacklevel=3,
+        )
+        return "gb18030"
+    # Not a clean decode anywhere: a UTF-8 file with a few stray bad bytes, or a file in some other encoding.
+    lines = head.split(b"\n")
+    if not complete:
+        lines = lines[:-1] or lines  # the sample's last line may be cut in the middle of a character
+    damaged = sum(not _decodes(line, "utf-8", True) for line in lines)
+    if not _too_damaged(damaged, len(lines)):
+        return "utf-8"  # _text_lines skips and counts the damaged lines
+    likely = _likely_encoding(head, complete)
+    raise UserError(
+        f"{file} is not UTF-8 ({damaged:,} of the first {len(lines):,} lines are not valid UTF-8); it looks like "
+        f"{likely}: {_convert_hint(file, likely)}"
+    )
+
+
+# Undecodable bytes are read as lone surrogates U+DC00 + byte, like Python's "surrogateescape" (which refuses
+# bytes below 0x80, and a GB18030 error can span one). No decoder yields a lone surrogate for valid input,
+# so a line holds undecodable bytes exactly when it holds one of these, and their number is the byte count;
+# a real U+FFFD in the text is ordinary text.
+_MARK_UNDECODABLE = "lmforge-mark-undecodable"
+_UNDECODABLE = re.compile("[\udc00-\udcff]")
+
+
+def _mark_undecodable(error: UnicodeError) -> tuple[str, int]:
     if not isinstance(error, UnicodeDecodeError):
         raise error
-    _replacements.count = _replaced_so_far() + (error.end - error.start)
-    return "\ufffd", error.end
+    return "".join(chr(0xDC00 + byte) for byte in error.object[error.start : error.end]), error.end
 
 
-def _replaced_so_far() -> int:
-    return getattr(_replacements, "count", 0)
+codecs.register_error(_MARK_UNDECODABLE, _mark_undecodable)
 
 
-codecs.register_error(_COUNTING_REPLACE, _replace_and_count)
+class _Damage:
+    """Lines skipped because they held undecodable bytes: how many, how many bytes, and where the first were."""
+
+    def __init__(self, file: Path | Traversable, encoding: str) -> None:
+        self.file, self.encoding = file, encoding
+        self.lines, self.bytes, self.first_lines = 0, 0, []
+
+    def add(self, line_number: int, replaced: int, lines_read: int) -> None:
+        self.lines += 1
+        self.bytes += replaced
+        if len(self.first_lines) < 3:
+            self.first_lines.append(line_number)
+        if _too_damaged(self.lines, lines_read):
+            damaged, self.lines = self.lines, 0  # the error says it all; no warning about skipped lines after it
+            name = self.encoding.upper().removesuffix("-SIG")
+            hint = f"e.g. GBK: {_convert_hint(self.file, 'GB18030')}" if name == "UTF-8" else "or damaged"
+            raise UserError(
+                f"{self.file}: {damaged} of its first {lines_read:,} lines hold bytes that are not valid {name} "
+                f"(from line {self.first_lines[0]}); the file is probably in another encoding, {hint}"
+            )
+
+    def report(self) -> None:
+        if self.lines:  # one warning per file: a damaged file should not bury the output in one line per record
+            where = ", ".join(map(str, self.first_lines)) + (", ..." if self.lines > len(self.first_lines) else "")
+            warnings.warn(
+                f"{self.file}: skipped {self.lines} lines holding {self.bytes} undecodable bytes (line {where}); "
+                "they are not read",
+                stacklevel=4,
+            )
 
 
 def _text_lines(file: Path | Traversable, max_chars: int = -1) -> Iterator[str]:
-    """The lines of a UTF-8 text file, line endings kept, each at most `max_chars` characters.
+    """The lines of a text file (encoding from `text_encoding`), line endings kept, each at most `max_chars` characters.
 
-    readline(max_chars) returns at most that much, so an over-long line comes as
-    consecutive pieces and only one piece is ever in memory.
+    readline(max_chars) returns at most that much, so an over-long line comes as consecutive pieces and only one
+    piece is ever in memory. Lines with undecodable bytes are skipped and counted (see MAX_DAMAGED_LINES).
     """
-    replaced = 0
+    encoding = text_encoding(file)
+    damage = _Damage(file, encoding)
+    line_number, lines_read = 1, 0
     try:
-        # utf-8-sig drops the byte-order mark spreadsheet programs put at the start of a CSV;
         # newline="" keeps "\r\n" inside quoted CSV fields intact.
-        with file.open(encoding="utf-8-sig", errors=_COUNTING_REPLACE, newline="") as handle:
-            while True:
-                before = _replaced_so_far()
-                line = handle.readline(max_chars)
-                replaced += _replaced_so_far() - before
-                if not line:
-                    break
-                yield line
-    finally:  # also when the reader stops early: what was replaced so far is still worth knowing
-        if replaced:
-            # One warning per file: a damaged file should not bury the output in one line per record.
-            warnings.warn(f"{file}: replaced {replaced} undecodable bytes with U+FFFD", stacklevel=3)
+        with file.open(encoding=encoding, errors=_MARK_UNDECODABLE, newline="") as handle:
+            while line := handle.readline(max_chars):
+                lines_read += 1
+                undecodable = len(_UNDECODABLE.findall(line))
+                if undecodable:
+                    damage.add(line_number, undecodable, lines_read)
+                else:
+                    yield line
+                line_number += line.endswith("\n")
+    finally:  # also when the reader stops early: what was skipped so far is still worth knowing
+        damage.report()
 
 
 def _txt_records(path: Path) -> Iterator[dict]:
@@ -218,6 +336,28 @@ def _data_file(source: str) -> Path:
     if path.suffix.lower() not in _FILE_READERS:
         raise UserError(f"unsupported data file {source}: supported extensions are {', '.join(FILE_FORMATS)}")
     return path
+
+
+def split_file(source: str, split: str) -> Path | None:
+    """`source/SPLIT.jsonl` (or .txt, .csv, .parquet) when `source` is a folder of split files, else None.
+
+    A UserError when the folder has no file for `split`.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    for suffix in FILE_FORMATS[1:] + FILE_FORMATS[:1]:  # .jsonl first, the format task folders use
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    raise UserError(
+        f"{source} is a folder but has no {split} file ({', '.join(split + suffix for suffix in FILE_FORMATS)}); "
+        "a data folder holds train/valid/test files, or is one made by lmforge data prepare"
+    )
+
+
+def whole_file_fractions(split: str) -> tuple[float, float]:
+    """(valid_fraction, test_fraction) that put every record of a file in `split`: for a folder's split files."""
+    return {"train": (0.0, 0.0), "valid": (1.0, 0.0), "test": (0.0, 1.0)}[split]
 
 
 def read_records(source: str) -> Iterator[dict]:

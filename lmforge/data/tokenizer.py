@@ -21,7 +21,8 @@ from __future__ import annotations
 import codecs
 import hashlib
 import re
-from collections.abc import Iterable, Sequence, Sized
+import warnings
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Literal
 
@@ -96,6 +97,7 @@ def train_byte_level_bpe(
     special_tokens: list[str],
     min_frequency: int = 2,
     show_progress: bool = True,
+    length: int | None = None,
 ) -> Backend:
     """A byte-level BPE learnt from `texts` (read once), split by Qwen2's pattern as Qwen2's tokenizer.json is."""
     backend = Backend(models.BPE())
@@ -113,7 +115,7 @@ def train_byte_level_bpe(
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    length = len(texts) if isinstance(texts, Sized) else None
+    length = len(texts) if isinstance(texts, Sized) else length
     backend.train_from_iterator(texts, trainer=trainer, length=length)
     return backend
 
@@ -159,10 +161,32 @@ class Tokenizer:
                 f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
                 f"tokens), got {vocab_size}"
             )
+        characters = [0]  # non-blank characters seen; a list so the generator below can count into it
+
+        def counted(texts: Iterable[str]) -> Iterator[str]:
+            for text in texts:
+                if text.strip():
+                    characters[0] += len(text)
+                yield text
+
+        length = len(texts) if isinstance(texts, Sized) else None  # a progress total, where known
         # No unk_token: the 256-byte alphabet covers every input. `<unk>` stays as a special for
         # compatibility with tools that expect one.
-        tokenizer = cls(train_byte_level_bpe(texts, vocab_size, SPECIAL_TOKENS, min_frequency, show_progress))
+        backend = train_byte_level_bpe(counted(texts), vocab_size, SPECIAL_TOKENS, min_frequency, show_progress, length)
+        if characters[0] == 0:
+            raise UserError(
+                "no text to train a tokenizer on: the training data is empty or blank (check the file and the "
+                "field read from it; a small corpus may also have put every record in valid/test)"
+            )
+        tokenizer = cls(backend)
         tokenizer.chat_template = CHATML_TEMPLATE
+        if tokenizer.vocab_size < 0.9 * vocab_size:
+            warnings.warn(
+                f"the tokenizer has {tokenizer.vocab_size} tokens, far fewer than the {vocab_size} asked: "
+                f"{characters[0]:,} characters of training text hold no more pairs seen {min_frequency}+ times; "
+                "train on more text or ask for a smaller vocabulary",
+                stacklevel=2,
+            )
         return tokenizer
 
     @classmethod

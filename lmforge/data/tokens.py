@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lmforge.data.batches import shuffled_indices
-from lmforge.data.sources import read_split, record_text, source_fingerprint
+from lmforge.data.sources import SPLITS, read_split, record_text, source_fingerprint, split_file, whole_file_fractions
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.run_folder import atomic_write_text, read_json
@@ -231,9 +231,13 @@ def split_tokens(
     progress: bool = True,
 ) -> np.ndarray | ShardedTokens:
     """The tokens of one split, for `LMWindows`: lazily mapped shards when `source` is a folder made by
-    `lmforge data prepare` (its own split fractions hold), else `token_cache`."""
+    `lmforge data prepare` (its own split fractions hold), the whole SPLIT file of a folder of split files
+    (train/valid/test.jsonl, as task data), else `token_cache`."""
     if is_prepared(source):
         return ShardedTokens(source, split, tokenizer)
+    path = split_file(source, split) if split in SPLITS else None
+    if path is not None:
+        source, (valid_fraction, test_fraction) = str(path), whole_file_fractions(split)
     return token_cache(source, split, tokenizer, valid_fraction, test_fraction, root, progress)
 
 

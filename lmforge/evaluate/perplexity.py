@@ -64,7 +64,11 @@ def evaluate_lm(
 
 
 def evaluate_source(lm, source: str, split: str = "valid", max_windows: int | None = None) -> dict[str, float]:
-    """Evaluate an `LM` on one split of a data source (or a prepared folder), in windows of the model's full context."""
+    """Evaluate an `LM` on one split of a data source, in windows of the model's full context.
+
+    `source` is anything `lm_windows` reads: builtin:NAME, a file split by hash, a folder of train/valid/test
+    files (the whole SPLIT file is evaluated) or a folder made by `lmforge data prepare`.
+    """
     if split not in ("train", "valid", "test"):
         raise UserError(f"unknown split {split!r}; use train, valid or test")
     windows = lm_windows(source, split, lm.tokenizer, lm.model.config.max_position_embeddings)

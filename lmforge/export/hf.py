@@ -10,6 +10,7 @@ every mapping against it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,16 @@ from lmforge.run_folder import (
     load_tensors,
     read_json,
     refuse_pickle_weights,
+    save_tensors,
     write_json,
 )
 
+# Our DecoderConfig fields whose config.json key has another name.
+HF_DECODER_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
 # model_type -> the causal-LM architecture its config.json names.
 DECODER_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -125,7 +133,8 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     except UserError:  # a tokenizer without chat markers exports without a template
         template = None
     hf_folder = RunFolder(out)
-    hf_folder.write_weights(to_llama_state(model_state(model)))
+    # Not write_weights: a Hugging Face folder holds only the files transformers knows (no checksums.json).
+    save_tensors(hf_folder.weights, to_llama_state(model_state(model)), metadata={"format": "pt"})
     tokenizer.save(out, model_max_length=model.config.max_position_embeddings, chat_template=template)
     write_json(hf_folder.generation, hf_generation_config(lm.defaults, tokenizer))
     # Last: a folder without config.json is plainly an unfinished export.
@@ -143,6 +152,11 @@ def import_folder(folder: str | Path, out: str | Path) -> str:
             f"e.g. hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir {folder}"
         )
     values = hf_folder.read_config()
+    if "family" in values and "model_type" not in values:
+        raise UserError(
+            f"{folder} is already an lmforge run folder (a {values['family']} model); use it as it is, "
+            f"e.g. lmforge generate --model {folder} ..., or copy the folder to make a new run"
+        )
     model_type = values.get("model_type")
     architectures = values.get("architectures") or []
     require_empty(out)
@@ -219,9 +233,6 @@ def read_decoder_config(path: Path, values: dict[str, Any]) -> DecoderConfig:
         refuse("attention_bias (a bias on all four attention projections)")
     if values.get("use_sliding_window") or any(kind != "full_attention" for kind in values.get("layer_types") or []):
         refuse("sliding-window attention")
-    head_dim = values["hidden_size"] // values["num_attention_heads"]
-    if values.get("head_dim") not in (None, head_dim):
-        refuse(f"head_dim {values['head_dim']} (ours is hidden_size / num_attention_heads = {head_dim})")
     ours = {
         "vocab_size": values["vocab_size"],
         "hidden_size": values["hidden_size"],
@@ -231,13 +242,21 @@ def read_decoder_config(path: Path, values: dict[str, Any]) -> DecoderConfig:
         "intermediate_size": values["intermediate_size"],
         # LlamaConfig's and Qwen2Config's defaults where a key is left out.
         "max_position_embeddings": values.get("max_position_embeddings", 2048),
-        "rope_theta": float(rope.get("rope_theta", values.get("rope_theta", 10000.0))),
+        "rope_theta": rope.get("rope_theta", values.get("rope_theta", 10000.0)),
         "rms_norm_eps": values.get("rms_norm_eps", 1e-6),
         "tie_word_embeddings": values.get("tie_word_embeddings", False),
         "initializer_range": values.get("initializer_range", 0.02),
         "qkv_bias": model_type == "qwen2",
     }
-    return from_dict(DecoderConfig, ours, str(path))
+    try:  # names a bad size (0 heads, a string, negative positions) before any arithmetic on it
+        config = from_dict(DecoderConfig, ours, "model")
+    except UserError as error:
+        # The message names our field; say it with the key config.json has.
+        message = re.sub(r"\b(?:model\.)?(\w+)", lambda match: HF_DECODER_KEYS.get(match[1], match[1]), str(error))
+        raise UserError(f"{path}: {message}") from None
+    if values.get("head_dim") not in (None, config.head_dim):
+        refuse(f"head_dim {values['head_dim']} (ours is hidden_size / num_attention_heads = {config.head_dim})")
+    return config
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -151,6 +151,8 @@ def export(model_dir: str | Path, out: str | Path) -> Path:
     model = load(model_dir, device="cpu").model.float()
     if sum(parameter.numel() * 4 for parameter in model.parameters()) > MAX_PROTO_BYTES:
         raise UserError("the model is over 2 GB in float32, more than one ONNX file holds with its weights inside")
+    if getattr(model, "rotary", None) is not None:  # a graph holds the whole rotary table, not a lazily grown one
+        model.rotary.ensure(model.config.max_position_embeddings)
     if isinstance(model, Decoder):
         proto = _export_decoder(model)
     elif isinstance(model, Encoder):

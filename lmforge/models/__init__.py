@@ -55,6 +55,13 @@ def save_model(folder: str | Path, model: nn.Module) -> None:
 
 
 def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tensor.shape != expected[name].shape:
+            raise UserError(
+                f"{where} does not fit its config.json: {name} has shape {tuple(tensor.shape)}, "
+                f"the config implies {tuple(expected[name].shape)}"
+            )
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [name for name in missing if name not in model.tied_weights]
     if missing or unexpected:
@@ -63,6 +70,11 @@ def load_model_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where
 
 def read_model_config(folder: str | Path):
     values = dict(RunFolder(folder).read_config())
+    if "family" not in values and ("model_type" in values or "architectures" in values):
+        raise UserError(
+            f"{folder} is a Hugging Face model folder ({values.get('model_type') or values['architectures']}), "
+            f"not an lmforge run folder; bring it in first: lmforge import --from {folder} --out runs/NAME"
+        )
     family = values.pop("family", "decoder")
     values.pop("quantization", None)  # how the weights are stored, not the network: load_model reads it
     if family not in MODEL_FAMILIES:
@@ -73,12 +85,28 @@ def read_model_config(folder: str | Path):
     return from_dict(config_class, values, "model"), module_class
 
 
-def load_model(folder: str | Path, device: torch.device | str = "cpu") -> nn.Module:
-    """Build the model that the folder's config describes and load its weights into it (quantized or not)."""
+def require_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """A UserError naming the first floating tensor with a NaN or an infinity: such weights only make garbage."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(
+                f"{where}: weight {name} holds {bad} NaN or infinite values; the model is damaged "
+                "(a diverged run or a corrupted file): use an earlier checkpoint"
+            )
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu", verify: bool = True) -> nn.Module:
+    """Build the model that the folder's config describes and load its weights into it (quantized or not).
+
+    The weights' SHA-256 is checked against the folder's record unless `verify` is False (or
+    LMFORGE_SKIP_CHECKSUMS=1); non-finite weights are refused either way.
+    """
     run = RunFolder(folder)
     config, module_class = read_model_config(folder)
     model = module_class(config)
-    tensors = run.read_weights()
+    tensors = run.read_weights(verify=verify)
+    require_finite(tensors, str(run.weights))
     quantization = run.read_config().get("quantization")
     if quantization:
         tensors = prepare_quantized(model, quantization, tensors, str(folder))

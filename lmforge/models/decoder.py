@@ -45,7 +45,9 @@ class DecoderConfig:
         if self.num_kv_heads is None:  # plain multi-head attention: one key/value head per query head
             self.num_kv_heads = self.num_heads
         require_positive(
-            self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+            self,
+            ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+            + ("max_position_embeddings", "rope_theta", "rms_norm_eps"),
         )
         require_divisible(self, "hidden_size", "num_heads")
         # GQA (https://arxiv.org/abs/2305.13245): each key/value head serves num_heads / num_kv_heads query heads.
@@ -147,6 +149,7 @@ class Decoder(nn.Module):
             # Left-padded rows count positions from their first real token, so padding does not shift them.
             position_ids = position_ids_for(attention_mask, length, past_length, input_ids.device)  # (B, T) or (T,)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        self.rotary.ensure(past_length + length)
         rotary = self.rotary(position_ids, x.dtype)  # cos, sin: (B, T, 1, head_dim) or (T, 1, head_dim)
         for index, layer in enumerate(self.layers):
             x = layer(x, rotary, mask, is_causal, cache, index)  # (B, T, hidden)
@@ -183,6 +186,7 @@ class Decoder(nn.Module):
         the same graph; the caller calls `cache.advance()` afterwards.
         """
         x = self.embed_tokens(input_ids)  # (B, 1, hidden)
+        self.rotary.ensure(cache.max_length)
         # NOTE: positions count real tokens only; the clamp only ever touches a finished row that a compiled batch
         # carries to keep its shape (its output is never read), which would otherwise run off the rotary table.
         position_ids = cache.position_ids.clamp(max=self.config.max_position_embeddings - 1)  # (B, 1)

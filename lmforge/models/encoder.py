@@ -43,13 +43,28 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         require_positive(
-            self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_labels")
+            self,
+            ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "num_labels")
+            + ("max_position_embeddings",),
         )
         require_divisible(self, "hidden_size", "num_heads")
+        require_learnable_positions(self)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+
+# A learned position table is a weight allocated when the model is built; past this it is surely a typo.
+MAX_LEARNED_POSITIONS = 1 << 20
+
+
+def require_learnable_positions(config) -> None:
+    if config.position == "learned" and config.max_position_embeddings > MAX_LEARNED_POSITIONS:
+        raise ValueError(
+            f"model.max_position_embeddings {config.max_position_embeddings} is too large for learned positions "
+            f"(at most {MAX_LEARNED_POSITIONS:,}: the table is one weight row per position); use position: rotary"
+        )
 
 
 class Embeddings(nn.Module):
@@ -193,7 +208,10 @@ class Encoder(nn.Module):
         """
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, hidden)
-        rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        rotary = None
+        if self.rotary is not None:
+            self.rotary.ensure(input_ids.shape[1])
+            rotary = self.rotary(position_ids, x.dtype)
         mask = padding_mask_for(attention_mask)  # (B, 1, 1, T) bool, or None without an attention mask
         for layer in self.layers:
             x = layer(x, rotary, mask)  # (B, T, hidden)

@@ -32,17 +32,37 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoFormer, https://arxiv.org/abs/2104.09864), Llama's half-split layout.
 
-    cos/sin are tabulated once up to `max_positions`; lookups by position id make
-    left-padded batches and cached decoding use the same code.
+    cos/sin are tabulated for the positions used so far (`ensure` grows the tables, at most to
+    `max_positions`), so a config that claims 10^9 positions costs nothing until they are used;
+    lookups by position id make left-padded batches and cached decoding use the same code.
     """
+
+    INITIAL_POSITIONS = 4096  # tabulated at build time; longer sequences grow the tables by doubling
 
     def __init__(self, head_dim: int, max_positions: int, theta: float = 10000.0) -> None:
         super().__init__()
-        inverse_frequency = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        angles = torch.outer(torch.arange(max_positions, dtype=torch.float), inverse_frequency)
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        cos, sin = self._tables(min(max_positions, self.INITIAL_POSITIONS), None)
+        self.register_buffer("cos", cos, persistent=False)  # (positions, head_dim)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, positions: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # Always computed in float32 (a bf16 model's buffers are bf16; its frequencies would be too coarse).
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+        angles = torch.outer(torch.arange(positions, dtype=torch.float, device=device), 1.0 / self.theta**exponents)
         # NOTE: sin carries the sign of Llama's rotate_half, so rotating is one roll instead of split, negate, concat.
-        self.register_buffer("cos", torch.cat((angles, angles), dim=-1).cos(), persistent=False)  # (positions, D)
-        self.register_buffer("sin", torch.cat((-angles, angles), dim=-1).sin(), persistent=False)
+        return torch.cat((angles, angles), dim=-1).cos(), torch.cat((-angles, angles), dim=-1).sin()
+
+    def ensure(self, positions: int) -> None:
+        """Make the tables cover positions 0 .. `positions` - 1 (callers pass a Python bound, never a tensor).
+
+        A symbolic size (torch.export tracing) changes nothing: exporters call `ensure` first with the full context.
+        """
+        if not isinstance(positions, int) or positions <= self.cos.shape[0] or self.cos.shape[0] >= self.max_positions:
+            return
+        grown = min(self.max_positions, max(positions, 2 * self.cos.shape[0]))
+        cos, sin = self._tables(grown, self.cos.device)
+        self.cos, self.sin = cos.to(self.cos.dtype), sin.to(self.sin.dtype)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) or (T,) -> cos, sin: (B, T, 1, head_dim) broadcasting over heads

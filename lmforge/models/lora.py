@@ -22,7 +22,8 @@ from torch import nn
 
 from lmforge.config import option
 from lmforge.errors import UserError
-from lmforge.run_folder import RunFolder, load_tensors, read_json
+from lmforge.models import require_finite
+from lmforge.run_folder import RunFolder, read_json
 
 # Short target names (what recipes and the CLI say) -> the module attribute names of `models/layers.py`.
 TARGET_MODULES = {
@@ -201,7 +202,7 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig:
         raise UserError(f"{path}: {error}") from None
 
 
-def load_adapter(folder: str | Path, model: nn.Module) -> LoRAConfig:
+def load_adapter(folder: str | Path, model: nn.Module, verify: bool = True) -> LoRAConfig:
     """Read the adapter config, wrap `model`'s layers in LoRALinear as it says and load the adapter tensors.
 
     Everything is checked before `model` is touched: a missing file or a tensor that does not fit
@@ -210,7 +211,8 @@ def load_adapter(folder: str | Path, model: nn.Module) -> LoRAConfig:
     require_no_lora(model)
     weights = RunFolder(folder).adapter_weights
     config = read_adapter_config(folder)
-    tensors = load_tensors(weights)
+    tensors = RunFolder(folder).read_adapter_weights(verify=verify)
+    require_finite(tensors, str(weights))
     expected = {}
     for name, linear in lora_targets(model, config).items():
         expected[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (config.rank, linear.in_features)

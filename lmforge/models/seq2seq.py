@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.config import option, require_divisible, require_positive
 from lmforge.models.cache import KVCache
-from lmforge.models.encoder import Embeddings, Encoder, EncoderConfig
+from lmforge.models.encoder import Embeddings, Encoder, EncoderConfig, require_learnable_positions
 from lmforge.models.layers import (
     Attention,
     GELUFeedForward,
@@ -65,6 +65,7 @@ class Seq2SeqConfig:
             ),
         )
         require_divisible(self, "hidden_size", "num_heads")
+        require_learnable_positions(self)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), not {self.dropout}")
 
@@ -231,7 +232,10 @@ class Seq2Seq(nn.Module):
         # Right-padded targets: every row's positions are the same, so one (T,) range serves the batch.
         position_ids = torch.arange(past_length, past_length + length, device=decoder_input_ids.device)  # (T,)
         x = self.decoder_embeddings(decoder_input_ids, position_ids)  # (B, T, hidden)
-        rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+        rotary = None
+        if self.rotary is not None:
+            self.rotary.ensure(past_length + length)
+            rotary = self.rotary(position_ids, x.dtype)
         for index, layer in enumerate(self.decoder_layers):
             x = layer(x, rotary, mask, is_causal, cache, index, memory_kv[index], cross_mask)  # (B, T, hidden)
         if cache is not None:

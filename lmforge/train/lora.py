@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.models.lora import PEFT_PREFIX, LoRAConfig, add_lora_layers, lora_layers
-from lmforge.run_folder import RunFolder, save_tensors, write_json
+from lmforge.run_folder import RunFolder, write_json
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -53,7 +53,7 @@ def save_adapter(folder: str | Path, model: nn.Module, config: LoRAConfig, base:
     if not state:
         raise ValueError("the model has no LoRA layers to save; call apply_lora first")
     run = RunFolder(folder)
-    save_tensors(run.adapter_weights, state, metadata={"format": "pt"})
+    run.write_adapter_weights(state)
     write_json(
         run.adapter_config,
         {
