@@ -61,10 +61,6 @@ class Optimizers:
         self.parts = tuple(optimizers)
         self.peak_lrs = tuple(peak_lrs)
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return [group for optimizer in self.parts for group in optimizer.param_groups]
-
     def step(self) -> None:
         for optimizer in self.parts:
             optimizer.step()
