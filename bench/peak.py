@@ -2,11 +2,14 @@
 
     python bench/peak.py
 
-Every other benchmark states its figures as a fraction of these.
+Every other benchmark states its figures as a fraction of these. The last line is what
+`train.precision: auto` chooses on this CPU, from its own short probe (cached per CPU).
 """
 
 import torch
 from _common import measure_peak, print_table
+
+from lmforge.device import choose_precision
 
 if __name__ == "__main__":
     peak = measure_peak()
@@ -19,3 +22,4 @@ if __name__ == "__main__":
             ["memory copy", f"{peak['copy_gbytes_per_second']:.1f} GB/s"],
         ],
     )
+    print(f"train.precision auto on this CPU: {choose_precision(torch.device('cpu'), 'auto')}")

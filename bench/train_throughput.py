@@ -19,7 +19,7 @@ from lmforge.export.hf import llama_config, to_llama_state
 from lmforge.models.decoder import Decoder
 from lmforge.tasks.causal_lm import load_recipe
 from lmforge.train.objectives import causal_lm_loss
-from lmforge.train.trainer import build_optimizer
+from lmforge.train.optim import build_optimizer
 
 
 def hf_model(config):

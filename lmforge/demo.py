@@ -18,6 +18,7 @@ from pathlib import Path
 from lmforge.config import from_dict, load_yaml, merge
 from lmforge.data.sources import read_split, record_text
 from lmforge.data.tokenizer import tokenizer_stats
+from lmforge.evaluate.metrics import degeneration
 from lmforge.evaluate.report import markdown_table
 from lmforge.lm import LM, load
 from lmforge.run_folder import RunFolder
@@ -108,6 +109,10 @@ top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetitio
 
 {_continuations(greedy)}
 
+## Degeneration
+
+{degeneration_table(samples, greedy)}
+
 ## Loss
 
 ![loss]({RunFolder.LOSS_PLOT})
@@ -117,6 +122,7 @@ top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetitio
     print(f"\n{validation_table(metrics)}\n")
     for prompt, text in samples:
         print(f"{prompt} → {prompt}{text}\n")
+    print(f"{degeneration_table(samples, greedy)}\n")
     if chat_text:
         print(chat_text)
     print(f"report: {RunFolder(out_dir).report}")
@@ -125,6 +131,20 @@ top-p {recipe.generation.top_p}, repetition penalty {recipe.generation.repetitio
         print(f"chat with it:  lmforge chat --model {out_dir / 'chat'}")
         print(f"serve it:      lmforge serve --model {out_dir / 'chat'}  (web chat page + OpenAI-compatible API)")
     return out_dir
+
+
+def degeneration_table(samples: list[tuple[str, str]], greedy: list[tuple[str, str]]) -> str:
+    """Distinct-2 and repeated 4-grams of the continuations (prompts left out): a loop shows as a number."""
+    rows = []
+    for name, pairs in (("sampled", samples), ("greedy", greedy)):
+        scores = degeneration([text for _, text in pairs])
+        rows.append([name, f"{scores['distinct_2']:.2f}", f"{scores['repeated_4grams']:.0%}"])
+    table = markdown_table(["continuations", "distinct-2 (higher: more varied)", "repeated 4-grams (loops)"], rows)
+    return (
+        f"{table}\n\nDistinct-2: distinct pairs of characters (a word of Latin letters or digits counts as one) "
+        "over all pairs of the three continuations; repeated 4-grams: the share of 4-grams that repeat an earlier "
+        "one of the same continuation. Text that loops (`人、人、人、…`) has low distinct-2 and many repeats."
+    )
 
 
 def validation_table(metrics: dict) -> str:
@@ -149,6 +169,7 @@ def pretraining_sections(recipe: PretrainRecipe, lm: LM, metrics: dict, folder: 
     steps = train_records[-1]["step"] if train_records else 0
     tokens = train_records[-1]["tokens"] if train_records else 0
     training_seconds = train_records[-1]["elapsed"] if train_records else 0.0
+    setup = folder.training_setup()
     tokenizer_table = markdown_table(
         ["script", "characters", "tokens", "characters/token", "bytes/token"],
         [
@@ -164,7 +185,8 @@ Pretraining a {lm.model.num_parameters():,}-parameter decoder on `{data.source}`
 ({len(valid_texts):,} validation paragraphs held out by hash).
 {steps} steps, {tokens:,} training tokens in {training_seconds / 60:.1f} minutes \
 ({tokens / max(training_seconds, 1e-9):,.0f} tokens/s); the whole demo took {elapsed / 60:.1f} minutes.
-Recipe: `{demo_recipe_path().name}` (saved in full as `{RunFolder.RECIPE}`).
+Recipe: `{demo_recipe_path().name}` (saved in full as `{RunFolder.RECIPE}`). \
+Precision: {setup.get("precision", "—")}; optimizer: {setup.get("optimizer", "—")}.
 
 ## Validation ({metrics["after"]["tokens"]:,} tokens)
 

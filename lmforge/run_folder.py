@@ -247,6 +247,13 @@ class RunFolder:
         """Every record of metrics.jsonl (none if the file is missing; a torn last line is skipped)."""
         return read_jsonl(self.metrics_log)
 
+    def training_setup(self) -> dict[str, str]:
+        """{"precision", "optimizer"} as the trainer logged them at the start of the run's last part; {} if none."""
+        for record in reversed(self.read_metrics_log()):
+            if "precision" in record:
+                return {key: record[key] for key in ("precision", "optimizer") if key in record}
+        return {}
+
     def write_metrics(self, values: dict[str, Any]) -> None:
         write_json(self.metrics, values)
 

@@ -81,6 +81,11 @@ def test_pretrain_writes_a_complete_run_folder(trained_run):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     valid = [r["valid_loss"] for r in records if "valid_loss" in r]
     assert valid[-1] < valid[0]
+    # The report and metrics.json say how it trained: precision auto, decided here by the CPU probe.
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["precision"].startswith(("fp32 (auto: bf16 matmul", "bf16 (auto: bf16 matmul"))
+    assert metrics["optimizer"].startswith("AdamW")
+    assert f"Trained in {metrics['precision']} with AdamW" in (run / "report.md").read_text(encoding="utf-8")
 
 
 def test_generate_and_python_api_agree(trained_run):

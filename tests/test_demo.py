@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from lmforge.demo import degeneration_table
+
 
 @pytest.mark.slow
 def test_demo_writes_a_report_with_falling_perplexity_and_a_chat_model(tmp_path):
@@ -23,6 +25,7 @@ def test_demo_writes_a_report_with_falling_perplexity_and_a_chat_model(tmp_path)
     assert after < before / 2
     assert "bits per character" in report and "![loss](loss.png)" in report
     assert report.count("**") >= 12  # three prompts, sampled and greedy
+    assert "## Degeneration" in report and "| greedy |" in report and "Precision: " in report
     for name in ("loss.png", "model.safetensors", "tokenizer.json", "metrics.jsonl", "generation_config.json"):
         assert (tmp_path / "demo" / name).is_file()
     # The chat step: held-out accuracy beside the pretrained model, and a two-turn conversation.
@@ -30,3 +33,9 @@ def test_demo_writes_a_report_with_falling_perplexity_and_a_chat_model(tmp_path)
     assert report.count("**助手**") == 2
     chat_config = (tmp_path / "demo" / "chat" / "tokenizer_config.json").read_text(encoding="utf-8")
     assert "chat_template" in chat_config
+
+
+def test_the_degeneration_table_scores_the_continuations_without_their_prompts():
+    table = degeneration_table([("中国人民", "今天天气很好")], [("中国人民", "人、人、人、人")])
+    assert "| sampled | 1.00 | 0% |" in table  # every pair distinct, no 4-gram repeated
+    assert "| greedy | 0.33 | 50% |" in table  # 2 of 6 pairs distinct; 2 of 4 4-grams repeat (tests/test_metrics.py)

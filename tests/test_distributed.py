@@ -1,4 +1,5 @@
-"""torchrun on 2 CPU processes (gloo): DDP takes the same steps as one process; FSDP checkpoints and resumes."""
+"""torchrun on 2 CPU processes (gloo): DDP takes the same steps as one process; FSDP checkpoints and resumes;
+both with AdamW and with Muon."""
 
 import json
 import os
@@ -81,3 +82,19 @@ def test_chat_fine_tuning_runs_under_torchrun(base_run, chat_data, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
     trained = losses(out)
     assert sorted(trained) == list(range(1, 9)) and trained[8] < trained[1]
+
+
+def test_muon_under_ddp_and_fsdp_takes_the_steps_of_one_process_and_resumes(recipe, tmp_path):
+    muon = ("--train.optimizer", "muon")
+    run(recipe, tmp_path / "one", 1, *muon)
+    alone = losses(tmp_path / "one")
+    assert alone[STEPS] < alone[1] - 1
+    run(recipe, tmp_path / "ddp", 2, *muon)
+    assert losses(tmp_path / "ddp") == pytest.approx(alone, rel=1e-5)
+    out = tmp_path / "fsdp"
+    run(recipe, out, 2, "--fsdp", *muon)
+    assert losses(out) == pytest.approx(alone, rel=1e-5)
+    # Both optimizers' states come back from the step-10 checkpoint, sharded again.
+    shutil.rmtree(out / "checkpoints" / f"step_{STEPS:08d}")
+    run(recipe, out, 2, "--fsdp", "--resume", *muon)
+    assert losses(out) == pytest.approx(alone, rel=1e-5)

@@ -14,7 +14,8 @@ from lmforge.models.lora import LoRAConfig, LoRALinear, load_adapter, merge_lora
 from lmforge.run_folder import RunFolder, load_tensors
 from lmforge.train.lora import apply_lora, lora_parameters, save_adapter
 from lmforge.train.objectives import causal_lm_loss
-from lmforge.train.trainer import TrainConfig, build_optimizer
+from lmforge.train.optim import build_optimizer
+from lmforge.train.trainer import TrainConfig
 
 
 def tiny_decoder(**changes) -> Decoder:

@@ -15,13 +15,17 @@ from lmforge.evaluate.metrics import (
     choice_logprobs,
     chrf,
     classification_metrics,
+    degeneration,
+    distinct_n,
     mcq_accuracy,
     paired_difference,
     plot_confusion_matrix,
     qa_exact_match_f1,
+    repeated_ngram_share,
     rouge,
     rouge_l,
     rouge_per_example,
+    text_units,
 )
 from lmforge.models.decoder import Decoder, DecoderConfig
 
@@ -245,3 +249,28 @@ def test_mcq_accuracy():
 def test_bad_input_is_a_user_error(call, message):
     with pytest.raises(UserError, match=message):
         call()
+
+
+def test_text_units_split_cjk_and_punctuation_per_character_and_words_whole():
+    assert text_units("人、人、") == ["人", "、", "人", "、"]
+    assert text_units("１９９７年１０００００") == ["１９９７", "年", "１０００００"]
+    assert text_units("The cat，GPT-4 说") == ["the", "cat", "，", "gpt", "-", "4", "说"]
+
+
+def test_distinct_2_and_repeated_4grams_by_hand():
+    loop = "人、人、人、人"  # 7 units
+    # bigrams 人、 、人 人、 、人 人、 、人: 6, of which 2 distinct;
+    # 4-grams 人、人、 、人、人 人、人、 、人、人: the last 2 of 4 repeat earlier ones
+    assert distinct_n([loop], 2) == pytest.approx(2 / 6)
+    assert repeated_ngram_share([loop], 4) == pytest.approx(2 / 4)
+    varied = "今天天气很好"  # bigrams 今天 天天 天气 气很 很好 all distinct; 4-grams 3, none repeated
+    assert distinct_n([varied], 2) == 1.0 and repeated_ngram_share([varied], 4) == 0.0
+    # Over several texts: distinct-2 counts distinct bigrams across all of them (11 bigrams, 2 + 5 distinct) ...
+    assert distinct_n([loop, varied], 2) == pytest.approx(7 / 11)
+    # ... and a bigram shared by two texts is counted once: 今天 天天 twice, 4 bigrams, 2 distinct.
+    assert distinct_n(["今天天", "今天天"], 2) == pytest.approx(2 / 4)
+    # ... while rep-4 counts repeats within each text only: the same text twice repeats nothing across texts.
+    assert repeated_ngram_share([varied, varied], 4) == 0.0
+    assert repeated_ngram_share([loop, varied], 4) == pytest.approx(2 / 7)
+    assert degeneration(["the cat the cat"]) == {"distinct_2": pytest.approx(2 / 3), "repeated_4grams": 0.0}
+    assert distinct_n(["好"], 2) == 0.0 and repeated_ngram_share([], 4) == 0.0  # nothing to count

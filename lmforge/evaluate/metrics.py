@@ -1,4 +1,4 @@
-"""Task metrics: BLEU/chrF, Chinese-aware ROUGE, classification, extractive QA and multiple-choice scoring.
+"""Task metrics: BLEU/chrF, Chinese-aware ROUGE, classification, extractive QA, multiple-choice scoring, degeneration.
 
 sacrebleu and rouge-score live behind this module and nowhere else. What this
 module adds is what they get wrong for Chinese: rouge-score's default tokenizer
@@ -95,6 +95,51 @@ def chinese_rouge_tokens(text: str) -> list[str]:
     if word:
         tokens.append("".join(word))
     return tokens
+
+
+def text_units(text: str) -> list[str]:
+    """Units for counting repetition: each CJK ideograph and each punctuation mark or symbol is one unit, each run of
+    other letters/digits one word (so `１９９７年` is two units and `人、人、` four). Unlike `chinese_rouge_tokens`,
+    punctuation counts: a model that loops on `“““` or `、、、` is degenerating too."""
+    units, word = [], ""
+    for char in text:
+        if char.isalnum() and not _is_cjk_ideograph(char):
+            word += char
+            continue
+        if word:
+            units.append(word.lower())
+            word = ""
+        if not char.isspace():
+            units.append(char)
+    return units + ([word.lower()] if word else [])
+
+
+def _ngrams(units: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over the texts (distinct-n, Li et al. 2016, https://arxiv.org/abs/1510.03055):
+    1.0 when no n-gram recurs, near 0 for a model that says the same thing over and over. 0.0 with no n-grams."""
+    grams = [gram for text in texts for gram in _ngrams(text_units(text), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_share(texts: Sequence[str], n: int = 4) -> float:
+    """The share of n-grams that repeat an earlier n-gram of the same text (rep-n, Welleck et al. 2019,
+    https://arxiv.org/abs/1908.04319), over all texts: 0 for no loops, near 1 for `人、人、人、…`.
+    0.0 with no n-grams."""
+    total = repeated = 0
+    for text in texts:
+        grams = _ngrams(text_units(text), n)
+        total += len(grams)
+        repeated += len(grams) - len(set(grams))
+    return repeated / total if total else 0.0
+
+
+def degeneration(texts: Sequence[str]) -> dict[str, float]:
+    """{"distinct_2", "repeated_4grams"} of generated texts: how varied they are and how much they loop."""
+    return {"distinct_2": distinct_n(texts, 2), "repeated_4grams": repeated_ngram_share(texts, 4)}
 
 
 def chrf(hypothesis: str, reference: str) -> float:

@@ -175,11 +175,14 @@ def write_task_report(
     rows: (system name, its metrics); columns: (metric key, column title).
     """
     folder = RunFolder(folder)
-    folder.write_metrics({**metrics, "data_split": data_split})
+    setup = folder.training_setup()  # how the run trained, when `folder` is the run folder itself
+    folder.write_metrics({**metrics, **setup, "data_split": data_split})
     table = markdown_table(
         ["system", *(heading for _, heading in columns)],
         [[name, *(values.get(key, "") for key, _ in columns)] for name, values in rows],
     )
     example_table = markdown_table(list(examples[0]), [list(e.values()) for e in examples]) if examples else ""
-    parts = [f"# {title}", "", table, "", *notes, "", f"Data: {data_split}", "", "## Examples", "", example_table, ""]
+    trained = [f"Trained in {setup['precision']} with {setup['optimizer']}.", ""] if setup else []
+    parts = [f"# {title}", "", table, "", *notes, "", *trained, f"Data: {data_split}", "", "## Examples", "",
+             example_table, ""]  # fmt: skip
     folder.write_report("\n".join(parts))

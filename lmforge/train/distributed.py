@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lmforge.device import pick_device
 from lmforge.errors import UserError
+from lmforge.train.optim import Optimizers
 
 
 @dataclass(frozen=True)
@@ -188,19 +189,22 @@ class Replicas:
             return self.plain.state_dict()
         return get_model_state_dict(self.training, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """{"state": {parameter name: {exp_avg, ...}}, "param_groups": [...]}: full tensors, names not indices."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=world().size > 1)
-        return get_optimizer_state_dict(self.training, optimizer, options=options)
+    def full_optimizer_state(self, optimizer: Optimizers) -> dict[str, Any]:
+        """{"state": {parameter name: {exp_avg, ...}}, "param_groups": [...]}: full tensors, names not indices.
 
-    def load_full_state(self, model_state: dict, optimizer: torch.optim.Optimizer, optimizer_state: dict) -> None:
+        With two optimizers (Muon + AdamW) this is one state: every parameter belongs to exactly one of them.
+        """
+        options = StateDictOptions(full_state_dict=True, cpu_offload=world().size > 1)
+        return get_optimizer_state_dict(self.training, optimizer.parts, options=options)
+
+    def load_full_state(self, model_state: dict, optimizer: Optimizers, optimizer_state: dict) -> None:
         """Restore weights and optimizer from full state dicts that rank 0 read; the other ranks pass {}."""
         if world().size == 1:
             options = StateDictOptions(full_state_dict=True)
         else:
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.training, model_state, options=options)
-        set_optimizer_state_dict(self.training, optimizer, optimizer_state, options=options)
+        set_optimizer_state_dict(self.training, optimizer.parts, optimizer_state, options=options)
 
     def finish(self) -> nn.Module:
         """The plain model with the trained weights (FSDP: gathered from the shards on every rank)."""

@@ -1,4 +1,4 @@
-"""The one training loop: AdamW, warm-up + cosine decay, accumulation, clipping, autocast, eval, checkpoints.
+"""The one training loop: AdamW or Muon, warm-up + cosine decay, accumulation, clipping, autocast, eval, checkpoints.
 
 Every objective (causal LM now; masked LM, seq2seq, SFT later) plugs in as a
 loss function, and every data set as `batch_for(index)`: a pure function of the
@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.config import option
-from lmforge.device import autocast, autocast_dtype
+from lmforge.device import autocast, choose_precision
 from lmforge.errors import UserError
 from lmforge.train.checkpoint import (
     latest_checkpoint,
@@ -33,6 +33,7 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.distributed import Replicas, barrier, broadcast, mean, rows_of_rank, world
 from lmforge.train.logbook import Logbook
+from lmforge.train.optim import build_optimizer
 
 Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
 COUNT_KEYS = ("tokens", "bytes", "characters", "bits_per_byte")  # logged, too detailed for the progress line
@@ -43,14 +44,26 @@ class TrainConfig:
     max_steps: int = option(1000, "optimizer steps")
     batch_size: int = option(16, "sequences per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-3, "peak learning rate")
+    optimizer: Literal["adamw", "muon"] = option(
+        "adamw", "adamw, or muon: Muon for the matrices inside the blocks, AdamW for embeddings, norms and heads"
+    )
+    lr: float = option(1e-3, "peak learning rate (of AdamW)")
+    muon_lr: float = option(0.02, "peak learning rate of Muon (optimizer muon), scheduled like lr")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = option(
+        "original",
+        "Muon's per-shape scaling: original = update spectral norm muon_lr at any width; "
+        "match_rms_adamw = update RMS like AdamW's (then muon_lr ~ lr)",
+    )
+    muon_weight_decay: float = option(0.0, "Muon's decoupled weight decay (the matrices shrink by muon_lr x this)")
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = option(100, "steps of linear warm-up")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms, biases)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)")
-    precision: Literal["auto", "fp32", "bf16"] = option("auto", "auto = bf16 autocast on CUDA, fp32 elsewhere")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "auto = bf16 autocast on CUDA, and on a CPU where a probe measures bf16 matmuls faster; else fp32"
+    )
     eval_every: int = option(100, "validate every N steps (0 = only at the end)")
     eval_windows: int = option(64, "validation windows per evaluation")
     save_every: int = option(200, "checkpoint every N steps (and always at the end)")
@@ -69,8 +82,9 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, not {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, not {self.lr}")
+        for name in ("lr", "muon_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be > 0, not {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
         if not 0 < self.rollback_lr_factor <= 1:
@@ -92,18 +106,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # NOTE: the fused kernel updates all parameters in one pass; it exists for CPU and CUDA.
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=fused)
 
 
 def train(
@@ -136,6 +138,7 @@ def train(
         disable=not (progress and run.here.main),
         dynamic_ncols=True,
     )
+    run.write(f"precision: {run.precision}; optimizer: {run.optimizer_description()}")
     while run.step < config.max_steps:
         lr = run.set_learning_rate()
         step_loss, step_tokens, grad_norm = run.accumulate_gradients()
@@ -180,7 +183,9 @@ class _Run:
         self.here = world()
         run_dir.mkdir(parents=True, exist_ok=True)
         self.device = next(model.parameters()).device
-        self.amp_dtype = autocast_dtype(self.device, config.precision)
+        # Every rank trains in rank 0's precision: two probes could disagree on a close call.
+        self.precision = broadcast(choose_precision(self.device, config.precision))
+        self.amp_dtype = self.precision.dtype
         self.replicas = Replicas(model, config.fsdp)
         self.optimizer = build_optimizer(self.replicas.training, config)
         # NOTE: compiling the objective rather than the model leaves the model itself eager, so evaluation
@@ -194,12 +199,28 @@ class _Run:
             self.step, self.tokens_seen, self.lr_scale = state["step"], state["tokens_seen"], state.get("lr_scale", 1.0)
         # On resume the logbook drops what was logged after the checkpoint: that work is about to be redone.
         self.logbook = Logbook(run_dir, resume_from_step=self.step if state else None)  # other ranks: their scratch
+        # How this run trains, for the reports (not a step's record: callers get those back).
+        self.logbook.log(
+            {"step": self.step, "precision": str(self.precision), "optimizer": self.optimizer_description()}
+        )
         self.records: list[dict[str, Any]] = []
         resumed_best = config.best_metric and state is not None
         self.best = read_best(run_dir, config.best_metric) if resumed_best else None
         self.started = self.window_start = time.perf_counter()
         self.window_tokens = 0
         self.bar: tqdm | None = None
+
+    def optimizer_description(self) -> str:
+        config = self.config
+        if len(self.optimizer.parts) == 1:
+            return f"AdamW (lr {config.lr:g})"
+        muon = self.optimizer.parts[1]
+        matrices = sum(len(group["params"]) for group in muon.param_groups)
+        newton_schulz = "bf16" if muon.newton_schulz_dtype == torch.bfloat16 else "fp32"
+        return (
+            f"Muon (lr {config.muon_lr:g}, {config.muon_adjust_lr}, Newton-Schulz in {newton_schulz}) for {matrices} "
+            f"hidden matrices, AdamW (lr {config.lr:g}) for the rest"
+        )
 
     def restore(self, checkpoint: str) -> dict[str, Any] | None:
         """Load a checkpoint (rank 0's choice) into model and optimizer; its trainer state, or None for none."""
@@ -247,10 +268,9 @@ class _Run:
         self.write(f"step {self.step}: {shown}")
 
     def set_learning_rate(self) -> float:
-        lr = learning_rate(self.step, self.config) * self.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        """Every optimizer's rate for this step (the schedule scales each one's peak alike); AdamW's, as logged."""
+        scale = learning_rate(self.step, self.config) / self.config.lr * self.lr_scale
+        return self.optimizer.set_learning_rate(scale)[0]
 
     def accumulate_gradients(self) -> tuple[float, int, float]:
         """Forward and backward over the step's micro-batches, then clip: (mean loss, tokens, gradient norm)."""
