@@ -305,7 +305,7 @@ def test_train_config_defaults_of_a_task_recipe_survive_a_partial_override():
 COMMON_FILES = {
     RunFolder.METRICS_LOG, RunFolder.LOSS_PLOT, RunFolder.REPORT, RunFolder.METRICS, RunFolder.TENSORBOARD,
     RunFolder.RECIPE, RunFolder.TASK, RunFolder.CONFIG, RunFolder.WEIGHTS, RunFolder.TOKENIZER,
-    RunFolder.TOKENIZER_CONFIG, RunFolder.CHECKPOINTS,
+    RunFolder.TOKENIZER_CONFIG, RunFolder.CHECKPOINTS, RunFolder.CHECKSUMS,
 }  # fmt: skip
 TWO_STEPS = {"max_steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "save_every": 1000, "eval_windows": 2}
 TINY_DECODER = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32}
