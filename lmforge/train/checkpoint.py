@@ -9,7 +9,6 @@ skipped with a warning and the one before it is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,17 +20,9 @@ from typing import Any
 import torch
 
 from lmforge.errors import UserError
-from lmforge.run_folder import RunFolder, load_tensors, read_json, save_tensors, write_json
+from lmforge.run_folder import RunFolder, file_sha256, load_tensors, read_json, save_tensors, write_json
 
 STATE_FILE = RunFolder.TRAINER_STATE
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -83,7 +74,7 @@ def save_checkpoint(
                 **trainer_state,
                 "step": step,
                 "optimizer": optimizer_rest,
-                "sha256": {name: _sha256(folder / name) for name in (RunFolder.WEIGHTS, RunFolder.OPTIMIZER)},
+                "sha256": {name: file_sha256(folder / name) for name in (RunFolder.WEIGHTS, RunFolder.OPTIMIZER)},
             },
         )
 
@@ -177,7 +168,7 @@ def _fsync_directory(path: Path) -> None:
 def _is_intact(folder: Path) -> bool:
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        return all(_sha256(folder / name) == digest for name, digest in state["sha256"].items())
+        return all(file_sha256(folder / name) == digest for name, digest in state["sha256"].items())
     except (OSError, ValueError, KeyError):
         return False
 
