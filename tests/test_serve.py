@@ -306,3 +306,37 @@ def test_cors_is_off_unless_an_origin_is_given(served_lm):
         other = open_to_one.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.com"})
         assert "access-control-allow-origin" not in other.headers
         assert open_to_one.get("/v1/models", headers={"Origin": "http://example.com"}).status_code == 401
+
+
+USER_X = '{"role": "user", "content": "x"}'
+LONE_SURROGATE = {  # raw JSON: `\ud800` is a valid JSON escape, yet no character (a 500 and a reset connection once)
+    "message content": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "a\\ud800"}]',
+        "messages.0.content",
+    ),
+    "system prompt": (
+        "chat/completions",
+        f'"messages": [{{"role": "system", "content": "\\udfff"}}, {USER_X}]',
+        "messages.0.content",
+    ),  # fmt: skip
+    "content part": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]',
+        "messages.0.content.0.text",
+    ),  # fmt: skip
+    "model name": ("chat/completions", f'"model": "\\ud800", "messages": [{USER_X}]', "model"),
+    "stop string": ("chat/completions", f'"messages": [{USER_X}], "stop": ["\\ud800"]', "stop.0"),
+    "completion prompt": ("completions", '"prompt": "\\ud800"', "prompt"),
+    "completion prompts": ("completions", '"prompt": ["x", "\\ud800"]', "prompt.1"),
+}
+
+
+@pytest.mark.parametrize("name", LONE_SURROGATE)
+def test_a_lone_surrogate_is_a_400_naming_the_field(client, name):
+    route, fields, param = LONE_SURROGATE[name]
+    body = "{" + fields + "}" if '"model"' in fields else '{"model": "tiny", ' + fields + "}"
+    response = client.post(f"/v1/{route}", content=body.encode(), headers={"content-type": "application/json"})
+    error = assert_error(response, 400, param)
+    assert "surrogate" in error["message"]
+    assert chat(client).status_code == 200  # the server (and the client's connection) go on

@@ -102,8 +102,10 @@ async def _user_error(request: Request, error: UserError) -> JSONResponse:
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """pydantic's first problem as a 400 naming the field (`param`), e.g. `messages.0.role`."""
+    """pydantic's first problem (our own checks first) as a 400 naming the field (`param`), e.g. `messages.0.role`."""
     problems = error.errors()
+    # Our own checks (value_error) are the most specific; a union's other members only report a type mismatch.
+    problems = sorted(problems, key=lambda problem: problem.get("type") != "value_error")
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "")

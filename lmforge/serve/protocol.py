@@ -9,12 +9,27 @@ never read: the model folder's own template renders every conversation.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # The largest integer a JSON number carries exactly everywhere (JavaScript's Number.MAX_SAFE_INTEGER).
 MAX_INT = 2**53 - 1
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _whole_characters(text: str) -> str:
+    """JSON's `"\\ud800"` escape decodes to a lone surrogate: no character, and no UTF-8 encoding of it exists."""
+    if found := SURROGATE.search(text):
+        raise ValueError(f"holds a lone surrogate (\\u{ord(found.group()):04x}), not a character; send UTF-8 text")
+    return text
+
+
+# Every string a request carries: a lone surrogate would fail in the tokenizer or in the reply (a 500).
+Text = Annotated[str, AfterValidator(_whole_characters)]
 
 
 class _Request(BaseModel):
@@ -24,14 +39,14 @@ class _Request(BaseModel):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    name: Text | None = None
 
 
 class StreamOptions(_Request):
@@ -39,11 +54,11 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    model: str
+    model: Text
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: Annotated[Text, Field(min_length=1)] | Annotated[list[Text], Field(max_length=4)] | None = None
     seed: Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
@@ -59,7 +74,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = 16  # the legacy API's default
 
 
@@ -113,7 +128,7 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionChoice(BaseModel):
     index: int
-    text: str
+    text: Text
     finish_reason: Literal["stop", "length"] | None
     logprobs: None = None
 
