@@ -184,10 +184,24 @@ def test_templates_sent_in_a_request_are_ignored(client):
     assert sent == plain
 
 
-def test_a_full_queue_answers_429_with_retry_after(client):
-    response = chat(client, n=5)  # the fixture's queue holds 4 sequences
+def test_a_full_queue_answers_429_with_retry_after(served_lm):
+    app = create_app(served_lm, model_name="tiny", max_queue=4)
+    idle = TestClient(app)  # no lifespan: the scheduler thread never starts, so queued sequences stay queued
+    app.state.scheduler.waiting.extend([None] * 3)
+    response = chat(idle, n=2)  # it fits in an empty queue, so it is worth retrying
     assert_error(response, 429)
     assert response.headers["retry-after"] == "1"
+
+
+def test_a_request_that_can_never_fit_is_a_400_not_a_429(client):
+    # The fixture's queue holds 4 sequences: a 429 (retry) would have the client retry forever.
+    error = assert_error(chat(client, n=5), 400, "n")
+    assert "5 sequences" in error["message"] and "at most 4" in error["message"]
+    completions = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2})
+    error = assert_error(completions, 400, "n")
+    assert "3 prompts x n=2" in error["message"] and "retry-after" not in completions.headers
+    assert assert_error(client.post("/v1/completions", json={"model": "tiny", "prompt": ["a"] * 5}), 400, "prompt")
+    assert chat(client, n=4).status_code == 200  # exactly the queue's size fits
 
 
 AUTH_BYPASSES = [

@@ -167,11 +167,22 @@ def _check_room(body: protocol._Sampling, prompt_ids: list[list[int]], max_token
     return room
 
 
+def _check_fits(body: protocol._Sampling, prompts: int, max_queue: int) -> None:
+    """A 400 for a request with more sequences than the queue holds: a 429 would have clients retry forever."""
+    if prompts * body.n > max_queue:
+        counted = f"{prompts} prompts x n={body.n}" if prompts > 1 else f"n={body.n}"
+        raise APIError(
+            400, f"this request asks for {prompts * body.n} sequences ({counted}); this server takes at most "
+            f"{max_queue} in one request (its queue, lmforge serve --max-queue)", param="n" if body.n > 1 else "prompt",
+        )  # fmt: skip
+
+
 def _submit(
     scheduler: Scheduler, lm: LM, body: protocol._Sampling, prompt_ids: list[list[int]], max_tokens: int | None
 ) -> tuple[list[SequenceRequest], asyncio.Queue]:
     """Check the lengths, then queue `n` sequences per prompt; their events arrive on one asyncio queue."""
     room = _check_room(body, prompt_ids, max_tokens, lm.model.config.max_position_embeddings)
+    _check_fits(body, len(prompt_ids), scheduler.max_queue)
     queue, emit = mailbox()
     sequences = []
     for prompt_number, ids in enumerate(prompt_ids):
