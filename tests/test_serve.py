@@ -354,3 +354,46 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(client, name):
     error = assert_error(response, 400, param)
     assert "surrogate" in error["message"]
     assert chat(client).status_code == 200  # the server (and the client's connection) go on
+
+
+UNSUPPORTED_ASKS = {  # a value that asks for something this server does not do: never a silent 200
+    "logprobs": True,
+    "top_logprobs": 3,
+    "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "weather", "parameters": {"type": "object"}}],
+    "response_format": {"type": "json_object"},
+    "logit_bias": {"5": 100},
+    "presence_penalty": 0.5,
+    "frequency_penalty": -1,
+    "audio": {"voice": "alloy", "format": "wav"},
+}
+COMPLETION_ASKS = {"echo": True, "best_of": 3, "suffix": "。", "logprobs": 2, "logit_bias": {"5": -100}}
+DEFAULTS = {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "functions": None,
+            "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "audio": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "route,name", [("chat", name) for name in UNSUPPORTED_ASKS] + [("cmpl", n) for n in COMPLETION_ASKS]
+)
+def test_unsupported_parameters_are_refused_by_name(client, route, name):
+    if route == "chat":
+        response = chat(client, **{name: UNSUPPORTED_ASKS[name]})
+    else:
+        response = client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "第1句", name: COMPLETION_ASKS[name]}
+        )
+    error = assert_error(response, 400, name)
+    assert (
+        error["message"].startswith(f"{name}: not supported by this server")
+        and error["code"] == "unsupported_parameter"
+    )
+
+
+def test_unsupported_parameters_at_their_defaults_are_accepted(client):
+    plain = chat(client).json()["choices"]
+    assert chat(client, **DEFAULTS).json()["choices"] == plain
+    defaults = {"echo": False, "best_of": 1, "suffix": None, "logprobs": None, "presence_penalty": 0}
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "第1句", "max_tokens": 2, **defaults})
+    assert response.status_code == 200, response.text

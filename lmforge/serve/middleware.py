@@ -105,7 +105,7 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
     """pydantic's first problem (our own checks first) as a 400 naming the field (`param`), e.g. `messages.0.role`."""
     problems = error.errors()
     # Our own checks (value_error) are the most specific; a union's other members only report a type mismatch.
-    problems = sorted(problems, key=lambda problem: problem.get("type") != "value_error")
+    problems = sorted(problems, key=lambda problem: problem.get("type") not in ("value_error", "unsupported_parameter"))
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "")

@@ -2,17 +2,22 @@
 
 These pydantic models are the API's contract: FastAPI validates requests with
 them and writes the OpenAPI document from them. Fields OpenAI has and we do
-not use (logprobs, tools, ...) are ignored, as are fields no OpenAI client
-sends; in particular a `chat_template` or template arguments in a request are
-never read: the model folder's own template renders every conversation.
+not implement (logprobs, tools, penalties, ...: `UNSUPPORTED`) are refused with
+a 400 unless they hold their default, so no client believes they were honoured.
+Fields no OpenAI client sends are ignored; in particular a `chat_template` or
+template arguments in a request are never read: the model folder's own template
+renders every conversation.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 # The largest integer a JSON number carries exactly everywhere (JavaScript's Number.MAX_SAFE_INTEGER).
 MAX_INT = 2**53 - 1
@@ -68,12 +73,61 @@ class _Sampling(_Request):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+# OpenAI's parameters this server does not implement, with the values that ask for nothing (clients send those).
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),  # with no tools, "auto" calls none
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "audio": (None,),
+}
+_Unsupported = SkipJsonSchema[Any]  # left out of the OpenAPI document: only the defaults are accepted
+
+
+class _Refusing(_Sampling):
+    logprobs: _Unsupported = None
+    top_logprobs: _Unsupported = None
+    tools: _Unsupported = None
+    tool_choice: _Unsupported = None
+    functions: _Unsupported = None
+    function_call: _Unsupported = None
+    response_format: _Unsupported = None
+    logit_bias: _Unsupported = None
+    presence_penalty: _Unsupported = None
+    frequency_penalty: _Unsupported = None
+    echo: _Unsupported = None
+    best_of: _Unsupported = None
+    suffix: _Unsupported = None
+    audio: _Unsupported = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _refuse(cls, value: Any, info) -> Any:
+        defaults = UNSUPPORTED[info.field_name]
+        if not any(type(value) is type(default) and value == default for default in defaults):
+            raise PydanticCustomError(
+                "unsupported_parameter",
+                "not supported by this server; leave it out or send {default}",
+                {"default": " or ".join(json.dumps(default) for default in defaults)},
+            )
+        return value
+
+
+class ChatCompletionRequest(_Refusing):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None  # OpenAI's newer name for max_tokens
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Refusing):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = 16  # the legacy API's default
 
