@@ -397,3 +397,54 @@ def test_unsupported_parameters_at_their_defaults_are_accepted(client):
     defaults = {"echo": False, "best_of": 1, "suffix": None, "logprobs": None, "presence_penalty": 0}
     response = client.post("/v1/completions", json={"model": "tiny", "prompt": "第1句", "max_tokens": 2, **defaults})
     assert response.status_code == 200, response.text
+
+
+def test_head_answers_200_without_a_body(served_lm):
+    with background_server(create_app(served_lm, model_name="tiny", api_key="k")) as url, httpx.Client() as http:
+        for path in ("/", "/health"):
+            response = http.head(url + path)  # a real server: TestClient would not show a body sent to HEAD
+            assert response.status_code == 200 and response.content == b""
+
+
+def test_the_bearer_scheme_is_case_insensitive(locked_server):
+    with httpx.Client(base_url=locked_server) as http:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert http.get("/v1/models", headers={"Authorization": f"{scheme} sk-right"}).status_code == 200
+        for wrong in ("bearer sk-wrong", "bearer", "bearersk-right", "Basic sk-right", "bearer  sk-right"):
+            assert http.get("/v1/models", headers={"Authorization": wrong}).status_code == 401
+
+
+def test_too_many_stop_strings_says_the_limit(client):
+    error = assert_error(chat(client, stop=["a", "b", "c", "d", "e"]), 400, "stop")
+    assert "at most 4 stop strings, not 5" in error["message"]
+    assert_error(chat(client, stop=""), 400, "stop")
+    assert chat(client, stop=["a", "b", "c", "d"]).status_code == 200
+
+
+def test_a_keyless_loopback_server_answers_only_to_local_host_names(served_lm):
+    # DNS rebinding: a page on evil.example re-pointed at 127.0.0.1 sends `Host: evil.example`.
+    with TestClient(create_app(served_lm, model_name="tiny", bound_to="127.0.0.1")) as local:
+        for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LocalHost", "[::1]"):
+            assert local.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io", "0.0.0.0"):
+            error = assert_error(local.get("/v1/models", headers={"Host": host}), 421)
+            assert error["code"] == "host_not_allowed" and "--api-key" in error["message"]
+        assert local.get("/health", headers={"Host": "evil.example"}).status_code == 421
+    for host, key in (("0.0.0.0", None), ("127.0.0.1", "k"), (None, None)):  # exposed on purpose, or keyed
+        with TestClient(create_app(served_lm, model_name="tiny", bound_to=host, api_key=key)) as open_:
+            assert open_.get("/health", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_serve_help_points_to_the_api_key_variable(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import lmforge.serve.app
+    from lmforge.cli import app
+
+    help_text = " ".join(CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output.split())
+    assert "LMFORGE_API_KEY" in help_text and "shows in `ps`" in help_text
+    given = {}
+    monkeypatch.setattr(lmforge.serve.app, "serve", lambda model, **options: given.update(options))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)], env={"LMFORGE_API_KEY": "sk-env"})
+    assert result.exit_code == 0, result.output
+    assert given["api_key"] == "sk-env"

@@ -37,6 +37,17 @@ def _whole_characters(text: str) -> str:
 Text = Annotated[str, AfterValidator(_whole_characters)]
 
 
+MAX_STOP = 4  # stop strings in one request, as OpenAI allows
+
+
+def _stop_strings(stop: str | list[str]) -> str | list[str]:
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings, not {len(stop)}")
+    if stop == "":
+        raise ValueError("a stop string cannot be empty")
+    return stop
+
+
 class _Request(BaseModel):
     # strict: "1" is not 1, so a request that breaks the schema is refused, not guessed at.
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -63,7 +74,7 @@ class _Sampling(_Request):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
-    stop: Annotated[Text, Field(min_length=1)] | Annotated[list[Text], Field(max_length=4)] | None = None
+    stop: Annotated[Text | list[Text], AfterValidator(_stop_strings)] | None = None
     seed: Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
