@@ -141,7 +141,11 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="LMFORGE_API_KEY", help="require 'Authorization: Bearer KEY' on all but /health and /"),
+        typer.Option(
+            envvar="LMFORGE_API_KEY",
+            help="require 'Authorization: Bearer KEY' on all but /health and /; better set the LMFORGE_API_KEY "
+            "environment variable: a key on the command line shows in `ps` to every user of the machine",
+        ),
     ] = None,
     max_batch: Annotated[int, typer.Option(help="sequences decoded together in one step")] = 8,
     max_queue: Annotated[int, typer.Option(help="sequences that may wait for a slot; beyond it: 429")] = 64,
@@ -151,7 +155,8 @@ def serve(
     compile: Annotated[
         bool,
         typer.Option(
-            "--compile", help="compiled decoding steps while at most 4 sequences are live: faster after a one-off "
+            "--compile",
+            help="compiled decoding steps while at most 4 sequences are live: faster after a one-off "
             "compile per batch size (1-4)",
         ),
     ] = False,

@@ -184,10 +184,24 @@ def test_templates_sent_in_a_request_are_ignored(client):
     assert sent == plain
 
 
-def test_a_full_queue_answers_429_with_retry_after(client):
-    response = chat(client, n=5)  # the fixture's queue holds 4 sequences
+def test_a_full_queue_answers_429_with_retry_after(served_lm):
+    app = create_app(served_lm, model_name="tiny", max_queue=4)
+    idle = TestClient(app)  # no lifespan: the scheduler thread never starts, so queued sequences stay queued
+    app.state.scheduler.waiting.extend([None] * 3)
+    response = chat(idle, n=2)  # it fits in an empty queue, so it is worth retrying
     assert_error(response, 429)
     assert response.headers["retry-after"] == "1"
+
+
+def test_a_request_that_can_never_fit_is_a_400_not_a_429(client):
+    # The fixture's queue holds 4 sequences: a 429 (retry) would have the client retry forever.
+    error = assert_error(chat(client, n=5), 400, "n")
+    assert "5 sequences" in error["message"] and "at most 4" in error["message"]
+    completions = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2})
+    error = assert_error(completions, 400, "n")
+    assert "3 prompts x n=2" in error["message"] and "retry-after" not in completions.headers
+    assert assert_error(client.post("/v1/completions", json={"model": "tiny", "prompt": ["a"] * 5}), 400, "prompt")
+    assert chat(client, n=4).status_code == 200  # exactly the queue's size fits
 
 
 AUTH_BYPASSES = [
@@ -306,3 +320,131 @@ def test_cors_is_off_unless_an_origin_is_given(served_lm):
         other = open_to_one.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.com"})
         assert "access-control-allow-origin" not in other.headers
         assert open_to_one.get("/v1/models", headers={"Origin": "http://example.com"}).status_code == 401
+
+
+USER_X = '{"role": "user", "content": "x"}'
+LONE_SURROGATE = {  # raw JSON: `\ud800` is a valid JSON escape, yet no character (a 500 and a reset connection once)
+    "message content": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": "a\\ud800"}]',
+        "messages.0.content",
+    ),
+    "system prompt": (
+        "chat/completions",
+        f'"messages": [{{"role": "system", "content": "\\udfff"}}, {USER_X}]',
+        "messages.0.content",
+    ),  # fmt: skip
+    "content part": (
+        "chat/completions",
+        '"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]',
+        "messages.0.content.0.text",
+    ),  # fmt: skip
+    "model name": ("chat/completions", f'"model": "\\ud800", "messages": [{USER_X}]', "model"),
+    "stop string": ("chat/completions", f'"messages": [{USER_X}], "stop": ["\\ud800"]', "stop.0"),
+    "completion prompt": ("completions", '"prompt": "\\ud800"', "prompt"),
+    "completion prompts": ("completions", '"prompt": ["x", "\\ud800"]', "prompt.1"),
+}
+
+
+@pytest.mark.parametrize("name", LONE_SURROGATE)
+def test_a_lone_surrogate_is_a_400_naming_the_field(client, name):
+    route, fields, param = LONE_SURROGATE[name]
+    body = "{" + fields + "}" if '"model"' in fields else '{"model": "tiny", ' + fields + "}"
+    response = client.post(f"/v1/{route}", content=body.encode(), headers={"content-type": "application/json"})
+    error = assert_error(response, 400, param)
+    assert "surrogate" in error["message"]
+    assert chat(client).status_code == 200  # the server (and the client's connection) go on
+
+
+UNSUPPORTED_ASKS = {  # a value that asks for something this server does not do: never a silent 200
+    "logprobs": True,
+    "top_logprobs": 3,
+    "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+    "tool_choice": "required",
+    "functions": [{"name": "weather", "parameters": {"type": "object"}}],
+    "response_format": {"type": "json_object"},
+    "logit_bias": {"5": 100},
+    "presence_penalty": 0.5,
+    "frequency_penalty": -1,
+    "audio": {"voice": "alloy", "format": "wav"},
+}
+COMPLETION_ASKS = {"echo": True, "best_of": 3, "suffix": "。", "logprobs": 2, "logit_bias": {"5": -100}}
+DEFAULTS = {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "functions": None,
+            "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "audio": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "route,name", [("chat", name) for name in UNSUPPORTED_ASKS] + [("cmpl", n) for n in COMPLETION_ASKS]
+)
+def test_unsupported_parameters_are_refused_by_name(client, route, name):
+    if route == "chat":
+        response = chat(client, **{name: UNSUPPORTED_ASKS[name]})
+    else:
+        response = client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "第1句", name: COMPLETION_ASKS[name]}
+        )
+    error = assert_error(response, 400, name)
+    assert (
+        error["message"].startswith(f"{name}: not supported by this server")
+        and error["code"] == "unsupported_parameter"
+    )
+
+
+def test_unsupported_parameters_at_their_defaults_are_accepted(client):
+    plain = chat(client).json()["choices"]
+    assert chat(client, **DEFAULTS).json()["choices"] == plain
+    defaults = {"echo": False, "best_of": 1, "suffix": None, "logprobs": None, "presence_penalty": 0}
+    response = client.post("/v1/completions", json={"model": "tiny", "prompt": "第1句", "max_tokens": 2, **defaults})
+    assert response.status_code == 200, response.text
+
+
+def test_head_answers_200_without_a_body(served_lm):
+    with background_server(create_app(served_lm, model_name="tiny", api_key="k")) as url, httpx.Client() as http:
+        for path in ("/", "/health"):
+            response = http.head(url + path)  # a real server: TestClient would not show a body sent to HEAD
+            assert response.status_code == 200 and response.content == b""
+
+
+def test_the_bearer_scheme_is_case_insensitive(locked_server):
+    with httpx.Client(base_url=locked_server) as http:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert http.get("/v1/models", headers={"Authorization": f"{scheme} sk-right"}).status_code == 200
+        for wrong in ("bearer sk-wrong", "bearer", "bearersk-right", "Basic sk-right", "bearer  sk-right"):
+            assert http.get("/v1/models", headers={"Authorization": wrong}).status_code == 401
+
+
+def test_too_many_stop_strings_says_the_limit(client):
+    error = assert_error(chat(client, stop=["a", "b", "c", "d", "e"]), 400, "stop")
+    assert "at most 4 stop strings, not 5" in error["message"]
+    assert_error(chat(client, stop=""), 400, "stop")
+    assert chat(client, stop=["a", "b", "c", "d"]).status_code == 200
+
+
+def test_a_keyless_loopback_server_answers_only_to_local_host_names(served_lm):
+    # DNS rebinding: a page on evil.example re-pointed at 127.0.0.1 sends `Host: evil.example`.
+    with TestClient(create_app(served_lm, model_name="tiny", bound_to="127.0.0.1")) as local:
+        for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LocalHost", "[::1]"):
+            assert local.get("/health", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io", "0.0.0.0"):
+            error = assert_error(local.get("/v1/models", headers={"Host": host}), 421)
+            assert error["code"] == "host_not_allowed" and "--api-key" in error["message"]
+        assert local.get("/health", headers={"Host": "evil.example"}).status_code == 421
+    for host, key in (("0.0.0.0", None), ("127.0.0.1", "k"), (None, None)):  # exposed on purpose, or keyed
+        with TestClient(create_app(served_lm, model_name="tiny", bound_to=host, api_key=key)) as open_:
+            assert open_.get("/health", headers={"Host": "evil.example"}).status_code == 200
+
+
+def test_serve_help_points_to_the_api_key_variable(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import lmforge.serve.app
+    from lmforge.cli import app
+
+    help_text = " ".join(CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output.split())
+    assert "LMFORGE_API_KEY" in help_text and "shows in `ps`" in help_text
+    given = {}
+    monkeypatch.setattr(lmforge.serve.app, "serve", lambda model, **options: given.update(options))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)], env={"LMFORGE_API_KEY": "sk-env"})
+    assert result.exit_code == 0, result.output
+    assert given["api_key"] == "sk-env"

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from lmforge.data.chat import check_messages, render_chat
 from lmforge.data.tokenizer import SPECIAL_TOKENS
@@ -49,10 +49,13 @@ def create_app(
     max_queue: int = 64,
     cors_origins: Sequence[str] = (),
     compiled: bool = False,
+    bound_to: str | None = None,
 ) -> FastAPI:
     """The app for one decoder model; its scheduler thread runs while the app's lifespan does.
 
     `compiled`: compiled decoding steps while at most a few sequences are live (`lmforge serve --compile`).
+    `bound_to`: the address it will listen on (`--host`); a loopback address without `api_key` makes it
+    answer only Host headers naming this machine (localhost, 127.0.0.1, [::1]), against DNS rebinding.
     """
     if not isinstance(lm.model, Decoder):
         raise UserError(f"the server serves decoders; this is a {type(lm.model).__name__}")
@@ -76,7 +79,7 @@ def create_app(
         responses=errors,
     )
     app.state.scheduler = scheduler
-    install_middleware(app, api_key, cors_origins)
+    install_middleware(app, api_key, cors_origins, bound_to)
     context = lm.model.config.max_position_embeddings
     _info_routes(app, scheduler, protocol.ModelCard(id=model_name, created=int(time.time()), max_model_len=context))
     _generation_routes(app, lm, scheduler, model_name)
@@ -89,6 +92,11 @@ def _info_routes(app: FastAPI, scheduler: Scheduler, card: protocol.ModelCard) -
     async def chat_page() -> HTMLResponse:
         page = resources.files("lmforge.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
         return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    @app.head("/", include_in_schema=False)
+    @app.head("/health", include_in_schema=False)
+    async def head() -> Response:  # monitors and load balancers probe with HEAD
+        return Response()
 
     @app.get("/health", response_model=protocol.Health)
     async def health() -> protocol.Health:
@@ -167,11 +175,22 @@ def _check_room(body: protocol._Sampling, prompt_ids: list[list[int]], max_token
     return room
 
 
+def _check_fits(body: protocol._Sampling, prompts: int, max_queue: int) -> None:
+    """A 400 for a request with more sequences than the queue holds: a 429 would have clients retry forever."""
+    if prompts * body.n > max_queue:
+        counted = f"{prompts} prompts x n={body.n}" if prompts > 1 else f"n={body.n}"
+        raise APIError(
+            400, f"this request asks for {prompts * body.n} sequences ({counted}); this server takes at most "
+            f"{max_queue} in one request (its queue, lmforge serve --max-queue)", param="n" if body.n > 1 else "prompt",
+        )  # fmt: skip
+
+
 def _submit(
     scheduler: Scheduler, lm: LM, body: protocol._Sampling, prompt_ids: list[list[int]], max_tokens: int | None
 ) -> tuple[list[SequenceRequest], asyncio.Queue]:
     """Check the lengths, then queue `n` sequences per prompt; their events arrive on one asyncio queue."""
     room = _check_room(body, prompt_ids, max_tokens, lm.model.config.max_position_embeddings)
+    _check_fits(body, len(prompt_ids), scheduler.max_queue)
     queue, emit = mailbox()
     sequences = []
     for prompt_number, ids in enumerate(prompt_ids):
@@ -246,7 +265,7 @@ def serve(
     name = model_name or Path(model_dir).resolve().name
     app = create_app(
         lm, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, cors_origins=cors_origins,
-        compiled=compiled,
+        compiled=compiled, bound_to=host,
     )  # fmt: skip
     where = f"http://{host}:{port}"
     print(f"serving {name} ({lm.model.num_parameters():,} parameters) at {where}: chat page {where}/, API {where}/v1")

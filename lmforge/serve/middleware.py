@@ -20,6 +20,8 @@ from lmforge.errors import UserError
 from lmforge.serve import protocol
 
 OPEN_PATHS = ("/health", "/")  # everything else needs the API key when one is set
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")  # bound here, only this machine can connect
+LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")  # the Host header names a keyless loopback server answers to
 
 
 class APIError(Exception):
@@ -52,7 +54,7 @@ class BearerAuth:
 
     def __init__(self, app, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan" or (
@@ -60,8 +62,10 @@ class BearerAuth:
         ):
             return await self.app(scope, receive, send)
         given = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+        # The scheme is case-insensitive (RFC 7235): "bearer KEY" is as good as "Bearer KEY".
+        scheme, _, key = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
         # NOTE: compare_digest takes the same time wherever the strings differ, so timing leaks nothing.
-        if len(given) == 1 and hmac.compare_digest(given[0], self.expected):
+        if scheme.lower() == b"bearer" and hmac.compare_digest(key, self.key):
             return await self.app(scope, receive, send)
         if scope["type"] != "http":
             return  # a websocket is refused by closing it unanswered
@@ -75,17 +79,58 @@ class BearerAuth:
         await error.response()(scope, receive, send)
 
 
-def install_middleware(app: FastAPI, api_key: str | None, cors_origins: Sequence[str]) -> None:
-    """The API key check (when a key is set), CORS (when origins are given) and the error handlers."""
+class LocalHostsOnly:
+    """ASGI middleware: answer only requests whose Host header names this machine (against DNS rebinding).
+
+    A page on evil.example whose name is re-pointed at 127.0.0.1 reaches a keyless loopback server
+    from the visitor's browser as the same origin; its requests still say `Host: evil.example`.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            hosts = [_host_name(value) for name, value in scope.get("headers", []) if name == b"host"]
+            if any(host not in LOCAL_NAMES for host in hosts):
+                if scope["type"] == "websocket":
+                    return  # refused by closing it unanswered
+                error = APIError(
+                    421, f"this server answers only to {', '.join(LOCAL_NAMES)} (it is bound to this machine "
+                    f"without an API key), not to '{hosts[0]}'; use one of those names, or start it with --api-key",
+                    code="host_not_allowed",
+                )  # fmt: skip
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _host_name(header: bytes) -> str:
+    """A Host header's name without its port, lower-cased: b"[::1]:8000" -> "[::1]", b"LocalHost:80" -> "localhost"."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.partition(":")[0]
+
+
+def install_middleware(
+    app: FastAPI, api_key: str | None, cors_origins: Sequence[str], bound_to: str | None = None
+) -> None:
+    """The API key check (when a key is set), CORS (when origins are given) and the error handlers.
+
+    `bound_to`: the address the server listens on; a loopback one without an API key answers only
+    Host headers naming this machine (`LocalHostsOnly`).
+    """
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
-    if cors_origins:  # added last, so it is the outer layer and answers preflight requests itself
+    if cors_origins:  # added after the key check, so it is an outer layer and answers preflight requests itself
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    if bound_to in LOOPBACK and not api_key:  # added last: the outermost layer
+        app.add_middleware(LocalHostsOnly)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
@@ -102,8 +147,10 @@ async def _user_error(request: Request, error: UserError) -> JSONResponse:
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """pydantic's first problem as a 400 naming the field (`param`), e.g. `messages.0.role`."""
+    """pydantic's first problem (our own checks first) as a 400 naming the field (`param`), e.g. `messages.0.role`."""
     problems = error.errors()
+    # Our own checks (value_error) are the most specific; a union's other members only report a type mismatch.
+    problems = sorted(problems, key=lambda problem: problem.get("type") not in ("value_error", "unsupported_parameter"))
     first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "")

@@ -2,19 +2,50 @@
 
 These pydantic models are the API's contract: FastAPI validates requests with
 them and writes the OpenAPI document from them. Fields OpenAI has and we do
-not use (logprobs, tools, ...) are ignored, as are fields no OpenAI client
-sends; in particular a `chat_template` or template arguments in a request are
-never read: the model folder's own template renders every conversation.
+not implement (logprobs, tools, penalties, ...: `UNSUPPORTED`) are refused with
+a 400 unless they hold their default, so no client believes they were honoured.
+Fields no OpenAI client sends are ignored; in particular a `chat_template` or
+template arguments in a request are never read: the model folder's own template
+renders every conversation.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 # The largest integer a JSON number carries exactly everywhere (JavaScript's Number.MAX_SAFE_INTEGER).
 MAX_INT = 2**53 - 1
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _whole_characters(text: str) -> str:
+    """JSON's `"\\ud800"` escape decodes to a lone surrogate: no character, and no UTF-8 encoding of it exists."""
+    if found := SURROGATE.search(text):
+        raise ValueError(f"holds a lone surrogate (\\u{ord(found.group()):04x}), not a character; send UTF-8 text")
+    return text
+
+
+# Every string a request carries: a lone surrogate would fail in the tokenizer or in the reply (a 500).
+Text = Annotated[str, AfterValidator(_whole_characters)]
+
+
+MAX_STOP = 4  # stop strings in one request, as OpenAI allows
+
+
+def _stop_strings(stop: str | list[str]) -> str | list[str]:
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings, not {len(stop)}")
+    if stop == "":
+        raise ValueError("a stop string cannot be empty")
+    return stop
 
 
 class _Request(BaseModel):
@@ -24,14 +55,14 @@ class _Request(BaseModel):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    name: Text | None = None
 
 
 class StreamOptions(_Request):
@@ -39,11 +70,11 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    model: str
+    model: Text
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: Annotated[Text | list[Text], AfterValidator(_stop_strings)] | None = None
     seed: Annotated[int, Field(ge=-MAX_INT, le=MAX_INT)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stream: bool = False
@@ -53,13 +84,62 @@ class _Sampling(_Request):
     repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] | None = None
 
 
-class ChatCompletionRequest(_Sampling):
+# OpenAI's parameters this server does not implement, with the values that ask for nothing (clients send those).
+UNSUPPORTED: dict[str, tuple] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),  # with no tools, "auto" calls none
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "audio": (None,),
+}
+_Unsupported = SkipJsonSchema[Any]  # left out of the OpenAPI document: only the defaults are accepted
+
+
+class _Refusing(_Sampling):
+    logprobs: _Unsupported = None
+    top_logprobs: _Unsupported = None
+    tools: _Unsupported = None
+    tool_choice: _Unsupported = None
+    functions: _Unsupported = None
+    function_call: _Unsupported = None
+    response_format: _Unsupported = None
+    logit_bias: _Unsupported = None
+    presence_penalty: _Unsupported = None
+    frequency_penalty: _Unsupported = None
+    echo: _Unsupported = None
+    best_of: _Unsupported = None
+    suffix: _Unsupported = None
+    audio: _Unsupported = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _refuse(cls, value: Any, info) -> Any:
+        defaults = UNSUPPORTED[info.field_name]
+        if not any(type(value) is type(default) and value == default for default in defaults):
+            raise PydanticCustomError(
+                "unsupported_parameter",
+                "not supported by this server; leave it out or send {default}",
+                {"default": " or ".join(json.dumps(default) for default in defaults)},
+            )
+        return value
+
+
+class ChatCompletionRequest(_Refusing):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None  # OpenAI's newer name for max_tokens
 
 
-class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=16)]
+class CompletionRequest(_Refusing):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = 16  # the legacy API's default
 
 
@@ -113,7 +193,7 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionChoice(BaseModel):
     index: int
-    text: str
+    text: Text
     finish_reason: Literal["stop", "length"] | None
     logprobs: None = None
 
