@@ -10,6 +10,7 @@ from lmforge.generate.sampling import (
     candidates,
     filter_top_p,
     next_tokens,
+    next_tokens_per_row,
     penalize_repetition,
     prompt_tokens_seen,
 )
@@ -72,6 +73,26 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.isfinite(filter_top_p(logits, 0.8)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(filter_top_p(logits, 0.81)).tolist() == [[True, True, True, False]]
     assert torch.isfinite(filter_top_p(logits, 0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_rows_filtered_together_draw_what_each_draws_alone():
+    """Seeded rows share their group's filtering but draw from their own generator: as if each were alone."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    warm = SamplingConfig(temperature=0.8, top_k=10, top_p=0.9)
+    hot = SamplingConfig(temperature=1.5, top_k=0, top_p=0.95)
+    configs = [warm, warm, hot, warm, hot]
+    seeds = [1, 2, 3, None, 4]
+    batched = []
+    for _ in range(20):  # enough draws that a wrong row, generator or filter would show
+        generators = [torch.Generator().manual_seed(seed) if seed else None for seed in seeds]
+        alone = [torch.Generator().manual_seed(seed) if seed else None for seed in seeds]
+        tokens = next_tokens_per_row(logits, configs, None, generators).tolist()
+        for row in (0, 1, 2, 4):
+            assert tokens[row] == next_tokens(logits[row : row + 1], configs[row], None, alone[row]).item()
+        batched.append(tokens[3])
+        seeds = [seed + 10 if seed else None for seed in seeds]
+    kept = candidates(logits[3:4], warm)[1][0].tolist()  # an unseeded row still draws from its own candidates
+    assert set(batched) <= set(kept)
 
 
 def test_repetition_penalty_matches_ctrl_rule():

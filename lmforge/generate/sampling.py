@@ -113,19 +113,30 @@ def next_tokens_per_row(
 ) -> torch.Tensor:
     """logits (B, V) -> token ids (B,), each row with its own sampling settings and random generator.
 
-    Rows that share settings and a generator (or have none) are filtered and drawn together; a row
-    with its own generator (a seeded request) draws alone, so its tokens do not depend on its neighbours.
+    Rows that share settings are filtered together (one top-k and nucleus for the group); rows that
+    then share a generator (or have none) draw together, and a row with its own generator (a seeded
+    request) draws alone, so its tokens do not depend on its neighbours.
     """
     generators = generators or [None] * len(configs)
     groups: dict[tuple, list[int]] = {}
-    for row, (config, generator) in enumerate(zip(configs, generators)):
-        settings = (config.temperature, config.top_k, config.top_p, config.repetition_penalty)
-        groups.setdefault((*settings, id(generator)), []).append(row)
-    if len(groups) == 1:  # the common case, one setting for all: no gathering and scattering
-        return next_tokens(logits, configs[0], seen, generators[0])
+    for row, config in enumerate(configs):
+        groups.setdefault((config.temperature, config.top_k, config.top_p, config.repetition_penalty), []).append(row)
+    if len(groups) == 1 and len({id(generator) for generator in generators}) == 1:
+        return next_tokens(logits, configs[0], seen, generators[0])  # the common case: no gathering, no scattering
     tokens = torch.empty(len(configs), dtype=torch.long, device=logits.device)  # (B,)
     for rows in groups.values():
+        config = configs[rows[0]]
         index = torch.tensor(rows, device=logits.device)
         rows_seen = seen[index] if seen is not None else None
-        tokens[index] = next_tokens(logits[index], configs[rows[0]], rows_seen, generators[rows[0]])
+        if config.temperature < GREEDY_BELOW:
+            tokens[index] = next_tokens(logits[index], config, rows_seen)
+            continue
+        # NOTE: filtering once per group, not once per seeded row, keeps 8 seeded clients as cheap as one batch.
+        probabilities, ids = candidates(logits[index], config, rows_seen)  # (rows, K) each
+        draws: dict[int, list[int]] = {}
+        for position, row in enumerate(rows):
+            draws.setdefault(id(generators[row]), []).append(position)
+        for positions in draws.values():
+            picked = ids[positions] if ids is not None else None
+            tokens[index[positions]] = draw(probabilities[positions], picked, generators[rows[positions[0]]])
     return tokens
