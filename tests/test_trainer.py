@@ -11,7 +11,7 @@ import torch
 
 from lmforge.data.tokens import LMWindows
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.train.checkpoint import latest_checkpoint
+from lmforge.train.checkpoint import latest_checkpoint, read_checkpoint
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import TrainConfig, learning_rate, train
 
@@ -93,6 +93,26 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert learning_rate(9, config) == pytest.approx(1.0)
     assert learning_rate(55, config) == pytest.approx(0.55)
     assert learning_rate(100, config) == pytest.approx(0.1)
+
+
+def test_a_time_budget_ends_the_decay_when_the_clock_runs_out():
+    config = TrainConfig(max_steps=1000, warmup_steps=10, lr=1.0, min_lr_ratio=0.1, max_minutes=1.0)
+    # Step 20 of 1000 is early in steps, but half the minute is gone: the decay follows the clock.
+    assert learning_rate(20, config, elapsed_seconds=30.0) == pytest.approx(0.55)
+    assert learning_rate(20, config, elapsed_seconds=60.0) == pytest.approx(0.1)
+    assert learning_rate(20, config, elapsed_seconds=0.0) > 0.99  # and the steps still bound it
+    unbudgeted = TrainConfig(max_steps=1000, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(20, unbudgeted, elapsed_seconds=60.0) > 0.99
+
+
+def test_a_resumed_run_keeps_its_clock(tmp_path):
+    model, windows, config = tiny_setup(steps=8)
+    run(model, windows, config, tmp_path)
+    _, _, state = read_checkpoint(latest_checkpoint(tmp_path))
+    assert state["elapsed_seconds"] > 0
+    config.max_steps, config.max_minutes = 9, 1e-9  # the minutes spent before the kill count against the budget
+    records = run(model, windows, config, tmp_path, resume=True)
+    assert records[-1]["elapsed"] >= state["elapsed_seconds"]
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights_and_tracks_fp32(tmp_path):

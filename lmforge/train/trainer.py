@@ -72,7 +72,9 @@ class TrainConfig:
         "", "end with the weights of the best validation, e.g. valid_loss (lowest) or valid_rougeL (highest)"
     )
     seed: int = option(0, "seed for weights and data order")
-    max_minutes: float = option(0.0, "stop early after this much wall time (0 = no limit)")
+    max_minutes: float = option(
+        0.0, "stop after this much training time (0 = no limit); the learning-rate decay then ends there too"
+    )
     compile: bool = option(False, "torch.compile the training step (faster steps after a one-off compile)")
     fsdp: bool = option(False, "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP")
     max_bad_steps: int = option(3, "steps in a row with a NaN/inf loss or gradient before rolling back to a checkpoint")
@@ -99,11 +101,16 @@ def better(metric: str, value: float, best: float) -> bool:
     return value < best if lower_is_better else value > best
 
 
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps`."""
+def learning_rate(step: int, config: TrainConfig, elapsed_seconds: float = 0.0) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at `max_steps` or at the end of the
+    time budget (`max_minutes`), whichever comes first."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    if config.max_minutes > 0:
+        # A run stopped by the clock must still end its decay: stopping mid-schedule at a high learning rate
+        # leaves the loss well above what the same minutes give when the rate comes down in time.
+        progress = max(progress, elapsed_seconds / (config.max_minutes * 60))
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
 
@@ -128,7 +135,8 @@ def train(
     if evaluate is not None and run.step == 0:
         run.validate(0)
     run.replicas.training.train()
-    run.started = time.perf_counter()  # the time budget and tokens/s count training, not the first validation
+    # The time budget and tokens/s count training, not the first validation; a resumed run continues its clock.
+    run.started = time.perf_counter() - run.elapsed_before
     run.window_start, run.window_tokens = run.started, 0
     run.bar = tqdm(
         total=config.max_steps,
@@ -191,12 +199,13 @@ class _Run:
         # NOTE: compiling the objective rather than the model leaves the model itself eager, so evaluation
         # and generation afterwards do not recompile for every new shape.
         self.step_loss_fn = torch.compile(objective) if config.compile else objective
-        self.step, self.tokens_seen, self.lr_scale, self.bad_in_a_row = 0, 0, 1.0, 0
+        self.step, self.tokens_seen, self.lr_scale, self.bad_in_a_row, self.elapsed_before = 0, 0, 1.0, 0, 0.0
         # Rollbacks go to checkpoints of this run only: the one resumed from, or one written since.
         self.last_checkpoint = str(latest_checkpoint(run_dir) or "") if resume and self.here.main else ""
         state = self.restore(self.last_checkpoint)
         if state is not None:
             self.step, self.tokens_seen, self.lr_scale = state["step"], state["tokens_seen"], state.get("lr_scale", 1.0)
+            self.elapsed_before = state.get("elapsed_seconds", 0.0)
         # On resume the logbook drops what was logged after the checkpoint: that work is about to be redone.
         self.logbook = Logbook(run_dir, resume_from_step=self.step if state else None)  # other ranks: their scratch
         # How this run trains, for the reports (not a step's record: callers get those back).
@@ -269,7 +278,9 @@ class _Run:
 
     def set_learning_rate(self) -> float:
         """Every optimizer's rate for this step (the schedule scales each one's peak alike); AdamW's, as logged."""
-        scale = learning_rate(self.step, self.config) / self.config.lr * self.lr_scale
+        # Rank 0's clock for all, so every rank steps at the same rate.
+        elapsed = broadcast(time.perf_counter() - self.started) if self.config.max_minutes > 0 else 0.0
+        scale = learning_rate(self.step, self.config, elapsed) / self.config.lr * self.lr_scale
         return self.optimizer.set_learning_rate(scale)[0]
 
     def accumulate_gradients(self) -> tuple[float, int, float]:
@@ -348,7 +359,8 @@ class _Run:
         optimizer_state = self.replicas.full_optimizer_state(self.optimizer)
         if self.here.main:
             model_state = _without_tied_copies(self.model, model_state)
-            trainer_state = {"tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale}
+            elapsed = time.perf_counter() - self.started
+            trainer_state = {"tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale, "elapsed_seconds": elapsed}
             saved = save_checkpoint(
                 self.run_dir, self.step, model_state, optimizer_state, trainer_state, self.config.keep_last
             )
