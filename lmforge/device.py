@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.tokens import cache_root
+from lmforge.cache_folder import cache_root
 from lmforge.errors import UserError
 from lmforge.run_folder import read_json, write_json
 

@@ -270,3 +270,12 @@ def test_gbk_after_a_long_utf8_start_stops_instead_of_training_on_garbage(tmp_pa
     path.write_bytes(english + "\n".join(CHINESE * 100).encode("gbk"))
     with pytest.raises(UserError, match=r"lines hold bytes that are not valid UTF-8 \(from line 12001\).*iconv -f GB"):
         list(read_records(str(path)))
+
+
+def test_a_folder_of_split_files_gives_each_split_its_whole_file(tmp_path):
+    for split, count in (("train", 50), ("valid", 7), ("test", 5)):
+        (tmp_path / f"{split}.txt").write_text("\n".join(f"{split}第{i}句。" for i in range(count)), encoding="utf-8")
+    # Without the folder rule, the hash split would scatter each file's lines over all three splits.
+    for split, count in (("train", 50), ("valid", 7), ("test", 5)):
+        texts = [record["text"] for record in read_split(str(tmp_path), split)]
+        assert texts == [f"{split}第{i}句。" for i in range(count)]

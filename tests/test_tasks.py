@@ -475,6 +475,12 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_as_it_wa
         run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, good), existing, progress=False)
     assert (existing / RunFolder.TOKENIZER).is_file() and any((existing / RunFolder.CHECKPOINTS).iterdir())
 
+    # Resuming from that checkpoint copies nothing aside (the folder may hold gigabytes) and keeps every file.
+    monkeypatch.setattr(base, "FolderState", None)  # a snapshot would now raise a TypeError
+    with pytest.raises(RuntimeError, match="disk filled up"):
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, good), existing, resume=True, progress=False)
+    assert (existing / RunFolder.TOKENIZER).is_file() and any((existing / RunFolder.CHECKPOINTS).iterdir())
+
 
 @pytest.fixture
 def bayes_calls(tmp_path, monkeypatch):

@@ -402,13 +402,19 @@ def read_split(
     test_fraction: float = 0.01,
     text_field: str = "text",
 ) -> Iterator[dict]:
-    """The records of `source` whose `text_field` falls in `split` ("train", "valid" or "test")."""
+    """The records of `source` whose `text_field` falls in `split` ("train", "valid" or "test").
+
+    For a folder of train/valid/test files, every record of the split's file.
+    """
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; valid splits: {', '.join(SPLITS)}")
     if not (valid_fraction >= 0 and test_fraction >= 0 and valid_fraction + test_fraction <= 1):
         raise UserError(
             f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) must be >= 0 and sum to at most 1"
         )
+    whole = split_file(source, split)
+    if whole is not None:  # a folder of train/valid/test files: the split is its own file, all of it
+        source, (valid_fraction, test_fraction) = str(whole), whole_file_fractions(split)
     records = read_records(source)  # raises for a bad source now, not on first iteration
     return (
         record

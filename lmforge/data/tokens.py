@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge.cache_folder import cache_root
 from lmforge.data.batches import shuffled_indices
 from lmforge.data.sources import SPLITS, read_split, record_text, source_fingerprint, split_file, whole_file_fractions
 from lmforge.data.tokenizer import Tokenizer
@@ -35,10 +36,6 @@ from lmforge.run_folder import atomic_write_text, read_json
 
 CACHE_FORMAT = 1
 ENCODE_BATCH = 512
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
 
 
 def token_cache(

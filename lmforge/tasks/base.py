@@ -101,11 +101,13 @@ def run_task(task: Task, recipe: Any, out_dir: str | Path, resume: bool = False,
     created is removed, files it added are deleted, files it overwrote get their old bytes back.
     """
     folder = RunFolder(out_dir)
-    before = FolderState(folder)
+    # A run resumed from a checkpoint keeps its folder whatever happens: no snapshot of a possibly large folder.
+    resuming = resume and folder.checkpoints.is_dir() and any(folder.checkpoints.glob("step_*"))
+    before = None if resuming else FolderState(folder)
     try:
         return _run_task(task, recipe, folder, resume, progress)
     except BaseException:
-        if not before.resumable(resume):
+        if before is not None and not before.resumable(resume):
             before.restore()
         raise
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from lmforge.cache_folder import cache_root
 from lmforge.config import option
 from lmforge.data.batches import shuffled_indices
 from lmforge.data.sources import SPLITS, read_records, read_split
-from lmforge.data.tokens import cache_root
 from lmforge.errors import UserError
 from lmforge.evaluate.report import markdown_table
 from lmforge.run_folder import RunFolder, atomic_write_text
