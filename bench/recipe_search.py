@@ -25,6 +25,9 @@ from lmforge.tasks.causal_lm import TASK, load_recipe
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import build_optimizer
 
+NARROW192 = {"hidden_size": 192, "num_heads": 3, "num_kv_heads": 3, "intermediate_size": 512}
+NARROW128 = {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 352}
+NARROW96 = {"hidden_size": 96, "num_heads": 3, "num_kv_heads": 3, "intermediate_size": 256}
 VARIANTS: dict[str, dict] = {
     "baseline": {},
     "lr3e-3": {"train": {"lr": 3e-3}},
@@ -35,11 +38,31 @@ VARIANTS: dict[str, dict] = {
     "ctx128-batch16": {"data": {"context": 128}, "train": {"batch_size": 16}},
     "vocab4096": {"data": {"vocab_size": 4096}},
     "vocab2048": {"data": {"vocab_size": 2048}},
-    "narrow192": {"model": {"hidden_size": 192, "num_heads": 3, "num_kv_heads": 3, "intermediate_size": 512}},
+    "narrow192": {"model": NARROW192},
     "shallow4": {"model": {"num_layers": 4}},
-    "deep8-narrow192": {
-        "model": {"hidden_size": 192, "num_heads": 3, "num_kv_heads": 3, "intermediate_size": 512, "num_layers": 8}
+    "deep8-narrow192": {"model": {**NARROW192, "num_layers": 8}},
+    "narrow192-lr4e-3": {"model": NARROW192, "train": {"lr": 4e-3}},
+    "narrow192-shallow4": {"model": {**NARROW192, "num_layers": 4}},
+    "narrow128": {"model": NARROW128},
+    "narrow128-shallow4": {"model": {**NARROW128, "num_layers": 4}},
+    "narrow128-lr4e-3": {"model": NARROW128, "train": {"lr": 4e-3}},
+    "narrow128-muon": {"model": NARROW128, "train": {"optimizer": "muon"}},
+    "narrow128-batch4": {"model": NARROW128, "train": {"batch_size": 4}},
+    "narrow128-muon-lr0.04": {"model": NARROW128, "train": {"optimizer": "muon", "muon_lr": 0.04}},
+    "narrow128-muon-lr3e-3": {"model": NARROW128, "train": {"optimizer": "muon", "lr": 3e-3}},
+    "narrow128-muon-shallow4": {"model": {**NARROW128, "num_layers": 4}, "train": {"optimizer": "muon"}},
+    "narrow128-muon-batch16": {"model": NARROW128, "train": {"optimizer": "muon", "batch_size": 16}},
+    "narrow96-muon": {"model": NARROW96, "train": {"optimizer": "muon"}},
+    "narrow96": {"model": NARROW96},
+    "narrow96-muon-lr6e-3": {"model": NARROW96, "train": {"optimizer": "muon", "lr": 6e-3}},
+    "narrow96-muon-ctx128": {
+        "model": NARROW96, "data": {"context": 128}, "train": {"optimizer": "muon", "batch_size": 16}
     },
+    "narrow64-muon": {"model": {"hidden_size": 64, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 176},
+                      "train": {"optimizer": "muon"}},
+    "narrow192-muon": {"model": NARROW192, "train": {"optimizer": "muon"}},
+    "narrow192-batch4": {"model": NARROW192, "train": {"batch_size": 4}},
+    "narrow192-muon-batch4": {"model": NARROW192, "train": {"optimizer": "muon", "batch_size": 4}},
     "untied": {"model": {"tie_word_embeddings": False}},
     "muon": {"train": {"optimizer": "muon"}},
     "wd0": {"train": {"weight_decay": 0.0}},
