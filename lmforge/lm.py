@@ -118,6 +118,12 @@ class LM:
     ) -> list[Completion]:
         return self._collect(self._encode_prompts(prompts), stop, self.sampling(**sampling))
 
+    def complete_ids(
+        self, prompt_ids: Sequence[Sequence[int]], *, stop: Sequence[str] | str | None = None, **sampling
+    ) -> list[Completion]:
+        """Like `complete`, for prompts already encoded (ones that hold special tokens, such as fill-in-the-middle)."""
+        return self._collect([list(ids) for ids in prompt_ids], stop, self.sampling(**sampling))
+
     def chat(
         self, messages: Sequence[Message], *, stream: bool = False, stop: Sequence[str] | str | None = None, **sampling
     ) -> str | Iterator[str]:
