@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from lmforge.data.chat import check_messages, render_chat
+from lmforge.data.code import fim_prompt_ids
 from lmforge.data.tokenizer import SPECIAL_TOKENS
 from lmforge.errors import UserError
 from lmforge.generate.text import stop_strings
@@ -127,11 +128,23 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompt_ids = [lm.encode_prompt(prompt) for prompt in prompts]
+        prompt_ids = _completion_prompts(lm, prompts, body.suffix)
         sequences, queue = _submit(scheduler, lm, body, prompt_ids, body.max_tokens)
         reply = Reply("cmpl", model_name, sum(len(ids) for ids in prompt_ids), len(sequences))
         stream = events(request, sequences, queue)
         return await answer(body, reply, stream, reply.completion_chunks, reply.completion)
+
+
+def _completion_prompts(lm: LM, prompts: list[str], suffix: str | None) -> list[list[int]]:
+    """Each prompt's ids; with a `suffix`, the fill-in-the-middle prompt asking for the text between the two."""
+    if not suffix:
+        return [lm.encode_prompt(prompt) for prompt in prompts]
+    if lm.tokenizer.fim_ids is None:
+        raise APIError(
+            400, "suffix needs a model trained with fill-in-the-middle (lmforge finetune --task code); this model's "
+            "tokenizer has no FIM tokens", param="suffix", code="unsupported_parameter",
+        )  # fmt: skip
+    return [fim_prompt_ids(lm.tokenizer, prompt, suffix) for prompt in prompts]
 
 
 def _check_model(requested: str, model_name: str) -> None:
