@@ -233,6 +233,10 @@ def generate(
     repetition_penalty: Annotated[float | None, typer.Option(help="1 = off")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    form: Annotated[
+        str | None, typer.Option(help="a poem form to write exactly: 五言绝句, 七言律诗, 5-quatrain, ...")
+    ] = None,
+    rhyme: Annotated[bool, typer.Option(help="with --form: even lines rhyme (pinyin finals)")] = False,
     stream: Annotated[bool, typer.Option(help="print text as it is generated")] = False,
     compile: CompileOption = False,
     device: DeviceOption = "auto",
@@ -240,9 +244,12 @@ def generate(
     """Continue prompts with a trained model. Defaults come from the model's generation_config.json.
 
     Example: lmforge generate --model runs/demo "今天的天气" --max-new-tokens 50 --stream
+             lmforge generate --model runs/poems $'题目：春夜\\n体裁：五言绝句\\n正文：\\n' --form 五言绝句 --rhyme
     """
     import lmforge
 
+    if rhyme and not form:
+        raise UserError("--rhyme applies to a poem form: add --form")
     lm = lmforge.load(model, device=device, compiled=compile)
     sampling = dict(
         max_new_tokens=max_new_tokens,
@@ -251,6 +258,7 @@ def generate(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        constraint=lm.form_constraint(form, rhyme) if form else None,
     )
     if stream:
         for text in prompt:

@@ -427,6 +427,33 @@ def test_suffix_is_a_fill_in_the_middle_prompt_for_a_fim_model_and_a_400_otherwi
     assert response.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
 
 
+def test_form_makes_every_choice_a_poem_of_that_form(client):
+    import torch
+
+    from lmforge.data.poetry import FORMS, form_of
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.lm import LM
+    from lmforge.models.decoder import Decoder, DecoderConfig
+
+    poems = ["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。", "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。"]
+    tokenizer = Tokenizer.train(poems * 20, 320, show_progress=False)
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    with TestClient(create_app(LM(Decoder(config), tokenizer), model_name="poems")) as poem_client:
+        body = {"model": "poems", "prompt": "春", "form": "五言绝句", "rhyme": True, "max_tokens": 30, "n": 4,
+                "temperature": 1.2, "top_k": 10, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 0}  # fmt: skip
+        response = poem_client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert all(form_of(choice["text"]) == FORMS["五言绝句"] for choice in response.json()["choices"])
+        unknown = poem_client.post("/v1/completions", json={**body, "form": "六言"})
+        assert "unknown poem form" in assert_error(unknown, 400, "form")["message"]
+        short = poem_client.post("/v1/completions", json={**body, "max_tokens": 10})
+        assert "needs up to 26 new tokens" in assert_error(short, 400, "max_tokens")["message"]
+        alone = poem_client.post("/v1/completions", json={**body, "form": None})
+        assert_error(alone, 400, "rhyme")
+
+
 def test_head_answers_200_without_a_body(served_lm):
     with background_server(create_app(served_lm, model_name="tiny", api_key="k")) as url, httpx.Client() as http:
         for path in ("/", "/health"):

@@ -140,6 +140,9 @@ class CompletionRequest(_Refusing):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = 16  # the legacy API's default
     suffix: Text | None = None  # text after the completion: a fill-in-the-middle prompt (models trained with FIM)
+    # Not in OpenAI's API: a poem form every choice fills exactly (五言绝句, 7-quatrain, ...), and a rhyme on it.
+    form: Annotated[str, Field(max_length=32)] | None = None
+    rhyme: bool = False
 
 
 class Usage(BaseModel):
