@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -185,3 +187,14 @@ def test_tiny_code_run_trains_and_reports_with_baselines(tmp_path):
     assert interval["low"] <= metrics["edit_similarity"] <= interval["high"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "baseline: previous line" in report and "Characters per token" in report
+
+
+def test_cli_refuses_to_run_code_without_the_flag(tmp_path):
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"task_id": "t/0", "prompt": "def f():\n", "test": "", "entry_point": "f"}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge", "eval", "--task", "code", "--model", str(tmp_path), "--data", str(problems)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "add --allow-code-execution" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from lmforge.data.tokenizer import HAN
 from lmforge.errors import UserError
-from lmforge.generate.constraints import HAN_SLOT
+
+HAN_SLOT = None  # a template slot any Han character fills (the convention of generate/constraints.py)
 
 COMMA, FULL_STOP = "，", "。"
 
