@@ -83,6 +83,26 @@ def test_bad_records_are_clear_errors(tmp_path):
         write.writing_examples(TaskData(source=str(tmp_path)), "test")
 
 
+def test_form_scores_count_lines_characters_and_rhymes(base):
+    five = write.form_named("五言绝句")
+    outputs = [
+        "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。",  # exact, rhymes (ang)
+        "床前明月光，疑是地上霜。\n举头望明月，低头思故人。",  # exact, no rhyme
+        "床前明月光，疑是地上霜。\n举头望明月，低头思。",  # four lines, one short
+        "床前明月光",  # one line, of the right length
+    ]
+    scores = write.form_scores(outputs, [five] * 4)
+    assert scores == {"form_accuracy": 0.5, "line_count_accuracy": 0.75, "line_length_accuracy": 0.75,
+                      "rhyme_rate": 0.25}  # fmt: skip
+    texts = write.text_scores(["春春春春春春", "春花秋月"], None)
+    assert texts["repeated_4grams"] == pytest.approx(2 / 4) and texts["distinct_1"] == pytest.approx(4 / 10)
+    from lmforge.lm import load
+
+    lm = load(base, device="cpu")
+    assert write.output_perplexity(lm, ["春花秋月"]) > 1
+
+
+@pytest.mark.slow
 def test_tiny_run_reports_forms_against_the_baselines(tmp_path, base, corpus):
     recipe = from_dict(write.Recipe, {
         "data": {"source": str(corpus), "max_eval_examples": 4}, "base": str(base), "device": "cpu",
