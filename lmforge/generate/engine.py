@@ -4,8 +4,9 @@ Every caller decodes through `Engine`: `LM.generate` / `LM.chat` add all their r
 step until they are done; the server adds requests as they arrive and removes the ones whose client
 went away (continuous batching). Live rows share one left-padded `KVCache` whose rows all end in the
 same column (models/cache.py owns merging, dropping and trimming rows). Each step chooses one token
-per row, each row with its own sampling settings (generate/sampling.py), and feeds the tokens of the
-rows still running back through the model. Position ids count real tokens only and the attention mask
+per row, each row with its own sampling settings (generate/sampling.py) and, for a constrained row, only among the
+ids its constraint allows (generate/constraints.py), and feeds the tokens of the rows still running back through
+the model. Position ids count real tokens only and the attention mask
 hides padding, so every row decodes as it would alone.
 
 With `compiled=True`, steps run as `torch.compile`d graphs (generate/compiled.py) while at most
