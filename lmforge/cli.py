@@ -233,6 +233,10 @@ def generate(
     repetition_penalty: Annotated[float | None, typer.Option(help="1 = off")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    form: Annotated[
+        str | None, typer.Option(help="a poem form to write exactly: 五言绝句, 七言律诗, 5-quatrain, ...")
+    ] = None,
+    rhyme: Annotated[bool, typer.Option(help="with --form: even lines rhyme (pinyin finals)")] = False,
     stream: Annotated[bool, typer.Option(help="print text as it is generated")] = False,
     compile: CompileOption = False,
     device: DeviceOption = "auto",
@@ -240,9 +244,12 @@ def generate(
     """Continue prompts with a trained model. Defaults come from the model's generation_config.json.
 
     Example: lmforge generate --model runs/demo "今天的天气" --max-new-tokens 50 --stream
+             lmforge generate --model runs/poems $'题目：春夜\\n体裁：五言绝句\\n正文：\\n' --form 五言绝句 --rhyme
     """
     import lmforge
 
+    if rhyme and not form:
+        raise UserError("--rhyme applies to a poem form: add --form")
     lm = lmforge.load(model, device=device, compiled=compile)
     sampling = dict(
         max_new_tokens=max_new_tokens,
@@ -251,6 +258,7 @@ def generate(
         top_p=top_p,
         repetition_penalty=repetition_penalty,
         seed=seed,
+        constraint=lm.form_constraint(form, rhyme) if form else None,
     )
     if stream:
         for text in prompt:
@@ -382,6 +390,11 @@ def evaluate(
         typer.Option(help="minimum Bayes risk decoding over this many samples, 0 = off (translate, summarize)"),
     ] = None,
     baselines: BaselinesOption = None,
+    allow_code_execution: Annotated[
+        bool, typer.Option(help="run the model's code to score HumanEval pass@k (code; see the README first)")
+    ] = False,
+    samples: Annotated[int | None, typer.Option(help="completions per HumanEval problem, for pass@k (code)")] = None,
+    temperature: Annotated[float | None, typer.Option(help="sampling temperature of those completions (code)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON line")] = False,
     device: DeviceOption = "auto",
 ) -> None:
@@ -389,6 +402,8 @@ def evaluate(
 
     Examples: lmforge eval --model runs/demo --data builtin:peoples-daily --split test
               lmforge eval --task sentiment --model runs/sentiment --data ../shared/data/sentiment --split test
+              lmforge eval --task code --model runs/code --data ../shared/data/code/humaneval.jsonl \
+                --allow-code-execution
     """
     if task is not None:
         decoding = dict(
@@ -398,6 +413,11 @@ def evaluate(
             mbr_samples=mbr_samples,
         )
         options = {key: value for key, value in decoding.items() if value is not None}
+        code = dict(allow_code_execution=allow_code_execution or None, samples=samples, temperature=temperature)
+        code = {key: value for key, value in code.items() if value is not None}
+        if code and task != "code":
+            raise UserError(f"--allow-code-execution, --samples and --temperature apply to the code task, not {task}")
+        options.update(code)
         _evaluate_task(task, model, data, split, out, max_examples, options, baselines, as_json)
         return
 
@@ -414,6 +434,9 @@ def evaluate(
         f"{data} [{split}]: perplexity {results['perplexity']:.2f}, bits/byte {results['bits_per_byte']:.4f}, "
         f"bits/char {results['bits_per_char']:.4f} over {results['tokens']:,} tokens"
     )
+
+
+CODE_OPTIONS = {"allow_code_execution", "samples", "temperature"}
 
 
 def _evaluate_task(
@@ -434,7 +457,7 @@ def _evaluate_task(
 
     module = task_module(task)
     source = data or module.Recipe().data.source
-    if options and task not in ("translate", "summarize"):
+    if set(options) - CODE_OPTIONS and task not in ("translate", "summarize"):
         raise UserError(
             "--num-beams, --length-penalty, --no-repeat-ngram-size and --mbr-samples apply to translate and "
             f"summarize, not {task}"

@@ -16,10 +16,12 @@ from torch import nn
 
 from lmforge.config import from_dict
 from lmforge.data.chat import Message, check_messages, truncate_chat
+from lmforge.data.poetry import form_named, rhyme_group
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.generate.compiled import check_compilable
+from lmforge.generate.constraints import TemplateConstraint, TokenTable, check_room
 from lmforge.generate.engine import Engine, Request
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.generate.text import TextStream
@@ -72,6 +74,7 @@ class LM:
         self.tokenizer = tokenizer
         self.defaults = defaults or SamplingConfig()
         self.compiled = compiled
+        self._token_table: TokenTable | None = None
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +89,14 @@ class LM:
         except (TypeError, ValueError) as error:
             raise UserError(str(error)) from None
 
+    def form_constraint(self, form: str, rhyme: bool = False) -> TemplateConstraint:
+        """A constraint that makes every output a poem of `form` (五言绝句, 7-quatrain, ...), rhyming when asked."""
+        poem = form_named(form)
+        if self._token_table is None:
+            self._token_table = TokenTable(self.tokenizer.token_bytes())
+        return TemplateConstraint(self._token_table, poem.template(), self.tokenizer.eos_id,
+                                  poem.rhyme_slots() if rhyme else (), rhyme_group if rhyme else None)  # fmt: skip
+
     def encode_prompt(self, prompt: str) -> list[int]:
         # Training documents start with <bos>, so a prompt does too.
         return [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
@@ -96,11 +107,13 @@ class LM:
         *,
         stream: bool = False,
         stop: Sequence[str] | str | None = None,
+        constraint: TemplateConstraint | None = None,
         **sampling,
     ) -> str | list[str] | Iterator[str]:
         """Continue one prompt (-> str, or an iterator of text pieces with `stream=True`) or many (-> list[str]).
 
         Sampling keywords: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty, seed.
+        `constraint` (e.g. `form_constraint("五言绝句")`) allows only text that fills its form.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -108,15 +121,33 @@ class LM:
             if not single:
                 raise UserError("stream=True takes one prompt, not a list")
             config = self.sampling(**sampling)
-            return (pieces[0] for pieces in self._pieces(self._encode_prompts(prompts), stop, config, []))
-        completions = self.complete(prompts, stop=stop, **sampling)
+            pieces = self._pieces(self._encode_prompts(prompts), stop, config, [], constraint=constraint)
+            return (piece[0] for piece in pieces)
+        completions = self.complete(prompts, stop=stop, constraint=constraint, **sampling)
         texts = [completion.text for completion in completions]
         return texts[0] if single else texts
 
     def complete(
-        self, prompts: Sequence[str], *, stop: Sequence[str] | str | None = None, **sampling
+        self,
+        prompts: Sequence[str],
+        *,
+        stop: Sequence[str] | str | None = None,
+        constraint: TemplateConstraint | None = None,
+        **sampling,
     ) -> list[Completion]:
-        return self._collect(self._encode_prompts(prompts), stop, self.sampling(**sampling))
+        return self.complete_ids(self._encode_prompts(prompts), stop=stop, constraint=constraint, **sampling)
+
+    def complete_ids(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        *,
+        stop: Sequence[str] | str | None = None,
+        constraint: TemplateConstraint | None = None,
+        **sampling,
+    ) -> list[Completion]:
+        """Like `complete`, for prompts already encoded (ones that hold special tokens, such as fill-in-the-middle)."""
+        ids = [list(prompt) for prompt in prompt_ids]
+        return self._collect(ids, stop, self.sampling(**sampling), constraint=constraint)
 
     def chat(
         self, messages: Sequence[Message], *, stream: bool = False, stop: Sequence[str] | str | None = None, **sampling
@@ -156,10 +187,12 @@ class LM:
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.encode_prompt(text) for text in prompts]
 
-    def _collect(self, prompt_ids, stop, config: SamplingConfig, stop_ids: Sequence[int] = ()) -> list[Completion]:
+    def _collect(
+        self, prompt_ids, stop, config: SamplingConfig, stop_ids: Sequence[int] = (), constraint=None
+    ) -> list[Completion]:
         completions: list[Completion] = []
         texts = [""] * len(prompt_ids)
-        for pieces in self._pieces(prompt_ids, stop, config, completions, stop_ids):
+        for pieces in self._pieces(prompt_ids, stop, config, completions, stop_ids, constraint):
             texts = [text + piece for text, piece in zip(texts, pieces)]
         return [dataclasses.replace(done, text=text) for done, text in zip(completions, texts)]
 
@@ -170,6 +203,7 @@ class LM:
         config: SamplingConfig,
         completions: list[Completion],
         stop_ids: Sequence[int] = (),
+        constraint: TemplateConstraint | None = None,
     ) -> Iterator[list[str]]:
         """Yield, per step, the new text of every row; fill `completions` (without text) at the end.
 
@@ -183,11 +217,15 @@ class LM:
         for ids in prompt_ids:
             if len(ids) >= context:
                 raise UserError(f"the prompt has {len(ids)} tokens; this model's context holds {context}")
+            if constraint is not None:
+                check_room(constraint, min(config.max_new_tokens, context - len(ids)), "the constrained form")
         engine = Engine(self.model, self.tokenizer.pad_id, self.compiled)
         generator = None
         if config.seed is not None:
             generator = torch.Generator(device=engine.device).manual_seed(config.seed % 2**64)
-        requests = [Request(ids, config, end_ids, generator) for ids in prompt_ids]
+        requests = [
+            Request(ids, config, end_ids, generator, constraint.start() if constraint else None) for ids in prompt_ids
+        ]
         streams = {id(request): TextStream(self.tokenizer, stop, end_ids) for request in requests}
         engine.add(requests)
         while engine.has_work():

@@ -368,7 +368,7 @@ UNSUPPORTED_ASKS = {  # a value that asks for something this server does not do:
     "frequency_penalty": -1,
     "audio": {"voice": "alloy", "format": "wav"},
 }
-COMPLETION_ASKS = {"echo": True, "best_of": 3, "suffix": "。", "logprobs": 2, "logit_bias": {"5": -100}}
+COMPLETION_ASKS = {"echo": True, "best_of": 3, "logprobs": 2, "logit_bias": {"5": -100}}
 DEFAULTS = {"logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none", "functions": None,
             "response_format": {"type": "text"}, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
             "audio": None}  # fmt: skip
@@ -397,6 +397,61 @@ def test_unsupported_parameters_at_their_defaults_are_accepted(client):
     defaults = {"echo": False, "best_of": 1, "suffix": None, "logprobs": None, "presence_penalty": 0}
     response = client.post("/v1/completions", json={"model": "tiny", "prompt": "第1句", "max_tokens": 2, **defaults})
     assert response.status_code == 200, response.text
+
+
+def test_suffix_is_a_fill_in_the_middle_prompt_for_a_fim_model_and_a_400_otherwise(client):
+    import torch
+
+    from lmforge.data.code import fim_prompt_ids
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.lm import LM
+    from lmforge.models.decoder import Decoder, DecoderConfig
+
+    refused = client.post("/v1/completions", json={"model": "tiny", "prompt": "def f():\n", "suffix": "\n    return x"})
+    assert "fill-in-the-middle" in assert_error(refused, 400, "suffix")["message"]
+    tokenizer = Tokenizer.train(
+        ["def f(x):\n    return x + 1\n"] * 20, 300, show_progress=False, fill_in_the_middle=True
+    )
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    lm = LM(Decoder(config), tokenizer)
+    with TestClient(create_app(lm, model_name="fim")) as fim_client:
+        body = {"model": "fim", "prompt": "def f(x):\n", "suffix": "\n    return y\n", "max_tokens": 6,
+                "temperature": 0, "repetition_penalty": 1.0}  # fmt: skip
+        response = fim_client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    [expected] = lm.complete_ids([fim_prompt_ids(tokenizer, body["prompt"], body["suffix"])], max_new_tokens=6,
+                                 temperature=0, repetition_penalty=1.0)  # fmt: skip
+    assert response.json()["choices"][0]["text"] == expected.text
+    assert response.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
+
+
+def test_form_makes_every_choice_a_poem_of_that_form(client):
+    import torch
+
+    from lmforge.data.poetry import FORMS, form_of
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.lm import LM
+    from lmforge.models.decoder import Decoder, DecoderConfig
+
+    poems = ["床前明月光，疑是地上霜。\n举头望明月，低头思故乡。", "白日依山尽，黄河入海流。\n欲穷千里目，更上一层楼。"]
+    tokenizer = Tokenizer.train(poems * 20, 320, show_progress=False)
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                           intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    with TestClient(create_app(LM(Decoder(config), tokenizer), model_name="poems")) as poem_client:
+        body = {"model": "poems", "prompt": "春", "form": "五言绝句", "rhyme": True, "max_tokens": 30, "n": 4,
+                "temperature": 1.2, "top_k": 10, "top_p": 0.9, "repetition_penalty": 1.3, "seed": 0}  # fmt: skip
+        response = poem_client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert all(form_of(choice["text"]) == FORMS["五言绝句"] for choice in response.json()["choices"])
+        unknown = poem_client.post("/v1/completions", json={**body, "form": "六言"})
+        assert "unknown poem form" in assert_error(unknown, 400, "form")["message"]
+        short = poem_client.post("/v1/completions", json={**body, "max_tokens": 10})
+        assert "needs up to 26 new tokens" in assert_error(short, 400, "max_tokens")["message"]
+        alone = poem_client.post("/v1/completions", json={**body, "form": None})
+        assert_error(alone, 400, "rhyme")
 
 
 def test_head_answers_200_without_a_body(served_lm):

@@ -35,6 +35,8 @@ from lmforge.run_folder import RunFolder, atomic_write_text, read_json, write_js
 
 # ids 0..6 in this order; <mask> is for masked-LM pretraining of encoders.
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", "<mask>"]
+# Fill-in-the-middle markers in StarCoder's names, after SPECIAL_TOKENS in tokenizers trained for code.
+FIM_TOKENS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
 # ChatML (https://github.com/openai/openai-python/blob/v0.28.1/chatml.md), as Qwen uses it, after our <bos>:
 # every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; a reply starts with "<|im_start|>assistant\n".
 CHATML_TEMPLATE = (
@@ -57,6 +59,9 @@ ROLE_TOKENS = {
     "im_start": ("<|im_start|>",),
     "im_end": ("<|im_end|>", "<|eot_id|>", "</s>"),
     "mask": ("<mask>", "[MASK]"),
+    "fim_prefix": ("<fim_prefix>",),
+    "fim_suffix": ("<fim_suffix>",),
+    "fim_middle": ("<fim_middle>",),
 }
 REQUIRED_ROLES = ("pad", "bos", "eos", "unk")
 QWEN2_SPLIT_PATTERN = (
@@ -146,6 +151,9 @@ class Tokenizer:
         self.im_start_id: int | None = ids["im_start"]
         self.im_end_id: int | None = ids["im_end"]
         self.mask_id: int | None = ids["mask"]
+        fim = (ids["fim_prefix"], ids["fim_suffix"], ids["fim_middle"])
+        # (prefix, suffix, middle) ids of a tokenizer trained for fill-in-the-middle, else None.
+        self.fim_ids: tuple[int, int, int] | None = fim if None not in fim else None
         # Jinja source saved beside the vocabulary (None: `data/chat.py` falls back to ChatML).
         self.chat_template: str | None = None
         self._token_bytes: list[bytes] | None = None
@@ -153,9 +161,17 @@ class Tokenizer:
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 2,
+        show_progress: bool = True,
+        fill_in_the_middle: bool = False,
     ) -> Tokenizer:
-        """Learn merges from `texts` (any iterable of strings, read once) up to `vocab_size` ids."""
+        """Learn merges from `texts` (any iterable of strings, read once) up to `vocab_size` ids.
+
+        `fill_in_the_middle` adds the `FIM_TOKENS` after the usual special tokens (code models).
+        """
         if vocab_size < MIN_VOCAB_SIZE:
             raise UserError(
                 f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
@@ -172,7 +188,8 @@ class Tokenizer:
         length = len(texts) if isinstance(texts, Sized) else None  # a progress total, where known
         # No unk_token: the 256-byte alphabet covers every input. `<unk>` stays as a special for
         # compatibility with tools that expect one.
-        backend = train_byte_level_bpe(counted(texts), vocab_size, SPECIAL_TOKENS, min_frequency, show_progress, length)
+        specials = SPECIAL_TOKENS + (FIM_TOKENS if fill_in_the_middle else [])
+        backend = train_byte_level_bpe(counted(texts), vocab_size, specials, min_frequency, show_progress, length)
         if characters[0] == 0:
             raise UserError(
                 "no text to train a tokenizer on: the training data is empty or blank (check the file and the "
@@ -242,6 +259,7 @@ class Tokenizer:
         if self.mask_id is not None:
             config["mask_token"] = token(self.mask_id)
         markers = [token(i) for i in (self.im_start_id, self.im_end_id) if i is not None and i != self.eos_id]
+        markers += [token(i) for i in self.fim_ids or ()]
         if markers:
             config["additional_special_tokens"] = markers
         if model_max_length is not None:

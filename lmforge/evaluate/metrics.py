@@ -197,22 +197,60 @@ def paired_difference(
     Both systems are scored on the same examples, so resampling the differences (not each system alone) keeps
     what is shared between them out of the interval. Returns {"mean", "low", "high"}.
     """
-    from scipy.stats import bootstrap
-
     if len(ours) != len(theirs) or not ours:
         raise ValueError(f"paired scores need equal, non-zero lengths, not {len(ours)} and {len(theirs)}")
     differences = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
-    if np.all(differences == differences[0]):  # no spread: the interval is the point (scipy would warn, then NaN)
-        return {"mean": float(differences[0]), "low": float(differences[0]), "high": float(differences[0])}
+    return bootstrap_mean(differences, confidence, resamples, seed)
+
+
+def bootstrap_mean(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """The mean of per-example values with a percentile bootstrap interval over examples: {"mean", "low", "high"}."""
+    from scipy.stats import bootstrap
+
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        raise ValueError("a bootstrap interval needs at least one value")
+    if np.all(values == values[0]):  # no spread: the interval is the point (scipy would warn, then NaN)
+        return {"mean": float(values[0]), "low": float(values[0]), "high": float(values[0])}
     interval = bootstrap(
-        (differences,),
+        (values,),
         np.mean,
         confidence_level=confidence,
         n_resamples=resamples,
         method="percentile",
         rng=np.random.default_rng(seed),
     ).confidence_interval
-    return {"mean": float(differences.mean()), "low": float(interval.low), "high": float(interval.high)}
+    return {"mean": float(values.mean()), "low": float(interval.low), "high": float(interval.high)}
+
+
+def edit_similarity(hypothesis: str, reference: str) -> float:
+    """100 * (1 - indel distance / (len(h) + len(r))) = 200 * LCS / (len(h) + len(r)), 100 for two empty strings.
+
+    The Levenshtein ratio with a substitution counted as a deletion plus an insertion, which `fuzzywuzzy.fuzz.ratio`
+    computes and the CodeXGLUE line-completion scorer reports as edit similarity (there rounded to an integer).
+    """
+    total = len(hypothesis) + len(reference)
+    if total == 0:
+        return 100.0
+    previous = [0] * (len(reference) + 1)  # LCS lengths of the hypothesis so far against each reference prefix
+    for char in hypothesis:
+        current = [0]
+        for column, other in enumerate(reference, start=1):
+            current.append(previous[column - 1] + 1 if char == other else max(previous[column], current[-1]))
+        previous = current
+    return 200.0 * previous[-1] / total
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """The unbiased pass@k of one problem from `samples` samples of which `correct` pass (Chen et al. 2021,
+    https://arxiv.org/abs/2107.03374): 1 - C(n - c, k) / C(n, k), as a product so large n does not overflow."""
+    if k > samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, not {samples}")
+    if samples - correct < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(samples - correct + 1, samples + 1)))
 
 
 def _label_order(predictions: Sequence[Hashable], labels: Sequence[Hashable]) -> list[Hashable]:

@@ -4,8 +4,9 @@ Every caller decodes through `Engine`: `LM.generate` / `LM.chat` add all their r
 step until they are done; the server adds requests as they arrive and removes the ones whose client
 went away (continuous batching). Live rows share one left-padded `KVCache` whose rows all end in the
 same column (models/cache.py owns merging, dropping and trimming rows). Each step chooses one token
-per row, each row with its own sampling settings (generate/sampling.py), and feeds the tokens of the
-rows still running back through the model. Position ids count real tokens only and the attention mask
+per row, each row with its own sampling settings (generate/sampling.py) and, for a constrained row, only among the
+ids its constraint allows (generate/constraints.py), and feeds the tokens of the rows still running back through
+the model. Position ids count real tokens only and the attention mask
 hides padding, so every row decodes as it would alone.
 
 With `compiled=True`, steps run as `torch.compile`d graphs (generate/compiled.py) while at most
@@ -23,6 +24,7 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.generate.compiled import CompiledDecoding, check_compilable
+from lmforge.generate.constraints import Cursor, mask_logits
 from lmforge.generate.sampling import SamplingConfig, next_tokens_per_row, prompt_tokens_seen
 from lmforge.models.cache import KVCache
 from lmforge.models.decoder import Decoder
@@ -38,6 +40,8 @@ class Request:
     # Rows that pass the same generator draw together from it (LM's seeded batch); by default a seeded
     # request gets its own, so its tokens do not depend on its neighbours.
     generator: torch.Generator | None = None
+    # A constrained row (generate/constraints.py): only the ids its cursor allows are sampled.
+    constraint: Cursor | None = None
     budget: int = 0  # new tokens it may take: max_new_tokens, or what the context leaves (set by `Engine.add`)
     generated: int = 0
 
@@ -163,6 +167,8 @@ class Engine:
         for row, request in zip(live, requests):
             token = values[row]
             request.generated += 1
+            if request.constraint is not None:
+                request.constraint.advance(token)
             reason = "stop" if token in request.stop_ids else "length" if request.generated >= request.budget else None
             out.append(Token(request, token, reason))
             if reason:
@@ -175,11 +181,13 @@ class Engine:
     def _sample(self, live: list[int], requests: list[Request]) -> torch.Tensor:
         """A token for every row (B,): sampled for the live ones, padding for the dead rows of a compiled batch."""
         configs, generators = [r.sampling for r in requests], [r.generator for r in requests]
+        cursors = [r.constraint for r in requests]
         if len(live) == len(self.rows):  # no dead rows: no gathering and scattering
-            return next_tokens_per_row(self.logits, configs, self.seen, generators)
+            return next_tokens_per_row(mask_logits(self.logits, cursors), configs, self.seen, generators)
         index = torch.tensor(live, device=self.device)
         tokens = torch.full((len(self.rows),), self.pad_id, dtype=torch.long, device=self.device)
-        tokens[index] = next_tokens_per_row(self.logits[index], configs, self.seen[index], generators)
+        logits = mask_logits(self.logits[index], cursors)  # (live, V)
+        tokens[index] = next_tokens_per_row(logits, configs, self.seen[index], generators)
         return tokens
 
     def _finish(self, rows: list[int]) -> list[int]:

@@ -21,8 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from lmforge.data.chat import check_messages, render_chat
+from lmforge.data.code import fim_prompt_ids
 from lmforge.data.tokenizer import SPECIAL_TOKENS
 from lmforge.errors import UserError
+from lmforge.generate.constraints import TemplateConstraint, check_room
 from lmforge.generate.text import stop_strings
 from lmforge.lm import LM
 from lmforge.models.decoder import Decoder
@@ -127,11 +129,39 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompt_ids = [lm.encode_prompt(prompt) for prompt in prompts]
-        sequences, queue = _submit(scheduler, lm, body, prompt_ids, body.max_tokens)
+        prompt_ids = _completion_prompts(lm, prompts, body.suffix)
+        constraint = _form_constraint(lm, body)
+        sequences, queue = _submit(scheduler, lm, body, prompt_ids, body.max_tokens, constraint)
         reply = Reply("cmpl", model_name, sum(len(ids) for ids in prompt_ids), len(sequences))
         stream = events(request, sequences, queue)
         return await answer(body, reply, stream, reply.completion_chunks, reply.completion)
+
+
+def _completion_prompts(lm: LM, prompts: list[str], suffix: str | None) -> list[list[int]]:
+    """Each prompt's ids; with a `suffix`, the fill-in-the-middle prompt asking for the text between the two."""
+    if not suffix:
+        return [lm.encode_prompt(prompt) for prompt in prompts]
+    if lm.tokenizer.fim_ids is None:
+        raise APIError(
+            400, "suffix needs a model trained with fill-in-the-middle (lmforge finetune --task code); this model's "
+            "tokenizer has no FIM tokens", param="suffix", code="unsupported_parameter",
+        )  # fmt: skip
+    return [fim_prompt_ids(lm.tokenizer, prompt, suffix) for prompt in prompts]
+
+
+def _form_constraint(lm: LM, body: protocol.CompletionRequest) -> TemplateConstraint | None:
+    """The constraint of the request's `form` (None without one); a 400 naming the parameter for a bad one."""
+    if body.form is None:
+        if body.rhyme:
+            raise APIError(400, "rhyme applies to a poem form: send form too", param="rhyme")
+        return None
+    try:
+        constraint = lm.form_constraint(body.form, body.rhyme)
+        if body.max_tokens is not None:
+            check_room(constraint, body.max_tokens, f"the form {body.form}")
+    except UserError as error:
+        raise APIError(400, str(error), param="max_tokens" if "max_new_tokens" in str(error) else "form") from None
+    return constraint
 
 
 def _check_model(requested: str, model_name: str) -> None:
@@ -186,7 +216,12 @@ def _check_fits(body: protocol._Sampling, prompts: int, max_queue: int) -> None:
 
 
 def _submit(
-    scheduler: Scheduler, lm: LM, body: protocol._Sampling, prompt_ids: list[list[int]], max_tokens: int | None
+    scheduler: Scheduler,
+    lm: LM,
+    body: protocol._Sampling,
+    prompt_ids: list[list[int]],
+    max_tokens: int | None,
+    constraint: TemplateConstraint | None = None,
 ) -> tuple[list[SequenceRequest], asyncio.Queue]:
     """Check the lengths, then queue `n` sequences per prompt; their events arrive on one asyncio queue."""
     room = _check_room(body, prompt_ids, max_tokens, lm.model.config.max_position_embeddings)
@@ -206,7 +241,8 @@ def _submit(
                 seed=seed,
             )
             index = prompt_number * body.n + choice
-            sequences.append(SequenceRequest(ids, sampling, emit, stop_strings(body.stop), index=index))
+            sequence = SequenceRequest(ids, sampling, emit, stop_strings(body.stop), index=index, constraint=constraint)
+            sequences.append(sequence)
     try:
         scheduler.submit(sequences)
     except QueueFull as error:

@@ -98,7 +98,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "frequency_penalty": (None, 0, 0.0),
     "echo": (None, False),
     "best_of": (None, 1),
-    "suffix": (None, ""),
     "audio": (None,),
 }
 _Unsupported = SkipJsonSchema[Any]  # left out of the OpenAPI document: only the defaults are accepted
@@ -117,7 +116,6 @@ class _Refusing(_Sampling):
     frequency_penalty: _Unsupported = None
     echo: _Unsupported = None
     best_of: _Unsupported = None
-    suffix: _Unsupported = None
     audio: _Unsupported = None
 
     @field_validator(*UNSUPPORTED)
@@ -141,6 +139,10 @@ class ChatCompletionRequest(_Refusing):
 class CompletionRequest(_Refusing):
     prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=16)]
     max_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = 16  # the legacy API's default
+    suffix: Text | None = None  # text after the completion: a fill-in-the-middle prompt (models trained with FIM)
+    # Not in OpenAI's API: a poem form every choice fills exactly (五言绝句, 7-quatrain, ...), and a rhyme on it.
+    form: Annotated[str, Field(max_length=32)] | None = None
+    rhyme: bool = False
 
 
 class Usage(BaseModel):

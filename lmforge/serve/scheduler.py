@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.generate.constraints import TemplateConstraint
 from lmforge.generate.engine import Engine, Request
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.generate.text import TextStream
@@ -49,6 +50,7 @@ class SequenceRequest:
     emit: Callable[[Event], None]
     stop: list[str] = field(default_factory=list)
     index: int = 0
+    constraint: TemplateConstraint | None = None  # a form the text must fill (generate/constraints.py)
     cancelled: bool = False  # set from any thread; the scheduler drops the sequence before its next step
 
     def cancel(self) -> None:
@@ -154,12 +156,14 @@ class Scheduler:
                     newcomers.append(request)
         if not newcomers:
             return
-        admitted = [
-            _Live(request, Request(request.prompt_ids, request.sampling, self.end_ids), self._text(request))
-            for request in newcomers
-        ]
+        admitted = [_Live(request, self._row(request), self._text(request)) for request in newcomers]
         self.engine.add([live.row for live in admitted])
         self.live.update((id(live.row), live) for live in admitted)
+
+    def _row(self, request: SequenceRequest) -> Request:
+        """The engine's side of a sequence (a constrained one gets its own cursor through the form)."""
+        cursor = request.constraint.start() if request.constraint is not None else None
+        return Request(request.prompt_ids, request.sampling, self.end_ids, constraint=cursor)
 
     def _text(self, request: SequenceRequest) -> TextStream:
         return TextStream(self.tokenizer, request.stop, self.end_ids)

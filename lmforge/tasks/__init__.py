@@ -24,6 +24,8 @@ TASKS = {
     "chat": "chat fine-tuning of a decoder on conversations ({messages}); --lora-rank for LoRA",
     "dpo": "preference tuning of a chat model with DPO ({messages, chosen, rejected})",
     "distill": "a smaller decoder trained on a teacher's logits (--teacher RUN) and plain text",
+    "write": "poems and news with form and style controls, from a pretrained decoder ({title, text}); --base",
+    "code": "code completion on Python files (stdlib or a folder), left to right and fill-in-the-middle",
     "mcq": "multiple choice scored by a decoder's log-likelihood ({question, choices, answer}); evaluation only",
 }
 

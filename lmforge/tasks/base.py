@@ -50,11 +50,12 @@ class Setup:
     resume: bool
     progress: bool
 
-    def tokenizer(self, texts: Callable[[], Iterable[str]], vocab_size: int) -> Tokenizer:
-        """The run folder's own tokenizer when resuming (its ids match the checkpoint), else one trained on texts()."""
+    def tokenizer(self, texts: Callable[[], Iterable[str]], vocab_size: int, **options) -> Tokenizer:
+        """The run folder's own tokenizer when resuming (its ids match the checkpoint), else one trained on texts()
+        (`options`: Tokenizer.train's, e.g. fill_in_the_middle)."""
         if self.resume and self.folder.has_tokenizer():
             return Tokenizer.load(self.folder.path)
-        return Tokenizer.train(texts(), vocab_size, show_progress=self.progress)
+        return Tokenizer.train(texts(), vocab_size, show_progress=self.progress, **options)
 
 
 @dataclass
