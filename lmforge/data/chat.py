@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -35,7 +35,7 @@ Message = dict[str, Any]
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN = "<think>", "</think>", "<tool_call>"
 
 
 @dataclass
@@ -256,23 +256,46 @@ class ParsedReply:
     tool_calls: list[dict] = field(default_factory=list)
 
 
-def parse_reply(text: str, parse_calls: bool = True) -> ParsedReply:
-    """Split `<think>trace</think>` off the front, then read `<tool_call>{json}</tool_call>` blocks.
+def parse_reply(
+    text: str, parse_calls: bool = True, final: bool = True, known: Collection[str] | None = None
+) -> ParsedReply:
+    """Split a `<think>trace</think>` off the front, then read `<tool_call>{json}</tool_call>` blocks.
 
-    Calls are taken only when every block holds {"name": str, "arguments": object}: a reply with one
-    malformed block is returned whole as content, never half-read.
+    Calls are taken only when every block holds {"name": str, "arguments": object}, the name one of
+    `known` when given: a reply with a malformed block is returned whole as content, never half-read.
+    With `parse_calls` the content is stripped of surrounding whitespace; without, a reply with no
+    trace is its content unchanged. With
+    `final=False` (a reply still being written) each field holds only what more text cannot change, so
+    it is a prefix of the same field of the finished reply: what a stream may already send.
     """
-    reasoning = None
+    reasoning, body = None, text
     stripped = text.lstrip()
-    if stripped.startswith(THINK_OPEN) and THINK_CLOSE in stripped:
-        trace, _, text = stripped[len(THINK_OPEN) :].partition(THINK_CLOSE)
-        reasoning, text = trace.strip("\n"), text.lstrip("\n")
-    blocks = TOOL_CALL.findall(text) if parse_calls else []
+    if stripped.startswith(THINK_OPEN):
+        trace, closed, body = stripped[len(THINK_OPEN) :].partition(THINK_CLOSE)
+        reasoning, body = (trace if closed or final else _without_partial(trace, THINK_CLOSE)).strip("\n"), body
+        body = body.lstrip("\n")
+    elif not final and THINK_OPEN.startswith(stripped):
+        return ParsedReply("")  # it may still open a trace
+    if not parse_calls:
+        return ParsedReply(body, reasoning)
+    start = body.find(TOOL_CALL_OPEN)
+    if start < 0:
+        return ParsedReply((body if final else _without_partial(body, TOOL_CALL_OPEN)).strip(), reasoning)
+    if not final:
+        return ParsedReply(body[:start].strip(), reasoning)
+    blocks = TOOL_CALL.findall(body)
     calls = [_read_call(block) for block in blocks]
-    if not blocks or None in calls:
-        return ParsedReply(text, reasoning)
-    content = text[: text.find("<tool_call>")].strip()
-    return ParsedReply(content, reasoning, calls)
+    if not blocks or None in calls or (known is not None and any(call["name"] not in known for call in calls)):
+        return ParsedReply(body.strip(), reasoning)
+    return ParsedReply(body[:start].strip(), reasoning, calls)
+
+
+def _without_partial(text: str, marker: str) -> str:
+    """`text` without an end that may be the start of `marker` (it could still become the marker)."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return text[:-size]
+    return text
 
 
 def _read_call(block: str) -> dict | None:

@@ -21,7 +21,7 @@ import torch
 
 from lmforge.config import option
 from lmforge.data.batches import IGNORE_INDEX, pack_documents
-from lmforge.data.chat import chat_template, check_messages, truncate_chat
+from lmforge.data.chat import chat_template, check_messages, check_tools, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import evaluating
@@ -68,25 +68,35 @@ class Recipe:
     )
     generation: SamplingConfig = option(SamplingConfig(), "sampling defaults saved with the tuned model")
     max_new_tokens: int = option(48, "reply length limit when scoring checkable answers")
+    trace_loss: bool = option(True, "learn the <think> reasoning traces too (false: loss on the answers only)")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
 def conversations(data: TaskData, split: str) -> list[dict]:
-    """The split's records, each checked to be a conversation that ends with an assistant reply."""
+    """The split's records, each checked to be a conversation that ends with an assistant reply (and its
+    `tools`, when it offers some, checked as signatures)."""
     records = task_records(data, split, FIELDS, key_field=KEY_FIELD)
     for number, record in enumerate(records, start=1):
-        messages = check_messages(record["messages"], f"record {number} of {data.source} ({split})")
-        if messages[-1]["role"] != "assistant":
-            raise UserError(f"record {number} of {data.source} ({split}) does not end with an assistant message")
+        where = f"record {number} of {data.source} ({split})"
+        record["messages"] = check_messages(record["messages"], where)
+        if record["messages"][-1]["role"] != "assistant":
+            raise UserError(f"{where} does not end with an assistant message")
+        try:
+            record["tools"] = check_tools(record.get("tools"))
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
     return records
 
 
-def encode_conversations(tokenizer: Tokenizer, records: list[dict], length: int) -> list[tuple[list[int], list[bool]]]:
+def encode_conversations(
+    tokenizer: Tokenizer, records: list[dict], length: int, trace_loss: bool = True
+) -> list[tuple[list[int], list[bool]]]:
     """(ids, loss_mask) per conversation, oldest turns dropped to fit; ones whose last turn cannot fit are left out."""
     documents = []
     for record in records:
         try:
-            _, tokens = truncate_chat(tokenizer, record["messages"], length)
+            _, tokens = truncate_chat(tokenizer, record["messages"], length, tools=record.get("tools"),
+                                      trace_loss=trace_loss)  # fmt: skip
         except UserError:
             continue
         if any(tokens.loss_mask):
@@ -94,8 +104,10 @@ def encode_conversations(tokenizer: Tokenizer, records: list[dict], length: int)
     return documents
 
 
-def packed_rows(tokenizer: Tokenizer, records: list[dict], length: int, seed: int) -> dict[str, torch.Tensor]:
-    documents = encode_conversations(tokenizer, records, length)
+def packed_rows(
+    tokenizer: Tokenizer, records: list[dict], length: int, seed: int, trace_loss: bool = True
+) -> dict[str, torch.Tensor]:
+    documents = encode_conversations(tokenizer, records, length, trace_loss)
     if not documents:
         raise UserError(f"no conversation fits in {length} tokens")
     if len(documents) < len(records):
@@ -151,8 +163,8 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     context = model.config.max_position_embeddings
     length = min(recipe.max_length or context, context)
     seed = recipe.train.seed
-    train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed)
-    valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed)
+    train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed, recipe.trace_loss)
+    valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed, recipe.trace_loss)
     valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
     task_info = tuned_task_info(model, recipe.lora, {"task": "chat", "base": str(recipe.base)}, seed)
     print(f"chat fine-tuning: {len(train_rows['input_ids']):,} packed rows of {length} tokens")
