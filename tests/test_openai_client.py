@@ -226,7 +226,8 @@ BAD_TOOL_REQUESTS = {
         {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": "{3*9"}}]}]},
     "functions": {"functions": [{"name": "weather", "parameters": {"type": "object"}}]},
 }  # fmt: skip
-PARAMS = {"clash": "tools", "name": "tools", "no tools": "tool_choice", "call id": "messages", "arguments": "messages"}
+PARAMS = {"clash": "tools", "name": "tools.0.function.name", "no tools": "tool_choice", "call id": "messages",
+          "arguments": "messages"}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(BAD_TOOL_REQUESTS))

@@ -80,8 +80,11 @@ class ChatMessage(_Request):
     reasoning_content: Text | None = None  # an earlier reply's trace: accepted, not shown to the model again
 
 
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule
+
+
 class FunctionDefinition(_Request):
-    name: Text
+    name: ToolName
     description: Text | None = None
     parameters: dict[str, Any] | None = None  # a JSON Schema for an object (checked by data/chat.check_tools)
     strict: bool | None = None
@@ -93,7 +96,7 @@ class Tool(_Request):
 
 
 class NamedFunction(_Request):
-    name: Text
+    name: ToolName
 
 
 class NamedToolChoice(_Request):

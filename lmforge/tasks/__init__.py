@@ -23,6 +23,7 @@ TASKS = {
     "qa": "extractive question answering with an encoder ({context, question, answers})",
     "chat": "chat fine-tuning of a decoder on conversations ({messages}); --lora-rank for LoRA",
     "dpo": "preference tuning of a chat model with DPO ({messages, chosen, rejected})",
+    "grpo": "reinforcement learning of a chat model from verifiable rewards ({messages, answer}; builtin:tools)",
     "distill": "a smaller decoder trained on a teacher's logits (--teacher RUN) and plain text",
     "mcq": "multiple choice scored by a decoder's log-likelihood ({question, choices, answer}); evaluation only",
 }
