@@ -68,16 +68,9 @@ class ChatSession:
 
     def _run(self, calls: list[dict], number: int, write: Callable[[str], None]) -> list[Message]:
         """The assistant's call message and one tool message per call, each call run and shown."""
-        named = [{"id": f"call_{number}_{n}", "type": "function", "function": call} for n, call in enumerate(calls)]
-        messages: list[Message] = [{"role": "assistant", "content": "", "tool_calls": named}]
-        for call in named:
-            function = call["function"]
-            try:
-                result = self.toolbox.run(function["name"], function["arguments"])
-            except UserError as error:
-                result = f"error: {error}"
-            write(f"\n[{function['name']} {json.dumps(function['arguments'], ensure_ascii=False)} -> {result}]\n")
-            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        messages = self.toolbox.answer(calls, f"call_{number}")
+        for call, result in zip(calls, messages[1:]):
+            write(f"\n[{call['name']} {json.dumps(call['arguments'], ensure_ascii=False)} -> {result['content']}]\n")
         return messages
 
     def save(self, path: str) -> Path:

@@ -63,3 +63,33 @@ def test_builtin_tools_records_are_consistent_with_the_tools():
             assert record["answer"].startswith(results[-1])
     assert set(kinds) == set(TOOL_KINDS) - {"no_tool"}  # the no-tool questions follow all the reviews
     assert next(r for r in read_records("builtin:tools") if r["kind"] == "no_tool")["calls"] == []
+
+
+def test_tool_accuracy_runs_the_calls_and_scores_first_calls_and_final_answers(monkeypatch):
+    """A stand-in model that calls right on the first record, wrong on the second, and answers from the results."""
+    from lmforge.lm import Completion
+    from lmforge.tasks import chat
+
+    records = [r for r in itertools.islice(read_records("builtin:tools"), 12) if r["kind"] == "calculator"][:2]
+
+    class Scripted:
+        def __init__(self):
+            self.turns = 0
+
+        def chat_complete(self, conversations, tools, **sampling):
+            self.turns += 1
+            replies = []
+            for number, messages in enumerate(conversations):
+                record = records[number]
+                if messages[-1]["role"] == "tool":
+                    replies.append(messages[-1]["content"])  # answers with the tool's result
+                    continue
+                expression = record["calls"][0]["arguments"]["expression"] + ("" if number == 0 else "+1")
+                replies.append(f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}'
+                               "</tool_call>")  # fmt: skip
+            return [Completion(text, "stop", 0, 0) for text in replies]
+
+    monkeypatch.setattr(chat, "fits_context", lambda *arguments: True)
+    model = Scripted()
+    assert chat.tool_accuracy(model, records) == {"tool_call_accuracy": 0.5, "answer_accuracy": 0.5}
+    assert model.turns == 2

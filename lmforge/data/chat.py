@@ -298,6 +298,11 @@ def _without_partial(text: str, marker: str) -> str:
     return text
 
 
+def same_answer(reply: str, answer: str) -> bool:
+    """Exact match of a reply and a reference answer, surrounding whitespace and a final full stop ignored."""
+    return reply.strip().rstrip("。.！!") == answer.strip().rstrip("。.！!")
+
+
 def _read_call(block: str) -> dict | None:
     try:
         call = json.loads(block)

@@ -22,6 +22,7 @@ import operator
 import random
 from collections.abc import Callable, Iterator
 
+from lmforge.data.chat import parse_reply, same_answer
 from lmforge.data.instructions import NEGATIVE, POSITIVE, _first_sentence, _rng
 from lmforge.errors import UserError
 
@@ -146,12 +147,41 @@ class Toolbox:
         except (TypeError, ValueError, OverflowError) as error:
             raise UserError(f"{name}: bad arguments {json.dumps(arguments, ensure_ascii=False)}: {error}") from None
 
+    def answer(self, calls: list[dict], prefix: str = "call") -> list[dict]:
+        """The assistant message making `calls` ({name, arguments}) and one tool message per call with its result,
+        or its error as one line (a model can read it and try again)."""
+        named = [{"id": f"{prefix}_{n}", "type": "function", "function": call} for n, call in enumerate(calls)]
+        messages = [{"role": "assistant", "content": "", "tool_calls": named}]
+        for call in named:
+            try:
+                result = self.run(call["function"]["name"], call["function"]["arguments"])
+            except UserError as error:
+                result = f"error: {error}"
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        return messages
+
     def lookup_review(self, number: int) -> str:
         if self._labels is None:
             self._labels = [int(review["label"]) for review in self._reviews()]
         if not 1 <= number <= len(self._labels):
             raise UserError(f"there are reviews 1 to {len(self._labels)}, not {number}")
         return POSITIVE if self._labels[number - 1] == 1 else NEGATIVE
+
+
+def call_reward(reply: str, record: dict, toolbox: Toolbox) -> float:
+    """1.0 when a reply to a `builtin:tools` prompt makes the record's first call right (the right tool, and a
+    result equal to the expected call's), or, where no tool is needed, answers right without a call; else 0.0."""
+    parsed = parse_reply(reply, known=[tool["function"]["name"] for tool in record.get("tools") or []])
+    expected = record.get("calls") or []
+    if not expected:
+        return float(not parsed.tool_calls and same_answer(parsed.content, record["answer"]))
+    if not parsed.tool_calls or parsed.tool_calls[0]["name"] != expected[0]["name"]:
+        return 0.0
+    try:
+        made = toolbox.run(parsed.tool_calls[0]["name"], parsed.tool_calls[0]["arguments"])
+    except UserError:
+        return 0.0
+    return float(made == toolbox.run(expected[0]["name"], expected[0]["arguments"]))
 
 
 def _call(name: str, **arguments) -> dict:

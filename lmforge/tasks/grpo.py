@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from lmforge.config import option
-from lmforge.data.chat import check_messages, check_tools, parse_reply, truncate_chat
+from lmforge.data.chat import check_messages, check_tools, parse_reply, same_answer, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.sources import builtin_toolbox
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.data.tools import TOOL_KINDS, Toolbox
+from lmforge.data.tools import TOOL_KINDS, Toolbox, call_reward
 from lmforge.device import evaluating
 from lmforge.errors import UserError
 from lmforge.generate.engine import generate_ids
@@ -46,7 +46,7 @@ from lmforge.models.decoder import Decoder
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.chat import Recipe as ChatRecipe
-from lmforge.tasks.chat import _normalize, linked_model, load_decoder_base, tuned_task_info
+from lmforge.tasks.chat import linked_model, load_decoder_base, question_of, tuned_task_info
 from lmforge.tasks.dpo import collate_replies
 from lmforge.tasks.examples import (
     ExampleBatches,
@@ -95,7 +95,7 @@ class Recipe(ChatRecipe):
 
 
 def _exact(reply: str, record: dict, toolbox: Toolbox) -> float:
-    return float(_normalize(parse_reply(reply, parse_calls=False).content) == _normalize(record["answer"]))
+    return float(same_answer(parse_reply(reply, parse_calls=False).content, record["answer"]))
 
 
 def _numeric(reply: str, record: dict, toolbox: Toolbox) -> float:
@@ -109,25 +109,9 @@ def _format(reply: str, record: dict, toolbox: Toolbox) -> float:
     return float(bool(parsed.content or parsed.tool_calls) and "<" not in parsed.content)
 
 
-def _tool_call(reply: str, record: dict, toolbox: Toolbox) -> float:
-    """The first call a correct reply makes, made right (its result equals the expected call's); or, where no
-    tool is needed, the right answer without a call."""
-    parsed = parse_reply(reply, known=[tool["function"]["name"] for tool in record.get("tools") or []])
-    expected = record.get("calls") or []
-    if not expected:
-        return float(not parsed.tool_calls and _normalize(parsed.content) == _normalize(record["answer"]))
-    if not parsed.tool_calls or parsed.tool_calls[0]["name"] != expected[0]["name"]:
-        return 0.0
-    try:
-        made = toolbox.run(parsed.tool_calls[0]["name"], parsed.tool_calls[0]["arguments"])
-    except UserError:
-        return 0.0
-    return float(made == toolbox.run(expected[0]["name"], expected[0]["arguments"]))
-
-
 # A verifier: (reply text, record, the built-in tools) -> reward in [0, 1]. Add one here to use it by name.
 VERIFIERS: dict[str, Callable[[str, dict, Toolbox], float]] = {
-    "exact": _exact, "numeric": _numeric, "format": _format, "tool_call": _tool_call,
+    "exact": _exact, "numeric": _numeric, "format": _format, "tool_call": call_reward,
 }  # fmt: skip
 
 
@@ -147,8 +131,7 @@ def prompts(tokenizer: Tokenizer, data: TaskData, split: str, length: int) -> li
             continue  # e.g. continuations: no one right answer to reward
         where = f"record {number} of {data.source} ({split})"
         messages = check_messages(record["messages"], where)
-        last_user = max(i for i, message in enumerate(messages) if message["role"] == "user")
-        question = messages[: last_user + 1]
+        question = question_of(messages)
         try:
             _, tokens = truncate_chat(tokenizer, question, length, True, check_tools(record.get("tools")))
         except UserError:
