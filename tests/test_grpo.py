@@ -5,11 +5,13 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge.config import from_dict
 from lmforge.data.batches import IGNORE_INDEX
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.run_folder import RunFolder
 from lmforge.tasks import grpo
 from lmforge.tasks.base import run_task
 from lmforge.tasks.dpo import collate_replies
@@ -104,3 +106,25 @@ def test_reward_rises_on_a_toy_task(chat_data, base_run, tmp_path, monkeypatch):
     start = metrics["baselines"][f"starting model ({base_run})"]
     assert metrics["accuracy"] > start["accuracy"] and metrics["kl"] > 0
     assert (tmp_path / "grpo_rewards.png").is_file() and "exact match" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_resumed_on_a_group_boundary_equals_an_uninterrupted_one(chat_data, base_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(grpo.VERIFIERS, "toy", lambda reply, record, toolbox: float(bool(CJK.match(reply))))
+
+    def recipe(steps: int):
+        return from_dict(grpo.Recipe, {
+            "data": {"source": str(chat_data), "max_eval_examples": 4}, "base": str(base_run), "verifier": "toy",
+            "train": {"max_steps": steps, "batch_size": 8, "lr": 1e-2, "warmup_steps": 0, "min_lr_ratio": 1.0,
+                      "eval_every": 0, "save_every": 2},
+            "group_size": 4, "max_new_tokens": 2, "device": "cpu",
+        })  # fmt: skip
+
+    run_task(grpo.TASK, recipe(4), tmp_path / "whole", progress=False)
+    run_task(grpo.TASK, recipe(2), tmp_path / "parts", progress=False)
+    run_task(grpo.TASK, recipe(4), tmp_path / "parts", resume=True, progress=False)
+    losses = [[r["loss"] for r in RunFolder(tmp_path / name).read_metrics_log() if "loss" in r]
+              for name in ("whole", "parts")]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    whole, parts = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "parts"))
+    assert all(torch.equal(whole[key], parts[key]) for key in whole)
