@@ -6,6 +6,10 @@ JSON, the format chat fine-tuning reads), /help, /exit (or Ctrl-D). The history
 is kept within the model's context: when it no longer fits, the oldest turns go
 first and the system prompt stays. After each answer the speed is shown.
 
+With a `Toolbox` (`lmforge chat --tools calculator,date`) the model is shown the tools' signatures; when
+its reply is a tool call, the call runs here, its result (or its error, one line) goes back to the model
+as a tool message, and the model goes on, up to MAX_TOOL_ROUNDS calls per question.
+
 This module knows the terminal loop; generation and templates are `LM.chat`'s.
 """
 
@@ -16,19 +20,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lmforge.data.chat import Message
+from lmforge.data.chat import Message, parse_reply
+from lmforge.data.tools import Toolbox
 from lmforge.errors import UserError
 from lmforge.lm import LM
 
 HELP = "commands: /reset  /system TEXT  /save FILE  /help  /exit"
+MAX_TOOL_ROUNDS = 4
 
 
 class ChatSession:
     """The conversation so far and what each command does to it."""
 
-    def __init__(self, lm: LM, system: str | None = None, **sampling) -> None:
+    def __init__(self, lm: LM, system: str | None = None, toolbox: Toolbox | None = None, **sampling) -> None:
         self.lm = lm
         self.system = system
+        self.toolbox = toolbox
         self.history: list[Message] = []
         self.sampling = sampling
 
@@ -37,21 +44,34 @@ class ChatSession:
         return system + self.history
 
     def reply(self, text: str, write: Callable[[str], None]) -> tuple[int, float, bool]:
-        """Answer `text`, writing the reply as it comes; (tokens, seconds, whether old turns were dropped)."""
+        """Answer `text` (calling tools on the way), writing the reply as it comes; (tokens, seconds, whether old
+        turns were dropped)."""
         config = self.lm.sampling(**self.sampling)
+        tools = self.toolbox.signatures if self.toolbox else None
         asked = [*self.messages(), {"role": "user", "content": text}]
-        kept, _ = self.lm.fit_chat(asked, config.max_new_tokens)
+        kept, _ = self.lm.fit_chat(asked, config.max_new_tokens, tools)
         dropped = len(kept) < len(asked)
-        started = time.perf_counter()
-        pieces = []
-        for piece in self.lm.chat(kept, stream=True, **self.sampling):
-            pieces.append(piece)
-            write(piece)
-        seconds = time.perf_counter() - started
-        answer = "".join(pieces)
+        started, tokens = time.perf_counter(), 0
+        for number in range(MAX_TOOL_ROUNDS + 1):
+            pieces = []
+            for piece in self.lm.chat(kept, stream=True, tools=tools, **self.sampling):
+                pieces.append(piece)
+                write(piece)
+            answer = "".join(pieces)
+            tokens += len(self.lm.tokenizer.encode(answer)) + 1  # the end marker is a token too, but shows no text
+            calls = parse_reply(answer, known=self.toolbox.names).tool_calls if self.toolbox else []
+            if not calls or number == MAX_TOOL_ROUNDS:
+                break
+            kept = [*kept, *self._run(calls, number, write)]
         self.history = [m for m in kept if m["role"] != "system"] + [{"role": "assistant", "content": answer}]
-        # The end marker is a token too, but produces no text.
-        return len(self.lm.tokenizer.encode(answer)) + 1, seconds, dropped
+        return tokens, time.perf_counter() - started, dropped
+
+    def _run(self, calls: list[dict], number: int, write: Callable[[str], None]) -> list[Message]:
+        """The assistant's call message and one tool message per call, each call run and shown."""
+        messages = self.toolbox.answer(calls, f"call_{number}")
+        for call, result in zip(calls, messages[1:]):
+            write(f"\n[{call['name']} {json.dumps(call['arguments'], ensure_ascii=False)} -> {result['content']}]\n")
+        return messages
 
     def save(self, path: str) -> Path:
         target = Path(path).expanduser()
@@ -60,9 +80,15 @@ class ChatSession:
         return target
 
 
-def run_chat(lm: LM, system: str | None = None, read: Callable[[str], str] = input, **sampling) -> None:
+def run_chat(
+    lm: LM,
+    system: str | None = None,
+    read: Callable[[str], str] = input,
+    toolbox: Toolbox | None = None,
+    **sampling,
+) -> None:
     """The read-reply loop until /exit or end of input."""
-    session = ChatSession(lm, system, **sampling)
+    session = ChatSession(lm, system, toolbox, **sampling)
 
     def write(text: str) -> None:
         print(text, end="", flush=True)

@@ -280,19 +280,27 @@ def chat(
     top_k: Annotated[int | None, typer.Option(help="sample among the k likeliest tokens (0 = all)")] = None,
     top_p: Annotated[float | None, typer.Option(help="nucleus sampling mass (1 = all)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    tools: Annotated[
+        str | None, typer.Option(help="built-in tools the model may call: calculator,date,units,review")
+    ] = None,
     compile: CompileOption = False,
     device: DeviceOption = "auto",
 ) -> None:
     """Chat with a chat model in the terminal: streamed answers, /reset, /system TEXT, /save FILE, /exit.
 
+    With --tools the model's tool calls run here (arithmetic parsed, never eval'd) and it answers from the results.
+
     Example: lmforge chat --model runs/demo/chat --system "你是一个乐于助人的中文助手。"
+             lmforge chat --model runs/tools --tools calculator,date
     """
     import lmforge
     from lmforge.chat_terminal import run_chat
+    from lmforge.data.sources import builtin_toolbox
 
+    toolbox = builtin_toolbox([name.strip() for name in tools.split(",") if name.strip()]) if tools else None
     lm = lmforge.load(model, device=device, compiled=compile)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    run_chat(lm, system, **{key: value for key, value in sampling.items() if value is not None})
+    run_chat(lm, system, toolbox=toolbox, **{key: value for key, value in sampling.items() if value is not None})
 
 
 @app.command(

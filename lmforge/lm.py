@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lmforge.config import from_dict
-from lmforge.data.chat import Message, check_messages, truncate_chat
+from lmforge.data.chat import Message, check_messages, check_tools, truncate_chat
 from lmforge.data.poetry import form_named, rhyme_group
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import pick_device
@@ -150,38 +150,58 @@ class LM:
         return self._collect(ids, stop, self.sampling(**sampling), constraint=constraint)
 
     def chat(
-        self, messages: Sequence[Message], *, stream: bool = False, stop: Sequence[str] | str | None = None, **sampling
+        self,
+        messages: Sequence[Message],
+        *,
+        stream: bool = False,
+        stop: Sequence[str] | str | None = None,
+        tools: list[dict] | None = None,
+        **sampling,
     ) -> str | Iterator[str]:
         """The assistant's reply to a conversation (a list of {role, content}), or an iterator of its pieces.
 
         The oldest turns are dropped (never the system message) so that the history
-        plus `max_new_tokens` fits the model's context.
+        plus `max_new_tokens` fits the model's context. With `tools` (OpenAI-style signatures) the reply
+        may be tool calls; `lmforge.data.chat.parse_reply` reads them.
         """
         config = self.sampling(**sampling)
-        prompt_ids = [self.encode_chat_prompt(messages, config.max_new_tokens)]
+        prompt_ids = [self.encode_chat_prompt(messages, config.max_new_tokens, tools)]
         stop_ids = [self.tokenizer.im_end_id]
         if stream:
             return (pieces[0] for pieces in self._pieces(prompt_ids, stop, config, [], stop_ids))
         return self._collect(prompt_ids, stop, config, stop_ids)[0].text
 
     def chat_complete(
-        self, conversations: Sequence[Sequence[Message]], *, stop: Sequence[str] | str | None = None, **sampling
+        self,
+        conversations: Sequence[Sequence[Message]],
+        *,
+        stop: Sequence[str] | str | None = None,
+        tools: Sequence[list[dict] | None] | None = None,
+        **sampling,
     ) -> list[Completion]:
-        """Replies to many conversations, decoded as one batch."""
+        """Replies to many conversations, decoded as one batch; `tools`: each conversation's signatures, if any."""
         config = self.sampling(**sampling)
-        prompt_ids = [self.encode_chat_prompt(messages, config.max_new_tokens) for messages in conversations]
+        tools = list(tools) if tools is not None else [None] * len(conversations)
+        prompt_ids = [
+            self.encode_chat_prompt(messages, config.max_new_tokens, offered)
+            for messages, offered in zip(conversations, tools)
+        ]
         return self._collect(prompt_ids, stop, config, [self.tokenizer.im_end_id])
 
-    def encode_chat_prompt(self, messages: Sequence[Message], max_new_tokens: int) -> list[int]:
+    def encode_chat_prompt(
+        self, messages: Sequence[Message], max_new_tokens: int, tools: list[dict] | None = None
+    ) -> list[int]:
         """The conversation with the assistant's turn opened, cut to leave `max_new_tokens` of context."""
-        return self.fit_chat(messages, max_new_tokens)[1]
+        return self.fit_chat(messages, max_new_tokens, tools)[1]
 
-    def fit_chat(self, messages: Sequence[Message], max_new_tokens: int) -> tuple[list[Message], list[int]]:
+    def fit_chat(
+        self, messages: Sequence[Message], max_new_tokens: int, tools: list[dict] | None = None
+    ) -> tuple[list[Message], list[int]]:
         """(the messages kept, their prompt ids): oldest turns dropped so `max_new_tokens` still fit the context."""
         messages = check_messages(list(messages))
         context = self.model.config.max_position_embeddings
         budget = context - min(max_new_tokens, context // 2)
-        kept, tokens = truncate_chat(self.tokenizer, messages, budget, add_generation_prompt=True)
+        kept, tokens = truncate_chat(self.tokenizer, messages, budget, True, check_tools(tools))
         return kept, tokens.ids
 
     def _encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 import lmforge
 from lmforge.config import from_dict
+from lmforge.data import chat as chat_data
 from lmforge.data.batches import IGNORE_INDEX, pack_documents
 from lmforge.data.chat import encode_chat, render_chat, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
@@ -288,3 +289,103 @@ def test_lora_flags_and_chat_eval_through_the_cli(chat_data, base_run, tmp_path)
     assert metrics["examples_scored"] == 8 and 0 <= metrics["accuracy"] <= 1
     refused = cli("finetune", "--task", "sentiment", "--out", str(tmp_path / "s"), "--lora-rank", "2")
     assert refused.returncode == 2 and "lora" in refused.stderr
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "calculator", "description": "计算算式",
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}},
+    {"type": "function", "function": {"name": "date", "parameters": {"type": "object", "properties": {
+        "start": {"type": "string"}, "end": {"type": "string"}}}}},
+]  # fmt: skip
+CALL = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": {"expression": "3*(4+5)"}}}
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "你是一个乐于助人的助手。"},
+    {"role": "user", "content": "3乘以4加5的和是多少？"},
+    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "27"},
+    {"role": "assistant", "content": "是27。", "reasoning_content": "工具算出27"},
+]
+
+
+def test_tools_calls_and_traces_render_the_same_ids_as_transformers(tokenizer, tmp_path):
+    tokenizer.save(tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    for messages, prompt in [(TOOL_CONVERSATION, False), (TOOL_CONVERSATION[:4], True), (TOOL_CONVERSATION[1:2], True)]:
+        text = reference.apply_chat_template(messages, tools=TOOLS, tokenize=False, add_generation_prompt=prompt)
+        assert text == render_chat(tokenizer, messages, prompt, tools=TOOLS)
+        expected = reference.apply_chat_template(messages, tools=TOOLS, add_generation_prompt=prompt)["input_ids"]
+        assert encode_chat(tokenizer, messages, prompt, tools=TOOLS).ids == expected
+    text = render_chat(tokenizer, TOOL_CONVERSATION, tools=TOOLS)
+    assert "calculator(expression)：计算算式\ndate(start, end)\n</tools>" in text
+    assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*(4+5)"}}\n</tool_call>' in text
+    assert "<|im_start|>tool\n27<|im_end|>" in text and "<think>\n工具算出27\n</think>\n是27。" in text
+
+
+def test_without_tools_the_template_renders_as_plain_chatml(tokenizer):
+    from lmforge.data.tokenizer import PLAIN_CHATML_TEMPLATE
+
+    old = Tokenizer.from_str(tokenizer.to_str(), chat_template=PLAIN_CHATML_TEMPLATE)
+    assert chat_data.chat_template(old) == tokenizer.chat_template  # older run folders read as today's template
+    plain = Tokenizer.from_str(tokenizer.to_str(), chat_template="{{ bos_token }}" + PLAIN_CHATML_TEMPLATE[15:])
+    for prompt in (False, True):
+        assert render_chat(tokenizer, CONVERSATION, prompt) == render_chat(plain, CONVERSATION, prompt)
+
+
+def _masked_text(tokenizer, tokens) -> str:
+    return tokenizer.decode([i for i, m in zip(tokens.ids, tokens.loss_mask) if m], skip_special_tokens=False)
+
+
+def test_loss_covers_calls_and_replies_never_tool_results_and_the_trace_only_when_asked(tokenizer):
+    learnt = _masked_text(tokenizer, encode_chat(tokenizer, TOOL_CONVERSATION, tools=TOOLS))
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "3*(4+5)"}}\n</tool_call><|im_end|>'
+    assert learnt == call + "<think>\n工具算出27\n</think>\n是27。<|im_end|>"
+    without_trace = encode_chat(tokenizer, TOOL_CONVERSATION, tools=TOOLS, trace_loss=False)
+    assert _masked_text(tokenizer, without_trace) == call + "\n是27。<|im_end|>"
+
+
+def test_replies_are_read_back_into_trace_content_and_calls():
+    reply = chat_data.parse_reply('<think>\n先算\n</think>\n<tool_call>\n{"name": "calculator", "arguments": '
+                             '{"expression": "1+2"}}\n</tool_call>\n'
+                             '<tool_call>{"name": "date", "arguments": {}}</tool_call>')  # fmt: skip
+    assert reply.reasoning == "先算" and reply.content == ""
+    assert reply.tool_calls == [
+        {"name": "calculator", "arguments": {"expression": "1+2"}},
+        {"name": "date", "arguments": {}},
+    ]
+    broken = '好的<tool_call>\n{"name": "calculator", "arguments": {"expression": </tool_call>'
+    assert chat_data.parse_reply(broken) == chat_data.ParsedReply(broken)  # malformed JSON: all of it is content
+    assert chat_data.parse_reply("是27。") == chat_data.ParsedReply("是27。")
+
+
+@pytest.mark.parametrize(
+    "tools,message",
+    [
+        ([TOOLS[0], TOOLS[0]], "two tools are named 'calculator'"),
+        ([{"type": "function", "function": {"name": "a b"}}], "has name 'a b'"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}], "not a JSON Schema type"),
+        ([{"type": "function", "function": {"name": "f", "parameters": {"properties": []}}}], "'properties' must be"),
+        (
+            [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+            "must describe an object",
+        ),
+        ("calculator", "'tools' must be a list"),
+    ],
+)
+def test_bad_tools_are_one_line_errors(tools, message):
+    with pytest.raises(UserError, match=message):
+        chat_data.check_tools(tools)
+
+
+def test_tool_results_must_answer_a_call():
+    with pytest.raises(UserError, match="made no tool call"):
+        chat_data.check_messages([{"role": "user", "content": "a"}, {"role": "tool", "content": "1"}])
+    with pytest.raises(UserError, match="answers tool call 'call_9'"):
+        chat_data.check_messages([*TOOL_CONVERSATION[1:3], {"role": "tool", "tool_call_id": "call_9", "content": "1"}])
+    text_arguments = {**CALL, "function": {"name": "calculator", "arguments": '{"expression": "1"}'}}
+    checked = chat_data.check_messages(
+        [TOOL_CONVERSATION[1], {"role": "assistant", "content": "", "tool_calls": [text_arguments]}]
+    )
+    assert checked[1]["tool_calls"][0]["function"]["arguments"] == {"expression": "1"}
+    with pytest.raises(UserError, match="are not JSON"):
+        bad = {**CALL, "function": {"name": "calculator", "arguments": "{oops"}}
+        chat_data.check_messages([TOOL_CONVERSATION[1], {"role": "assistant", "content": "", "tool_calls": [bad]}])

@@ -92,3 +92,43 @@ def test_terminal_chat_streams_answers_and_obeys_its_commands(chat_model, tmp_pa
     finally:
         terminal.process.kill()
         os.close(terminal.master)
+
+
+class _ScriptedLM:
+    """Stands in for LM: each reply is the next of `replies`; it records the conversations it was asked."""
+
+    def __init__(self, replies, tokenizer):
+        self.replies, self.asked, self.tokenizer = list(replies), [], tokenizer
+
+    def sampling(self, **overrides):
+        return SamplingConfig(max_new_tokens=16)
+
+    def fit_chat(self, messages, max_new_tokens, tools=None):
+        return list(messages), []
+
+    def chat(self, messages, stream=False, tools=None, **sampling):
+        self.asked.append((list(messages), tools))
+        return iter([self.replies.pop(0)])
+
+
+def test_tool_calls_run_and_their_results_go_back_to_the_model(chat_model):
+    from lmforge.chat_terminal import ChatSession
+    from lmforge.data.sources import builtin_toolbox
+
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "%s"}}\n</tool_call>'
+    lm = _ScriptedLM([call % "3*(4+5)", call % "__import__('os')", "是27。"], Tokenizer.load(chat_model))
+    session = ChatSession(lm, toolbox=builtin_toolbox(["calculator", "date"]))
+    shown = []
+    session.reply("3乘以4加5的和是多少？", shown.append)
+    assert [tool["function"]["name"] for tool in lm.asked[0][1]] == ["calculator", "date"]
+    results = [m["content"] for m in lm.asked[2][0] if m["role"] == "tool"]
+    assert results[0] == "27" and results[1].startswith("error: only numbers")  # ast, never eval
+    assert '[calculator {"expression": "3*(4+5)"} -> 27]' in "".join(shown)
+    assert session.history[0]["content"] == "3乘以4加5的和是多少？" and session.history[-1] == {
+        "role": "assistant", "content": "是27。"}  # fmt: skip
+
+
+def test_unknown_tools_are_a_one_line_error(chat_model):
+    command = [sys.executable, "-m", "lmforge", "chat", "--model", str(chat_model), "--tools", "calculator,shell"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "unknown tools ['shell']" in done.stderr and "Traceback" not in done.stderr

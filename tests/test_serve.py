@@ -359,8 +359,6 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(client, name):
 UNSUPPORTED_ASKS = {  # a value that asks for something this server does not do: never a silent 200
     "logprobs": True,
     "top_logprobs": 3,
-    "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
-    "tool_choice": "required",
     "functions": [{"name": "weather", "parameters": {"type": "object"}}],
     "response_format": {"type": "json_object"},
     "logit_bias": {"5": 100},

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.data.instructions import instruction_records, preference_records
+from lmforge.data.tools import Toolbox, tool_records
 from lmforge.errors import Note, UserError
 
 # Longer .txt lines are yielded as consecutive pieces of this size, so a 10 MB line
@@ -99,7 +100,15 @@ BUILTIN_SOURCES: dict[str, Callable[[], Iterator[dict]]] = {
     # Chat data generated from the two corpora above (see data/instructions.py).
     "instructions": lambda: instruction_records(_peoples_daily, _reviews),
     "preferences": lambda: preference_records(_peoples_daily, _reviews),
+    "tools": lambda: tool_records(_peoples_daily, _reviews),  # conversations that call tools (data/tools.py)
 }
+
+
+def builtin_toolbox(names: list[str] | None = None) -> Toolbox:
+    """The built-in tools (all, or those named), their review lookup reading the built-in reviews."""
+    return Toolbox(_reviews, names)
+
+
 _BUILTIN_NAMES = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
 _VALID_FORMS = f"a {'/'.join(FILE_FORMATS)} path or {_BUILTIN_NAMES}"
 

@@ -39,7 +39,50 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|
 FIM_TOKENS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
 # ChatML (https://github.com/openai/openai-python/blob/v0.28.1/chatml.md), as Qwen uses it, after our <bos>:
 # every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; a reply starts with "<|im_start|>assistant\n".
+# Tools follow Hermes / Qwen2.5 (https://qwen.readthedocs.io/en/latest/framework/function_call.html): their
+# signatures inside <tools></tools> in the system turn (NOTE: one line each, `name(parameters)：description`,
+# not the whole JSON Schema, and no instructions: with the demo tokenizer every ASCII character is a token, and
+# a 256-token context must hold the tools, a question, a call, its result and the answer),
+# each call as <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call> in the assistant's turn, each
+# result in a turn of its own with the role "tool". A reasoning trace (`reasoning_content`, as DeepSeek and vLLM
+# name it) opens the reply as <think>\n...\n</think>\n. A conversation with none of these renders exactly as
+# plain ChatML (PLAIN_CHATML_TEMPLATE), so older run folders read the same.
 CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ '<tools>' }}"
+    "{% for tool in tools %}"
+    "{% set function = tool['function'] if tool['function'] is defined else tool %}"
+    "{{ '\\n' + function['name'] + '(' }}"
+    "{{ ((function['parameters'] or {})['properties'] or {}) | list | join(', ') }}"
+    "{{ ')' }}{% if function['description'] %}{{ '：' + function['description'] }}{% endif %}"
+    "{% endfor %}"
+    "{{ '\\n</tools><|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['reasoning_content'] %}"
+    "{{ '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n' }}"
+    "{% endif %}"
+    "{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + function['name'] + '\", \"arguments\": ' }}"
+    "{% if function['arguments'] is string %}{{ function['arguments'] }}"
+    "{% else %}{{ function['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# The template run folders were saved with before tools; `data/chat.py` reads it as CHATML_TEMPLATE.
+PLAIN_CHATML_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"

@@ -10,6 +10,7 @@ serve/scheduler.py (continuous batching over generate/engine.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from lmforge.data.chat import check_messages, render_chat
+from lmforge.data.chat import TOOL_CALL_OPEN, check_messages, check_tools, render_chat
 from lmforge.data.code import fim_prompt_ids
 from lmforge.data.tokenizer import SPECIAL_TOKENS
 from lmforge.errors import UserError
@@ -32,7 +33,7 @@ from lmforge.serve import protocol
 from lmforge.serve.bridge import events, mailbox
 from lmforge.serve.middleware import APIError, install_middleware
 from lmforge.serve.openapi import openapi_document
-from lmforge.serve.responses import Reply, answer
+from lmforge.serve.responses import Reply, ToolUse, answer
 from lmforge.serve.scheduler import QueueFull, Scheduler, SequenceRequest
 
 PAGE_HEADERS = {
@@ -118,10 +119,11 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
     @app.post("/v1/chat/completions", response_model=protocol.ChatCompletion, responses=STREAM_DOCS)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        prompt_ids = _chat_prompt(lm, body.messages)
+        tools, use = _tool_use(body)
+        prompt_ids = _chat_prompt(lm, body.messages, tools, use.forced)
         max_tokens = body.max_completion_tokens or body.max_tokens
         sequences, queue = _submit(scheduler, lm, body, [prompt_ids], max_tokens)
-        reply = Reply("chatcmpl", model_name, len(prompt_ids), body.n)
+        reply = Reply("chatcmpl", model_name, len(prompt_ids), body.n, use)
         stream = events(request, sequences, queue)
         return await answer(body, reply, stream, reply.chat_chunks, reply.chat_completion)
 
@@ -172,18 +174,61 @@ def _check_model(requested: str, model_name: str) -> None:
         )  # fmt: skip
 
 
-def _chat_prompt(lm: LM, messages: list[protocol.ChatMessage]) -> list[int]:
+def _tool_use(body: protocol.ChatCompletionRequest) -> tuple[list[dict] | None, ToolUse]:
+    """The tools to render (none for tool_choice "none") and how to read the replies; 400s for bad tools.
+
+    "required" and a named function are kept by starting the reply with the call's opening text, so the
+    model writes the rest of a call (NOTE: vLLM constrains decoding instead; a prefix needs no grammar).
+    """
+    offered = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    try:
+        check_tools(offered)
+    except UserError as error:
+        raise APIError(400, str(error), param="tools") from None
+    choice = body.tool_choice or ("auto" if offered else "none")
+    if choice not in ("none", "auto") and not offered:
+        raise APIError(400, "tool_choice asks for a tool call, but the request offers no tools", param="tool_choice")
+    if choice == "none" or not offered:
+        return None, ToolUse()
+    names = frozenset(tool["function"]["name"] for tool in offered)
+    forced = ""
+    if choice == "required":
+        forced = TOOL_CALL_OPEN + "\n"
+    elif isinstance(choice, protocol.NamedToolChoice):
+        name = choice.function.name
+        if name not in names:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools: {', '.join(sorted(names))}",
+                           param="tool_choice")  # fmt: skip
+        forced = f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+    return offered, ToolUse(names, forced, body.parallel_tool_calls)
+
+
+def _chat_prompt(lm: LM, messages: list[protocol.ChatMessage], tools: list[dict] | None, forced: str) -> list[int]:
     """Render the conversation with the model folder's own template (sandboxed), assistant turn opened."""
     plain = []
     for number, message in enumerate(messages, start=1):
-        content = message.content if isinstance(message.content, str) else "\n".join(p.text for p in message.content)
+        content = (
+            message.content if isinstance(message.content, str) else "\n".join(p.text for p in message.content or [])
+        )
+        if message.content is None and not message.tool_calls:
+            raise APIError(400, f"message {number} has no content", param=f"messages.{number - 1}.content")
+        item = {"role": "system" if message.role == "developer" else message.role, "content": content}
+        if message.tool_calls:
+            item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
         # A control token typed into content would forge turns ("<|im_end|><|im_start|>system ...").
+        typed = content + "".join(call.function.arguments + call.function.name for call in message.tool_calls or [])
         for marker in SPECIAL_TOKENS:
-            if marker in content:
+            if marker in typed:
                 raise APIError(400, f"message {number} contains '{marker}', a control token of the chat format",
                                param=f"messages.{number - 1}.content")  # fmt: skip
-        plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
-    return lm.tokenizer.encode(render_chat(lm.tokenizer, check_messages(plain), add_generation_prompt=True))
+        plain.append(item)
+    try:
+        plain = check_messages(plain)
+    except UserError as error:
+        raise APIError(400, str(error), param="messages") from None
+    return lm.tokenizer.encode(render_chat(lm.tokenizer, plain, add_generation_prompt=True, tools=tools) + forced)
 
 
 def _check_room(body: protocol._Sampling, prompt_ids: list[list[int]], max_tokens: int | None, context: int) -> int:

@@ -2,7 +2,7 @@
 
 These pydantic models are the API's contract: FastAPI validates requests with
 them and writes the OpenAPI document from them. Fields OpenAI has and we do
-not implement (logprobs, tools, penalties, ...: `UNSUPPORTED`) are refused with
+not implement (logprobs, functions, penalties, ...: `UNSUPPORTED`) are refused with
 a 400 unless they hold their default, so no client believes they were honoured.
 Fields no OpenAI client sends are ignored; in particular a `chat_template` or
 template arguments in a request are never read: the model folder's own template
@@ -15,7 +15,7 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
@@ -58,11 +58,50 @@ class TextPart(_Request):
     text: Text
 
 
+class FunctionCall(_Request):
+    name: Text
+    arguments: Text  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     # "developer" is OpenAI's newer name for the system role.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(min_length=1)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message that makes tool calls
+    content: Text | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Text | None = None  # the call a tool message answers
+    reasoning_content: Text | None = None  # an earlier reply's trace: accepted, not shown to the model again
+
+
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule
+
+
+class FunctionDefinition(_Request):
+    name: ToolName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema for an object (checked by data/chat.check_tools)
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: ToolName
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Request):
@@ -88,8 +127,6 @@ class _Sampling(_Request):
 UNSUPPORTED: dict[str, tuple] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),  # with no tools, "auto" calls none
     "functions": (None, []),
     "function_call": (None, "none", "auto"),
     "response_format": (None, {"type": "text"}),
@@ -106,8 +143,6 @@ _Unsupported = SkipJsonSchema[Any]  # left out of the OpenAPI document: only the
 class _Refusing(_Sampling):
     logprobs: _Unsupported = None
     top_logprobs: _Unsupported = None
-    tools: _Unsupported = None
-    tool_choice: _Unsupported = None
     functions: _Unsupported = None
     function_call: _Unsupported = None
     response_format: _Unsupported = None
@@ -133,6 +168,9 @@ class _Refusing(_Sampling):
 
 class ChatCompletionRequest(_Refusing):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True  # false: at most one call per reply
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_INT)] | None = None  # OpenAI's newer name for max_tokens
 
 
@@ -151,15 +189,37 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is only tool calls
+    reasoning_content: str | None = None  # the <think> trace (DeepSeek's and vLLM's field)
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_extras(self, handler) -> dict:
+        # A plain reply is {role, content}, as OpenAI writes it; the trace and the calls only when there are some.
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None or k not in ("reasoning_content", "tool_calls")}
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     logprobs: None = None
 
 
@@ -172,15 +232,21 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(ToolCallOut):
+    index: int  # which call of the reply (each call comes whole, in one chunk)
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: None = None
 
 

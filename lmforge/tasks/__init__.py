@@ -23,6 +23,7 @@ TASKS = {
     "qa": "extractive question answering with an encoder ({context, question, answers})",
     "chat": "chat fine-tuning of a decoder on conversations ({messages}); --lora-rank for LoRA",
     "dpo": "preference tuning of a chat model with DPO ({messages, chosen, rejected})",
+    "grpo": "reinforcement learning of a chat model from verifiable rewards ({messages, answer}; builtin:tools)",
     "distill": "a smaller decoder trained on a teacher's logits (--teacher RUN) and plain text",
     "write": "poems and news with form and style controls, from a pretrained decoder ({title, text}); --base",
     "code": "code completion on Python files (stdlib or a folder), left to right and fill-in-the-middle",

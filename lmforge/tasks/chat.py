@@ -21,9 +21,11 @@ import torch
 
 from lmforge.config import option
 from lmforge.data.batches import IGNORE_INDEX, pack_documents
-from lmforge.data.chat import chat_template, check_messages, truncate_chat
+from lmforge.data.chat import chat_template, check_messages, check_tools, parse_reply, same_answer, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
+from lmforge.data.sources import builtin_toolbox
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tools import call_reward
 from lmforge.device import evaluating
 from lmforge.errors import UserError
 from lmforge.generate.sampling import SamplingConfig
@@ -49,6 +51,8 @@ from lmforge.train.trainer import TrainConfig
 FIELDS = ("messages",)
 KEY_FIELD = "prompt"  # what a single-file source is split by (builtin:instructions has it)
 VALID_ROWS = 32
+MAX_TOOL_RECORDS = 200  # held-out tool conversations scored, each up to 3 greedy replies
+TOOL_COLUMNS = (("tool_call_accuracy", "first call right"), ("answer_accuracy", "final answer right (tools run)"))
 
 
 @dataclass
@@ -68,25 +72,35 @@ class Recipe:
     )
     generation: SamplingConfig = option(SamplingConfig(), "sampling defaults saved with the tuned model")
     max_new_tokens: int = option(48, "reply length limit when scoring checkable answers")
+    trace_loss: bool = option(True, "learn the <think> reasoning traces too (false: loss on the answers only)")
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
 def conversations(data: TaskData, split: str) -> list[dict]:
-    """The split's records, each checked to be a conversation that ends with an assistant reply."""
+    """The split's records, each checked to be a conversation that ends with an assistant reply (and its
+    `tools`, when it offers some, checked as signatures)."""
     records = task_records(data, split, FIELDS, key_field=KEY_FIELD)
     for number, record in enumerate(records, start=1):
-        messages = check_messages(record["messages"], f"record {number} of {data.source} ({split})")
-        if messages[-1]["role"] != "assistant":
-            raise UserError(f"record {number} of {data.source} ({split}) does not end with an assistant message")
+        where = f"record {number} of {data.source} ({split})"
+        record["messages"] = check_messages(record["messages"], where)
+        if record["messages"][-1]["role"] != "assistant":
+            raise UserError(f"{where} does not end with an assistant message")
+        try:
+            record["tools"] = check_tools(record.get("tools"))
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
     return records
 
 
-def encode_conversations(tokenizer: Tokenizer, records: list[dict], length: int) -> list[tuple[list[int], list[bool]]]:
+def encode_conversations(
+    tokenizer: Tokenizer, records: list[dict], length: int, trace_loss: bool = True
+) -> list[tuple[list[int], list[bool]]]:
     """(ids, loss_mask) per conversation, oldest turns dropped to fit; ones whose last turn cannot fit are left out."""
     documents = []
     for record in records:
         try:
-            _, tokens = truncate_chat(tokenizer, record["messages"], length)
+            _, tokens = truncate_chat(tokenizer, record["messages"], length, tools=record.get("tools"),
+                                      trace_loss=trace_loss)  # fmt: skip
         except UserError:
             continue
         if any(tokens.loss_mask):
@@ -94,8 +108,10 @@ def encode_conversations(tokenizer: Tokenizer, records: list[dict], length: int)
     return documents
 
 
-def packed_rows(tokenizer: Tokenizer, records: list[dict], length: int, seed: int) -> dict[str, torch.Tensor]:
-    documents = encode_conversations(tokenizer, records, length)
+def packed_rows(
+    tokenizer: Tokenizer, records: list[dict], length: int, seed: int, trace_loss: bool = True
+) -> dict[str, torch.Tensor]:
+    documents = encode_conversations(tokenizer, records, length, trace_loss)
     if not documents:
         raise UserError(f"no conversation fits in {length} tokens")
     if len(documents) < len(records):
@@ -151,8 +167,8 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     context = model.config.max_position_embeddings
     length = min(recipe.max_length or context, context)
     seed = recipe.train.seed
-    train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed)
-    valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed)
+    train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed, recipe.trace_loss)
+    valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed, recipe.trace_loss)
     valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
     task_info = tuned_task_info(model, recipe.lora, {"task": "chat", "base": str(recipe.base)}, seed)
     print(f"chat fine-tuning: {len(train_rows['input_ids']):,} packed rows of {length} tokens")
@@ -179,10 +195,6 @@ def _stack(rows: dict[str, torch.Tensor]):
     return collate
 
 
-def _normalize(answer: str) -> str:
-    return answer.strip().rstrip("。.！!")
-
-
 def instruction_accuracy(
     lm: LM, records: list[dict], max_new_tokens: int = 48, batch_size: int = 32
 ) -> tuple[dict[str, float], list[str]]:
@@ -200,10 +212,49 @@ def instruction_accuracy(
             replies[index] = completion.text
     hits: dict[str, list[bool]] = defaultdict(list)
     for record, reply in zip(records, replies):
-        correct = _normalize(reply) == _normalize(record["answer"])
+        correct = same_answer(reply, record["answer"])
         hits["accuracy"].append(correct)
         hits[f"accuracy_{record['kind']}"].append(correct)
     return {name: float(np.mean(values)) for name, values in sorted(hits.items())}, replies
+
+
+def question_of(messages: list[dict]) -> list[dict]:
+    """The conversation up to its last user message: what a model is asked to answer."""
+    return messages[: max(i for i, message in enumerate(messages) if message["role"] == "user") + 1]
+
+
+def tool_accuracy(lm: LM, records: list[dict], max_new_tokens: int = 48, rounds: int = 3) -> dict[str, float]:
+    """On records with `tools` and the `calls` a right reply makes (builtin:tools): how often the first greedy
+    reply makes the right call (or rightly none), and how often the final answer is right when the model's calls
+    are run by the built-in tools and their results fed back, over at most `rounds` replies."""
+    toolbox = builtin_toolbox()
+    asked = [question_of(record["messages"]) for record in records]
+    finals: list[str | None] = [None] * len(records)
+    first_calls = [0.0] * len(records)
+    for number in range(rounds):
+        live = []
+        for i, final in enumerate(finals):
+            if final is None and not fits_context(lm, asked[i], max_new_tokens, records[i]["tools"]):
+                finals[i] = ""  # the conversation outgrew the context: no answer
+            elif final is None:
+                live.append(i)
+        if not live:
+            break
+        completions = lm.chat_complete(
+            [asked[i] for i in live], tools=[records[i]["tools"] for i in live], temperature=0.0,
+            repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        for i, completion in zip(live, completions):
+            if number == 0:
+                first_calls[i] = call_reward(completion.text, records[i], toolbox)
+            names = [tool["function"]["name"] for tool in records[i]["tools"] or []]
+            reply = parse_reply(completion.text, known=names)
+            if reply.tool_calls and number < rounds - 1:
+                asked[i] = asked[i] + toolbox.answer(reply.tool_calls, f"call_{number}")
+            else:
+                finals[i] = reply.content
+    right = [same_answer(final or "", record["answer"]) for final, record in zip(finals, records)]
+    return {"tool_call_accuracy": float(np.mean(first_calls)), "answer_accuracy": float(np.mean(right))}
 
 
 def evaluate_run(
@@ -235,12 +286,18 @@ def evaluate_run(
             base_scores.update(instruction_accuracy(base_lm, checkable, max_new_tokens)[0])
     else:
         replies = [c.text for c in lm.chat_complete([r["messages"][:-1] for r in shown[:8]], temperature=0.0)]
+    tool_records = [r for r in records if r.get("calls") is not None][:MAX_TOOL_RECORDS]
+    if tool_records:
+        scores.update(tool_accuracy(lm, tool_records, max_new_tokens))
+        if base_lm is not None:
+            base_scores.update(tool_accuracy(base_lm, tool_records, max_new_tokens))
     systems = [("lmforge chat model (greedy)", scores)]
     if base_lm is not None:
         systems.append((f"base model before fine-tuning ({base})", base_scores))
     kinds = sorted(k for k in scores if k.startswith("accuracy_"))
     columns = [("assistant_loss", "held-out assistant loss"), ("accuracy", "exact match")]
     columns += [(k, k.removeprefix("accuracy_")) for k in kinds]
+    columns += [(k, label) for k, label in TOOL_COLUMNS if k in scores]
     examples = [
         {"conversation": _last_turn(r["messages"]), "reference": r["messages"][-1]["content"], "output": reply}
         for r, reply in zip(shown[:8], replies[:8])
@@ -261,10 +318,10 @@ def evaluate_run(
     return metrics
 
 
-def fits_context(lm: LM, messages: list[dict], max_new_tokens: int) -> bool:
+def fits_context(lm: LM, messages: list[dict], max_new_tokens: int, tools: list[dict] | None = None) -> bool:
     """Whether the conversation's prompt leaves `max_new_tokens` of the context (no turn would be dropped)."""
     try:
-        lm.encode_chat_prompt(messages, max_new_tokens)
+        lm.encode_chat_prompt(messages, max_new_tokens, tools)
     except UserError:
         return False
     return True

@@ -108,7 +108,11 @@ def encode_pairs(tokenizer: Tokenizer, records: list[dict], length: int) -> list
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected; targets only on the replies."""
     chosen = [(prompt, reply) for prompt, reply, _ in pairs]
-    sequences = chosen + [(prompt, reply) for prompt, _, reply in pairs]
+    return collate_replies(chosen + [(prompt, reply) for prompt, _, reply in pairs], pad_id)
+
+
+def collate_replies(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, reply ids) rows, right-padded: input_ids, attention_mask, targets (B, T) only on the replies."""
     length = max(len(prompt) + len(reply) for prompt, reply in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)

@@ -88,12 +88,17 @@ def seq2seq_loss(
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
-def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log p(reply | prompt) per row: sum_{t: y_t != -100} log softmax(z_t)[y_t], shape (rows,)."""
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log softmax(z_t)[y_t] at every position, 0 where y_t = -100: shape (rows, T)."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (rows, T, V)
     targets = batch["targets"]
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    return (token_logprobs * (targets != IGNORE_INDEX)).sum(dim=-1)
+    chosen = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # (rows, T)
+    return chosen * (targets != IGNORE_INDEX)
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(reply | prompt) per row: sum_{t: y_t != -100} log softmax(z_t)[y_t], shape (rows,)."""
+    return token_logprobs(model, batch).sum(dim=-1)
 
 
 def dpo_loss(
@@ -117,6 +122,43 @@ def dpo_loss(
         # faster; a cross-entropy term on the chosen reply keeps it up (RPO, https://arxiv.org/abs/2404.19733).
         loss = loss + sft_weight * (-policy[:pairs] / scored[:pairs].sum(dim=-1)).mean()
     return loss, int(scored.sum())
+
+
+def grpo_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], clip: float = 0.2, kl_weight: float = 0.04
+) -> tuple[torch.Tensor, int]:
+    """GRPO's clipped objective with a KL penalty to a frozen reference (DeepSeekMath, https://arxiv.org/abs/2402.03300).
+
+    Per sampled reply i with advantage A_i and tokens t, rho_t = pi(o_t) / pi_old(o_t) (pi_old: the policy that
+    sampled it) and KL_t = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1 (an unbiased, positive estimate):
+    L = -1/G sum_i 1/|o_i| sum_t [min(rho_t A_i, clip(rho_t, 1 - clip, 1 + clip) A_i) - kl_weight KL_t].
+    batch: input_ids, attention_mask, targets (rows, T) with -100 off the replies, old_logprobs and ref_logprobs
+    (rows, T) the reply tokens' log-probabilities under pi_old and pi_ref, advantages (rows,).
+    """
+    scored = (batch["targets"] != IGNORE_INDEX).float()  # (rows, T)
+    policy = token_logprobs(model, batch)  # (rows, T)
+    ratio = torch.exp(policy - batch["old_logprobs"])
+    advantages = batch["advantages"][:, None]  # (rows, 1)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    to_reference = batch["ref_logprobs"] - policy
+    kl = torch.exp(to_reference) - to_reference - 1
+    per_token = (surrogate - kl_weight * kl) * scored
+    loss = -(per_token.sum(dim=-1) / scored.sum(dim=-1).clamp(min=1)).mean()
+    return loss, int(batch["attention_mask"].sum())
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage: each reward standardised within its group, A_i = (r_i - mean(r)) / (std(r) + eps).
+
+    rewards (groups * group_size,), each group's replies next to each other; a group whose rewards are all
+    equal teaches nothing, and its advantages are exactly 0.
+    """
+    grouped = rewards.float().view(-1, group_size)  # (groups, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    advantages = centred / (grouped.std(dim=1, keepdim=True, unbiased=False) + eps)
+    # NOTE: the mean of equal floats may be off by an ulp; equal rewards must give exactly 0, not +-1e-4.
+    equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
+    return torch.where(equal, torch.zeros_like(advantages), advantages).flatten()
 
 
 def distillation_loss(
