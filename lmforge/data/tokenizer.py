@@ -150,6 +150,7 @@ class Tokenizer:
         self.chat_template: str | None = None
         self._token_bytes: list[bytes] | None = None
         self._fingerprint: str | None = None
+        self._control_tokens: re.Pattern | None = None
 
     @classmethod
     def train(
@@ -256,6 +257,18 @@ class Tokenizer:
         if self._fingerprint is None:
             self._fingerprint = hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def control_token_pattern(self) -> re.Pattern:
+        """A regex matching the text of any special token (lmforge's markers, or an imported folder's own).
+
+        `encode` turns such text into the special id itself, so text from users is checked with it.
+        """
+        if self._control_tokens is None:
+            added = self.backend.get_added_tokens_decoder().values()
+            texts = sorted({token.content for token in added if token.special}, key=len, reverse=True)
+            self._control_tokens = re.compile("|".join(map(re.escape, texts)) or r"(?!)")  # (?!) never matches
+        return self._control_tokens
 
     @property
     def vocab_size(self) -> int:
