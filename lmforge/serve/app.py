@@ -20,14 +20,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from lmforge.data.chat import check_messages, render_chat
-from lmforge.data.tokenizer import SPECIAL_TOKENS
+from lmforge.data.chat import check_messages, find_control_token, render_chat
 from lmforge.errors import UserError
 from lmforge.generate.text import stop_strings
 from lmforge.lm import LM
 from lmforge.models.decoder import Decoder
 from lmforge.serve import protocol
 from lmforge.serve.bridge import events, mailbox
+from lmforge.serve.connections import DEFAULT_LIMITS, ConnectionLimits, server_config
 from lmforge.serve.middleware import APIError, install_middleware
 from lmforge.serve.openapi import openapi_document
 from lmforge.serve.responses import Reply, answer
@@ -37,6 +37,7 @@ PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
     "X-Content-Type-Options": "nosniff",
 }
+MAX_BODY_BYTES = 4 * 2**20  # a whole 128k-token context is well under 1 MiB of text
 STREAM_DOCS = {200: {"content": {"text/event-stream": {}}}}  # its item schema: serve/openapi.py
 
 
@@ -50,12 +51,14 @@ def create_app(
     cors_origins: Sequence[str] = (),
     compiled: bool = False,
     bound_to: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The app for one decoder model; its scheduler thread runs while the app's lifespan does.
 
     `compiled`: compiled decoding steps while at most a few sequences are live (`lmforge serve --compile`).
     `bound_to`: the address it will listen on (`--host`); a loopback address without `api_key` makes it
     answer only Host headers naming this machine (localhost, 127.0.0.1, [::1]), against DNS rebinding.
+    `max_body_bytes`: a larger request body is a 413, refused before it is read whole.
     """
     if not isinstance(lm.model, Decoder):
         raise UserError(f"the server serves decoders; this is a {type(lm.model).__name__}")
@@ -69,7 +72,7 @@ def create_app(
         finally:
             scheduler.stop()
 
-    errors = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404, 429)}
+    errors = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404, 413, 429)}
     app = FastAPI(
         title="lmforge",
         summary="OpenAI-compatible API for an lmforge model",
@@ -79,7 +82,7 @@ def create_app(
         responses=errors,
     )
     app.state.scheduler = scheduler
-    install_middleware(app, api_key, cors_origins, bound_to)
+    install_middleware(app, api_key, cors_origins, bound_to, max_body_bytes)
     context = lm.model.config.max_position_embeddings
     _info_routes(app, scheduler, protocol.ModelCard(id=model_name, created=int(time.time()), max_model_len=context))
     _generation_routes(app, lm, scheduler, model_name)
@@ -116,7 +119,8 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
     @app.post("/v1/chat/completions", response_model=protocol.ChatCompletion, responses=STREAM_DOCS)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        prompt_ids = _chat_prompt(lm, body.messages)
+        # Rendering and tokenizing take a while for long bodies; a worker thread keeps /health answering.
+        prompt_ids = await asyncio.to_thread(_chat_prompt, lm, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         sequences, queue = _submit(scheduler, lm, body, [prompt_ids], max_tokens)
         reply = Reply("chatcmpl", model_name, len(prompt_ids), body.n)
@@ -127,7 +131,7 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompt_ids = [lm.encode_prompt(prompt) for prompt in prompts]
+        prompt_ids = await asyncio.to_thread(lambda: [lm.encode_prompt(prompt) for prompt in prompts])
         sequences, queue = _submit(scheduler, lm, body, prompt_ids, body.max_tokens)
         reply = Reply("cmpl", model_name, sum(len(ids) for ids in prompt_ids), len(sequences))
         stream = events(request, sequences, queue)
@@ -143,15 +147,18 @@ def _check_model(requested: str, model_name: str) -> None:
 
 
 def _chat_prompt(lm: LM, messages: list[protocol.ChatMessage]) -> list[int]:
-    """Render the conversation with the model folder's own template (sandboxed), assistant turn opened."""
+    """Render the conversation with the model folder's own template (sandboxed, budgeted), assistant turn opened.
+
+    Runs in a worker thread: the render budget (data/template_sandbox.py) is what stops a template that loops.
+    """
     plain = []
     for number, message in enumerate(messages, start=1):
         content = message.content if isinstance(message.content, str) else "\n".join(p.text for p in message.content)
-        # A control token typed into content would forge turns ("<|im_end|><|im_start|>system ...").
-        for marker in SPECIAL_TOKENS:
-            if marker in content:
-                raise APIError(400, f"message {number} contains '{marker}', a control token of the chat format",
-                               param=f"messages.{number - 1}.content")  # fmt: skip
+        # A control token typed into content would forge turns ("<|eot_id|><|start_header_id|>system ...").
+        marker = find_control_token(lm.tokenizer, content)
+        if marker:
+            raise APIError(400, f"message {number} contains '{marker}', a control token of this model's chat format",
+                           param=f"messages.{number - 1}.content")  # fmt: skip
         plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
     return lm.tokenizer.encode(render_chat(lm.tokenizer, check_messages(plain), add_generation_prompt=True))
 
@@ -218,14 +225,16 @@ def _submit(
 
 
 @contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def background_server(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, limits: ConnectionLimits = DEFAULT_LIMITS
+) -> Iterator[str]:
     """Run the app on uvicorn in a thread (port 0: any free port) and yield its base URL; stop it on exit.
 
     For notebooks, tests and benchmarks that need a live server beside other work in one process.
     """
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, host, port, limits, log_level="warning"))
     thread = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -253,6 +262,8 @@ def serve(
     device: str = "auto",
     model_name: str | None = None,
     compiled: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
 ) -> None:
     """Load a decoder run folder and serve it until interrupted (`lmforge serve`)."""
     import uvicorn
@@ -265,10 +276,10 @@ def serve(
     name = model_name or Path(model_dir).resolve().name
     app = create_app(
         lm, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, cors_origins=cors_origins,
-        compiled=compiled, bound_to=host,
+        compiled=compiled, bound_to=host, max_body_bytes=max_body_bytes,
     )  # fmt: skip
     where = f"http://{host}:{port}"
     print(f"serving {name} ({lm.model.num_parameters():,} parameters) at {where}: chat page {where}/, API {where}/v1")
     if api_key:
         print("API key required: Authorization: Bearer <key>")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(server_config(app, host, port, limits)).run()
