@@ -29,8 +29,11 @@ def raw_connection(url: str) -> socket.socket:
 
 
 def health_seconds(url: str) -> float:
+    """How long GET /health takes on a new connection (raw: an HTTP client's own setup would be timed too)."""
     started = time.monotonic()
-    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    with raw_connection(url) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert connection.recv(100).startswith(b"HTTP/1.1 200 ")
     return time.monotonic() - started
 
 
@@ -59,6 +62,23 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_read(served_lm):
         assert time.monotonic() - started < 2
 
 
+def test_a_prompt_too_long_to_fit_is_refused_without_tokenizing_it(served_lm):
+    tokenizer = Tokenizer.from_str(served_lm.tokenizer.to_str())
+    encoded = []
+    encode = tokenizer.encode
+    tokenizer.encode = lambda text, **options: encoded.append(len(text)) or encode(text, **options)
+    with TestClient(create_app(LM(served_lm.model, tokenizer), model_name="tiny")) as client:
+        huge = "第3句的颜色是什么？" * 100_000  # 2.9 MB: half a minute of tokenizing on a busy 2-core machine
+        for route, body in [("/v1/completions", {"prompt": huge}), ("/v1/chat/completions", {"messages": [
+            {"role": "user", "content": huge}]})]:  # fmt: skip
+            response = client.post(route, json={"model": "tiny", **body})
+            assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert encoded == []
+        short = {"model": "tiny", "prompt": "第3句", "max_tokens": 2}
+        assert client.post("/v1/completions", json=short).status_code == 200
+        assert encoded == [len("第3句")]
+
+
 def test_a_looping_template_is_a_400_and_health_answers_meanwhile(served_lm):
     looping = Tokenizer.from_str(served_lm.tokenizer.to_str(), LOOPING)
     app = create_app(LM(served_lm.model, looping), model_name="tiny")
@@ -71,7 +91,7 @@ def test_a_looping_template_is_a_400_and_health_answers_meanwhile(served_lm):
         time.sleep(0.1)  # the template is rendering now
         seconds = [health_seconds(url) for _ in range(3)]
         asking.join()
-    assert max(seconds) < 0.5, seconds
+    assert max(seconds) < 1.0, seconds
     [reply] = replies
     assert reply.status_code == 400 and "chat template failed" in reply.json()["error"]["message"]
 
@@ -113,7 +133,7 @@ def test_an_abandoned_plain_request_frees_its_slots(served_lm):
         steps_before = engine.steps  # the first steps are slow; from now on each takes about 50 ms
         head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         connection.sendall(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while engine.load["live"] < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.load["live"] == 3
@@ -128,6 +148,14 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fewer_descriptors_than(bound: int, within: float) -> bool:
+    """Whether this process's open files drop below `bound` within `within` seconds (closing takes a loop turn)."""
+    deadline = time.monotonic() + within
+    while open_descriptors() >= bound and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return open_descriptors() < bound
+
+
 class Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -138,7 +166,7 @@ class Lines(logging.Handler):
 
 
 def test_idle_connections_neither_exhaust_descriptors_nor_lock_clients_out(served_lm):
-    limits = ConnectionLimits(max_connections=20, header_timeout=2.0, keep_alive_timeout=1.0)
+    limits = ConnectionLimits(max_connections=20, header_timeout=5.0, keep_alive_timeout=1.0)
     log = Lines()
     with background_server(create_app(served_lm, model_name="tiny"), limits=limits) as url:
         # After uvicorn configured its loggers (which do not propagate to pytest's).
@@ -147,18 +175,16 @@ def test_idle_connections_neither_exhaust_descriptors_nor_lock_clients_out(serve
         idle = [raw_connection(url) for _ in range(300)]  # they never send a byte
         slow = raw_connection(url)
         slow.sendall(b"GET /health HTTP/1.1\r\n")  # a head sent slowly, never finished
-        time.sleep(0.3)
         # The server holds at most its cap of them: the rest of the 301 descriptors are the clients' own ends.
-        assert open_descriptors() - before < 301 + 20 + 5
+        assert fewer_descriptors_than(before + 301 + 20 + 5, within=2.5)
         for _ in range(3):
             slow.sendall(b"X-Slow: 1\r\n")  # still sending, yet held to the deadline for the whole head
             time.sleep(0.2)
         seconds = [health_seconds(url) for _ in range(5)]  # a newcomer evicts the longest-waiting idle one
         assert max(seconds) < 1.0, seconds
-        slow.settimeout(3)
+        slow.settimeout(6)
         assert slow.recv(100) == b""  # closed once its head was not complete after header_timeout
-        time.sleep(0.5)
-        assert open_descriptors() - before < 301 + 2  # every idle one is gone after header_timeout
+        assert fewer_descriptors_than(before + 301 + 2, within=5)  # every idle one is gone after header_timeout
         for connection in [*idle, slow]:
             connection.close()
     logging.getLogger("uvicorn.error").removeHandler(log)

@@ -151,6 +151,7 @@ class Tokenizer:
         self._token_bytes: list[bytes] | None = None
         self._fingerprint: str | None = None
         self._control_tokens: re.Pattern | None = None
+        self._longest_token: int | None = None
 
     @classmethod
     def train(
@@ -269,6 +270,15 @@ class Tokenizer:
             texts = sorted({token.content for token in added if token.special}, key=len, reverse=True)
             self._control_tokens = re.compile("|".join(map(re.escape, texts)) or r"(?!)")  # (?!) never matches
         return self._control_tokens
+
+    @property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for (a special token: its text), so `encode` gives at least
+        len(text in bytes) / this many ids."""
+        if self._longest_token is None:
+            added = self.backend.get_added_tokens_decoder().values()
+            self._longest_token = max([*map(len, self.token_bytes()), *(len(t.content.encode()) for t in added)])
+        return self._longest_token
 
     @property
     def vocab_size(self) -> int:

@@ -3,8 +3,9 @@
 `create_app(lm, ...)` builds the app; `serve(model_dir, ...)` loads a run folder and runs it on
 uvicorn (`lmforge serve`). The pieces, as in vLLM's OpenAI entrypoint: serve/protocol.py (request and
 response models), serve/middleware.py (API key, CORS, errors as 4xx), serve/responses.py (replies and
-SSE chunks), serve/openapi.py (the document), serve/bridge.py (scheduler thread -> event loop) and
-serve/scheduler.py (continuous batching over generate/engine.py).
+SSE chunks), serve/openapi.py (the document), serve/bridge.py (scheduler thread -> event loop),
+serve/scheduler.py (continuous batching over generate/engine.py) and serve/connections.py (the
+connection cap and request-head deadline around uvicorn).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
@@ -64,6 +66,10 @@ def create_app(
         raise UserError(f"the server serves decoders; this is a {type(lm.model).__name__}")
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, compiled=compiled)
 
+    # NOTE: one thread renders and tokenizes every prompt. A template that loops until its budget stops it
+    # holds the GIL; several such threads at once would starve the event loop (and /health) for seconds.
+    prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prompts")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         scheduler.start()
@@ -71,6 +77,7 @@ def create_app(
             yield
         finally:
             scheduler.stop()
+            prompts.shutdown(wait=False, cancel_futures=True)
 
     errors = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404, 413, 429)}
     app = FastAPI(
@@ -85,7 +92,7 @@ def create_app(
     install_middleware(app, api_key, cors_origins, bound_to, max_body_bytes)
     context = lm.model.config.max_position_embeddings
     _info_routes(app, scheduler, protocol.ModelCard(id=model_name, created=int(time.time()), max_model_len=context))
-    _generation_routes(app, lm, scheduler, model_name)
+    _generation_routes(app, lm, scheduler, model_name, prompts)
     app.openapi = lambda: openapi_document(app)
     return app
 
@@ -115,12 +122,14 @@ def _info_routes(app: FastAPI, scheduler: Scheduler, card: protocol.ModelCard) -
         return card
 
 
-def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: str) -> None:
+def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: str, prompts: Executor) -> None:
+    def off_the_loop(function, *args):  # rendering and tokenizing a long body take a while: /health must answer
+        return asyncio.get_running_loop().run_in_executor(prompts, function, *args)
+
     @app.post("/v1/chat/completions", response_model=protocol.ChatCompletion, responses=STREAM_DOCS)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        # Rendering and tokenizing take a while for long bodies; a worker thread keeps /health answering.
-        prompt_ids = await asyncio.to_thread(_chat_prompt, lm, body.messages)
+        prompt_ids = await off_the_loop(_chat_prompt, lm, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         sequences, queue = _submit(scheduler, lm, body, [prompt_ids], max_tokens)
         reply = Reply("chatcmpl", model_name, len(prompt_ids), body.n)
@@ -130,8 +139,8 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
     @app.post("/v1/completions", response_model=protocol.Completion, responses=STREAM_DOCS)
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, model_name)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompt_ids = await asyncio.to_thread(lambda: [lm.encode_prompt(prompt) for prompt in prompts])
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompt_ids = await off_the_loop(lambda: [_encode(lm, prompt, "prompt", bos=True) for prompt in texts])
         sequences, queue = _submit(scheduler, lm, body, prompt_ids, body.max_tokens)
         reply = Reply("cmpl", model_name, sum(len(ids) for ids in prompt_ids), len(sequences))
         stream = events(request, sequences, queue)
@@ -160,7 +169,21 @@ def _chat_prompt(lm: LM, messages: list[protocol.ChatMessage]) -> list[int]:
             raise APIError(400, f"message {number} contains '{marker}', a control token of this model's chat format",
                            param=f"messages.{number - 1}.content")  # fmt: skip
         plain.append({"role": "system" if message.role == "developer" else message.role, "content": content})
-    return lm.tokenizer.encode(render_chat(lm.tokenizer, check_messages(plain), add_generation_prompt=True))
+    return _encode(lm, render_chat(lm.tokenizer, check_messages(plain), add_generation_prompt=True), "messages")
+
+
+def _encode(lm: LM, text: str, param: str, bos: bool = False) -> list[int]:
+    """The text's token ids; a 400 without tokenizing when its bytes alone prove it cannot fit the context.
+
+    No token stands for more than `longest_token_bytes` bytes, so a longer text has more tokens than
+    the context holds: a 4 MB body is refused at once instead of after half a minute of tokenizing.
+    """
+    context = lm.model.config.max_position_embeddings
+    fewest = -(-len(text.encode("utf-8", "surrogatepass")) // lm.tokenizer.longest_token_bytes)
+    if fewest >= context:
+        raise APIError(400, f"the prompt has at least {fewest:,} tokens; this model's context holds {context}",
+                       param=param, code="context_length_exceeded")  # fmt: skip
+    return lm.encode_prompt(text) if bos else lm.tokenizer.encode(text)
 
 
 def _check_room(body: protocol._Sampling, prompt_ids: list[list[int]], max_tokens: int | None, context: int) -> int:
