@@ -50,13 +50,16 @@ def bench_model(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def server_process(model: Path, port: int, compiled: bool = False) -> Iterator[str]:
+def server_process(
+    model: Path, port: int, compiled: bool = False, log=subprocess.DEVNULL, start_seconds: float = 120
+) -> Iterator[str]:
+    """`lmforge serve` in a child process, until the block ends; yields its URL. `log`: where its output goes."""
     command = [sys.executable, "-m", "lmforge", "serve", "--model", str(model), "--port", str(port),
                "--max-batch", "16", "--model-name", "bench", *(["--compile"] if compiled else [])]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_seconds
         while True:
             try:
                 if httpx.get(url + "/health").status_code == 200:

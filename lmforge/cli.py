@@ -160,6 +160,13 @@ def serve(
             "compile per batch size (1-4)",
         ),
     ] = False,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body in MiB; a larger one is a 413")] = 4.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(help="open TCP connections; at the cap, the one waiting longest for its request head is closed"),
+    ] = 1000,
+    header_timeout: Annotated[float, typer.Option(help="seconds a connection has to send its request head")] = 10.0,
+    keep_alive_timeout: Annotated[float, typer.Option(help="seconds an idle kept-alive connection stays open")] = 5.0,
 ) -> None:
     """Serve a decoder model over an OpenAI-compatible API, with a web chat page at /.
 
@@ -167,12 +174,17 @@ def serve(
     OpenAI client at base_url http://127.0.0.1:8000/v1.
     """
     from lmforge.serve.app import serve as run_server
+    from lmforge.serve.connections import ConnectionLimits
 
     if max_batch < 1 or max_queue < 0:
         raise UserError(f"--max-batch must be >= 1 and --max-queue >= 0, not {max_batch} and {max_queue}")
+    if min(max_body_mb, max_connections, header_timeout, keep_alive_timeout) <= 0:
+        raise UserError("--max-body-mb, --max-connections, --header-timeout and --keep-alive-timeout must be positive")
     run_server(
         model, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
         cors_origins=cors_origin or (), device=device, model_name=model_name, compiled=compile,
+        max_body_bytes=int(max_body_mb * 2**20),
+        limits=ConnectionLimits(max_connections, header_timeout, keep_alive_timeout),
     )  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lmforge.config import from_dict
-from lmforge.data.chat import Message, check_messages, check_tools, truncate_chat
+from lmforge.data.chat import Message, check_control_tokens, check_messages, check_tools, truncate_chat
 from lmforge.data.poetry import form_named, rhyme_group
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import pick_device
@@ -199,6 +199,7 @@ class LM:
     ) -> tuple[list[Message], list[int]]:
         """(the messages kept, their prompt ids): oldest turns dropped so `max_new_tokens` still fit the context."""
         messages = check_messages(list(messages))
+        check_control_tokens(self.tokenizer, messages)
         context = self.model.config.max_position_embeddings
         budget = context - min(max_new_tokens, context // 2)
         kept, tokens = truncate_chat(self.tokenizer, messages, budget, True, check_tools(tools))

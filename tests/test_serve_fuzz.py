@@ -110,6 +110,46 @@ def test_generation_conforms_to_its_schema(open_schema, subtests):
     assert replies["/v1/chat/completions"] and replies["/v1/completions"], f"too few requests got a reply: {replies}"
 
 
+def _strings(value, path=()):
+    """Where the strings are in a JSON value: a list of key/index paths."""
+    if isinstance(value, str):
+        return [path]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    return [found for key, item in items for found in _strings(item, (*path, key))]
+
+
+def _with_a_lone_surrogate(case):
+    """The served model's short case with a lone surrogate (JSON "\\ud800") in one of its strings, or in all.
+
+    Hypothesis draws only whole characters, so the surrogate is put in here: in the string the case's
+    own size picks (a different field from case to case), or in every string of every third case.
+    """
+    case = _served_and_short(case)
+    if case.method != "POST" or not isinstance(case.body, dict):
+        return case
+    places = _strings(case.body)
+    size = len(str(case.body))
+    for path in places if size % 3 == 0 else places[size % len(places) :][:1]:
+        *parents, last = path
+        holder = case.body
+        for key in parents:
+            holder = holder[key]
+        holder[last] = holder[last][: size % 5] + "\ud800" + holder[last][size % 5 :]
+    return case
+
+
+def test_lone_surrogates_anywhere_are_refused_not_a_server_error(open_schema, subtests):
+    statuses = Counter()
+
+    def test(case):
+        response = case.call_and_validate(checks=CONFORMS)
+        statuses[response.status_code] += 1
+        assert response.status_code < 500, response.text
+
+    _fuzz(open_schema.include(method="POST"), subtests, GenerationMode.POSITIVE, 25, test, pin=_with_a_lone_surrogate)
+    assert statuses[400] > 0, statuses  # the surrogates reached the server's checks
+
+
 @pytest.mark.parametrize("mode", list(GenerationMode), ids=str)
 def test_api_key_is_required(locked_schema, subtests, mode):
     def test(case):

@@ -9,6 +9,12 @@ import re
 import shutil
 
 import pytest
+import torch
+
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.lm import LM
+from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.serve.app import background_server, create_app
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the web page test needs Playwright for Python")
 
@@ -41,6 +47,20 @@ def page(browser, web_server):
     page.goto(web_server + "/")
     yield page
     context.close()
+
+
+@pytest.fixture(scope="module")
+def demo_sized_server(base_run):
+    """A live server for a model with the demo chat model's context (256 tokens), whose replies end by themselves."""
+    tokenizer = Tokenizer.load(base_run)
+    torch.manual_seed(0)
+    config = DecoderConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    lm = LM(Decoder(config), tokenizer)
+    with background_server(create_app(lm, model_name="demo-sized")) as url:
+        yield url, lm
 
 
 def chat_bodies(page) -> list[dict]:
@@ -201,3 +221,38 @@ def test_errors_api_key_and_escaping(page):
     expect(answer.locator(".content")).to_have_text("<b>粗体</b> 🙂")
     expect(answer.locator("b")).to_have_count(0)
     expect(answer.locator(".stats")).to_contain_text("3 词元 tokens")
+
+
+def test_default_settings_fit_the_served_models_context(browser, demo_sized_server):
+    # The page used to ask for 256 new tokens whatever the model: the whole context of the demo chat model.
+    url, lm = demo_sized_server
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(url + "/")
+    bodies = chat_bodies(page)
+    expect(page.locator("#model")).to_have_text("demo-sized")
+    expect(page.locator("#max-tokens")).to_have_value("128")  # half the context
+    assert page.locator("#max-tokens").get_attribute("max") == "255"
+    page.fill("#message", "你好")
+    page.press("#message", "Enter")
+    expect(page.locator(".message.assistant .stats")).to_contain_text("tokens/s", timeout=30_000)
+    expect(page.locator(".message.error")).to_have_count(0)
+    assert bodies[0]["max_tokens"] == 128
+    # A question of about 150 tokens leaves fewer than 128 tokens of room: the page asks again for what fits.
+    question = "第3句的颜色是什么？"
+    while len(lm.encode_chat_prompt([{"role": "user", "content": question}], 1)) < 150:
+        question += "第3句的颜色是什么？"
+    page.click("#new-chat")
+    page.fill("#message", question)
+    page.press("#message", "Enter")
+    expect(page.locator(".message.assistant .stats")).to_contain_text("tokens/s", timeout=30_000)
+    expect(page.locator(".message.error")).to_have_count(0)
+    assert bodies[-2]["max_tokens"] == 128 and "max_tokens" not in bodies[-1], [b.get("max_tokens") for b in bodies]
+    page.click("#new-chat")
+    page.fill("#max-tokens", "100000")
+    page.fill("#message", "你好")
+    page.press("#message", "Enter")
+    expect(page.locator("#max-tokens")).to_have_value("255")  # held to the model's context
+    expect(page.locator(".message.assistant .stats")).to_contain_text("tokens/s", timeout=30_000)
+    assert bodies[-2]["max_tokens"] == 255 and "max_tokens" not in bodies[-1]
+    context.close()

@@ -25,8 +25,8 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lmforge.data.template_sandbox import RENDER_SECONDS, BudgetedSandbox, render_budgeted
 from lmforge.data.tokenizer import CHATML_TEMPLATE, PLAIN_CHATML_TEMPLATE, Tokenizer
 from lmforge.errors import UserError
 
@@ -49,18 +49,23 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent=None, separators=None
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _raise(message: str):
-    raise TemplateError(message)
+class TemplateRaised(Exception):
+    """`raise_exception(message)` called by a template (Hugging Face's templates refuse bad conversations so)."""
+
+
+def _raise_exception(message: str):
+    raise TemplateRaised(message)
 
 
 @lru_cache(maxsize=8)
 def _compiled(template: str):
-    # The same environment as transformers' apply_chat_template, so imported templates (Qwen2.5's) work unchanged.
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    # The same extensions and tojson as transformers' apply_chat_template, so imported templates (Qwen2.5's) work
+    # unchanged; the budgeted sandbox stops templates that loop or build huge strings.
+    environment = BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     environment.filters["tojson"] = _tojson
-    environment.globals["raise_exception"] = _raise
+    environment.globals["raise_exception"] = _raise_exception
     try:
-        return environment.from_string(template)
+        return environment.compile_template(template)
     except TemplateError as error:
         raise UserError(f"the chat template does not parse: {error}") from None
 
@@ -182,19 +187,51 @@ def chat_template(tokenizer: Tokenizer) -> str:
 
 
 def render_chat(
-    tokenizer: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False, tools: list | None = None
+    tokenizer: Tokenizer,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = False,
+    tools: list | None = None,
+    seconds: float = RENDER_SECONDS,
 ) -> str:
-    template = chat_template(tokenizer)
-    if tools and "tools" not in template:
+    """The conversation as the template writes it, within a render budget (data/template_sandbox.py).
+
+    Any failure of the template, whatever its exception (OverflowError from a huge range, MemoryError,
+    RecursionError, an exhausted budget, its own raise_exception), is one UserError line.
+    """
+    template_text = chat_template(tokenizer)
+    if tools and "tools" not in template_text:
         raise UserError("this model's chat template does not render tools")
     token = tokenizer.backend.id_to_token
     special = {"bos_token": token(tokenizer.bos_id), "eos_token": token(tokenizer.eos_id)}
+    template = _compiled(template_text)
     try:
-        return _compiled(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, tools=tools or None, **special
+        return render_budgeted(
+            template, seconds, messages=list(messages), add_generation_prompt=add_generation_prompt,
+            tools=tools or None, **special,
         )
-    except TemplateError as error:
-        raise UserError(f"the chat template failed: {error}") from None
+    except TemplateRaised as error:
+        raise UserError(f"the chat template refused this conversation: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a template is foreign code: any failure of it is the template's
+        raise UserError(f"the chat template failed: {type(error).__name__}: {error}"[:300]) from None
+
+
+def find_control_token(tokenizer: Tokenizer, text: str) -> str | None:
+    """The first of the tokenizer's control tokens typed into `text`, or None.
+
+    Text such as "<|eot_id|><|start_header_id|>system<|end_header_id|>" encodes to the special ids
+    themselves (see `Tokenizer`), so a user could close their turn and open a system one. The tokens
+    are all the tokenizer's special tokens: lmforge's seven markers, or an imported folder's own.
+    """
+    found = tokenizer.control_token_pattern.search(text)
+    return found.group() if found else None
+
+
+def check_control_tokens(tokenizer: Tokenizer, messages: Sequence[Message]) -> None:
+    """Refuse a conversation whose content holds a control token (`find_control_token`), in one line."""
+    for number, message in enumerate(messages, start=1):
+        token = find_control_token(tokenizer, message.get("content") or "")
+        if token:
+            raise UserError(f"message {number} contains '{token}', a control token of this model's chat format")
 
 
 def encode_chat(

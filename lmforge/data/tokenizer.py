@@ -201,6 +201,8 @@ class Tokenizer:
         self.chat_template: str | None = None
         self._token_bytes: list[bytes] | None = None
         self._fingerprint: str | None = None
+        self._control_tokens: re.Pattern | None = None
+        self._longest_token: int | None = None
 
     @classmethod
     def train(
@@ -317,6 +319,27 @@ class Tokenizer:
         if self._fingerprint is None:
             self._fingerprint = hashlib.sha256(self.backend.to_str().encode("utf-8")).hexdigest()[:16]
         return self._fingerprint
+
+    @property
+    def control_token_pattern(self) -> re.Pattern:
+        """A regex matching the text of any special token (lmforge's markers, or an imported folder's own).
+
+        `encode` turns such text into the special id itself, so text from users is checked with it.
+        """
+        if self._control_tokens is None:
+            added = self.backend.get_added_tokens_decoder().values()
+            texts = sorted({token.content for token in added if token.special}, key=len, reverse=True)
+            self._control_tokens = re.compile("|".join(map(re.escape, texts)) or r"(?!)")  # (?!) never matches
+        return self._control_tokens
+
+    @property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes one token stands for (a special token: its text), so `encode` gives at least
+        len(text in bytes) / this many ids."""
+        if self._longest_token is None:
+            added = self.backend.get_added_tokens_decoder().values()
+            self._longest_token = max([*map(len, self.token_bytes()), *(len(t.content.encode()) for t in added)])
+        return self._longest_token
 
     @property
     def vocab_size(self) -> int:

@@ -3,8 +3,9 @@
 `create_app(lm, ...)` builds the app; `serve(model_dir, ...)` loads a run folder and runs it on
 uvicorn (`lmforge serve`). The pieces, as in vLLM's OpenAI entrypoint: serve/protocol.py (request and
 response models), serve/middleware.py (API key, CORS, errors as 4xx), serve/responses.py (replies and
-SSE chunks), serve/openapi.py (the document), serve/bridge.py (scheduler thread -> event loop) and
-serve/scheduler.py (continuous batching over generate/engine.py).
+SSE chunks), serve/openapi.py (the document), serve/bridge.py (scheduler thread -> event loop),
+serve/scheduler.py (continuous batching over generate/engine.py) and serve/connections.py (the
+connection cap and request-head deadline around uvicorn).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
@@ -21,9 +23,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from lmforge.data.chat import TOOL_CALL_OPEN, check_messages, check_tools, render_chat
+from lmforge.data.chat import TOOL_CALL_OPEN, check_messages, check_tools, find_control_token, render_chat
 from lmforge.data.code import fim_prompt_ids
-from lmforge.data.tokenizer import SPECIAL_TOKENS
 from lmforge.errors import UserError
 from lmforge.generate.constraints import TemplateConstraint, check_room
 from lmforge.generate.text import stop_strings
@@ -31,6 +32,7 @@ from lmforge.lm import LM
 from lmforge.models.decoder import Decoder
 from lmforge.serve import protocol
 from lmforge.serve.bridge import events, mailbox
+from lmforge.serve.connections import DEFAULT_LIMITS, ConnectionLimits, server_config
 from lmforge.serve.middleware import APIError, install_middleware
 from lmforge.serve.openapi import openapi_document
 from lmforge.serve.responses import Reply, ToolUse, answer
@@ -40,6 +42,7 @@ PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
     "X-Content-Type-Options": "nosniff",
 }
+MAX_BODY_BYTES = 4 * 2**20  # a whole 128k-token context is well under 1 MiB of text
 STREAM_DOCS = {200: {"content": {"text/event-stream": {}}}}  # its item schema: serve/openapi.py
 
 
@@ -53,16 +56,22 @@ def create_app(
     cors_origins: Sequence[str] = (),
     compiled: bool = False,
     bound_to: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The app for one decoder model; its scheduler thread runs while the app's lifespan does.
 
     `compiled`: compiled decoding steps while at most a few sequences are live (`lmforge serve --compile`).
     `bound_to`: the address it will listen on (`--host`); a loopback address without `api_key` makes it
     answer only Host headers naming this machine (localhost, 127.0.0.1, [::1]), against DNS rebinding.
+    `max_body_bytes`: a larger request body is a 413, refused before it is read whole.
     """
     if not isinstance(lm.model, Decoder):
         raise UserError(f"the server serves decoders; this is a {type(lm.model).__name__}")
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, compiled=compiled)
+
+    # NOTE: one thread renders and tokenizes every prompt. A template that loops until its budget stops it
+    # holds the GIL; several such threads at once would starve the event loop (and /health) for seconds.
+    prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prompts")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,8 +80,9 @@ def create_app(
             yield
         finally:
             scheduler.stop()
+            prompts.shutdown(wait=False, cancel_futures=True)
 
-    errors = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404, 429)}
+    errors = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404, 413, 429)}
     app = FastAPI(
         title="lmforge",
         summary="OpenAI-compatible API for an lmforge model",
@@ -82,10 +92,10 @@ def create_app(
         responses=errors,
     )
     app.state.scheduler = scheduler
-    install_middleware(app, api_key, cors_origins, bound_to)
+    install_middleware(app, api_key, cors_origins, bound_to, max_body_bytes)
     context = lm.model.config.max_position_embeddings
     _info_routes(app, scheduler, protocol.ModelCard(id=model_name, created=int(time.time()), max_model_len=context))
-    _generation_routes(app, lm, scheduler, model_name)
+    _generation_routes(app, lm, scheduler, model_name, prompts)
     app.openapi = lambda: openapi_document(app)
     return app
 
@@ -115,12 +125,15 @@ def _info_routes(app: FastAPI, scheduler: Scheduler, card: protocol.ModelCard) -
         return card
 
 
-def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: str) -> None:
+def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: str, prompts: Executor) -> None:
+    def off_the_loop(function, *args):  # rendering and tokenizing a long body take a while: /health must answer
+        return asyncio.get_running_loop().run_in_executor(prompts, function, *args)
+
     @app.post("/v1/chat/completions", response_model=protocol.ChatCompletion, responses=STREAM_DOCS)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         _check_model(body.model, model_name)
         tools, use = _tool_use(body)
-        prompt_ids = _chat_prompt(lm, body.messages, tools, use.forced)
+        prompt_ids = await off_the_loop(_chat_prompt, lm, body.messages, tools, use.forced)
         max_tokens = body.max_completion_tokens or body.max_tokens
         sequences, queue = _submit(scheduler, lm, body, [prompt_ids], max_tokens)
         reply = Reply("chatcmpl", model_name, len(prompt_ids), body.n, use)
@@ -131,7 +144,7 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
     async def completions(body: protocol.CompletionRequest, request: Request):
         _check_model(body.model, model_name)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompt_ids = _completion_prompts(lm, prompts, body.suffix)
+        prompt_ids = await off_the_loop(_completion_prompts, lm, prompts, body.suffix)
         constraint = _form_constraint(lm, body)
         sequences, queue = _submit(scheduler, lm, body, prompt_ids, body.max_tokens, constraint)
         reply = Reply("cmpl", model_name, sum(len(ids) for ids in prompt_ids), len(sequences))
@@ -142,7 +155,7 @@ def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: s
 def _completion_prompts(lm: LM, prompts: list[str], suffix: str | None) -> list[list[int]]:
     """Each prompt's ids; with a `suffix`, the fill-in-the-middle prompt asking for the text between the two."""
     if not suffix:
-        return [lm.encode_prompt(prompt) for prompt in prompts]
+        return [_encode(lm, prompt, "prompt", bos=True) for prompt in prompts]
     if lm.tokenizer.fim_ids is None:
         raise APIError(
             400, "suffix needs a model trained with fill-in-the-middle (lmforge finetune --task code); this model's "
@@ -204,7 +217,10 @@ def _tool_use(body: protocol.ChatCompletionRequest) -> tuple[list[dict] | None, 
 
 
 def _chat_prompt(lm: LM, messages: list[protocol.ChatMessage], tools: list[dict] | None, forced: str) -> list[int]:
-    """Render the conversation with the model folder's own template (sandboxed), assistant turn opened."""
+    """Render the conversation with the model folder's own template (sandboxed, budgeted), assistant turn opened.
+
+    Runs in a worker thread: the render budget (data/template_sandbox.py) is what stops a template that loops.
+    """
     plain = []
     for number, message in enumerate(messages, start=1):
         content = (
@@ -217,18 +233,32 @@ def _chat_prompt(lm: LM, messages: list[protocol.ChatMessage], tools: list[dict]
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
-        # A control token typed into content would forge turns ("<|im_end|><|im_start|>system ...").
+        # A control token typed into content would forge turns ("<|eot_id|><|start_header_id|>system ...").
         typed = content + "".join(call.function.arguments + call.function.name for call in message.tool_calls or [])
-        for marker in SPECIAL_TOKENS:
-            if marker in typed:
-                raise APIError(400, f"message {number} contains '{marker}', a control token of the chat format",
-                               param=f"messages.{number - 1}.content")  # fmt: skip
+        marker = find_control_token(lm.tokenizer, typed)
+        if marker:
+            raise APIError(400, f"message {number} contains '{marker}', a control token of this model's chat format",
+                           param=f"messages.{number - 1}.content")  # fmt: skip
         plain.append(item)
     try:
         plain = check_messages(plain)
     except UserError as error:
         raise APIError(400, str(error), param="messages") from None
-    return lm.tokenizer.encode(render_chat(lm.tokenizer, plain, add_generation_prompt=True, tools=tools) + forced)
+    return _encode(lm, render_chat(lm.tokenizer, plain, add_generation_prompt=True, tools=tools) + forced, "messages")
+
+
+def _encode(lm: LM, text: str, param: str, bos: bool = False) -> list[int]:
+    """The text's token ids; a 400 without tokenizing when its bytes alone prove it cannot fit the context.
+
+    No token stands for more than `longest_token_bytes` bytes, so a longer text has more tokens than
+    the context holds: a 4 MB body is refused at once instead of after half a minute of tokenizing.
+    """
+    context = lm.model.config.max_position_embeddings
+    fewest = -(-len(text.encode("utf-8", "surrogatepass")) // lm.tokenizer.longest_token_bytes)
+    if fewest >= context:
+        raise APIError(400, f"the prompt has at least {fewest:,} tokens; this model's context holds {context}",
+                       param=param, code="context_length_exceeded")  # fmt: skip
+    return lm.encode_prompt(text) if bos else lm.tokenizer.encode(text)
 
 
 def _check_room(body: protocol._Sampling, prompt_ids: list[list[int]], max_tokens: int | None, context: int) -> int:
@@ -299,14 +329,16 @@ def _submit(
 
 
 @contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def background_server(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, limits: ConnectionLimits = DEFAULT_LIMITS
+) -> Iterator[str]:
     """Run the app on uvicorn in a thread (port 0: any free port) and yield its base URL; stop it on exit.
 
     For notebooks, tests and benchmarks that need a live server beside other work in one process.
     """
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, host, port, limits, log_level="warning"))
     thread = threading.Thread(target=server.run, name="lmforge-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -334,6 +366,8 @@ def serve(
     device: str = "auto",
     model_name: str | None = None,
     compiled: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    limits: ConnectionLimits = DEFAULT_LIMITS,
 ) -> None:
     """Load a decoder run folder and serve it until interrupted (`lmforge serve`)."""
     import uvicorn
@@ -346,10 +380,10 @@ def serve(
     name = model_name or Path(model_dir).resolve().name
     app = create_app(
         lm, model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, cors_origins=cors_origins,
-        compiled=compiled, bound_to=host,
+        compiled=compiled, bound_to=host, max_body_bytes=max_body_bytes,
     )  # fmt: skip
     where = f"http://{host}:{port}"
     print(f"serving {name} ({lm.model.num_parameters():,} parameters) at {where}: chat page {where}/, API {where}/v1")
     if api_key:
         print("API key required: Authorization: Bearer <key>")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(server_config(app, host, port, limits)).run()

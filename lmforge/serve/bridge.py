@@ -11,11 +11,14 @@ import asyncio
 import dataclasses
 import functools
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 
 from lmforge.serve.scheduler import Event, SequenceRequest
+
+DISCONNECT_CHECK = 0.5  # seconds between checks that a client is still there
 
 
 class Mailman:
@@ -63,17 +66,24 @@ def mailbox() -> tuple[asyncio.Queue, Callable[[Event], None]]:
 async def events(request: Request, sequences: list[SequenceRequest], queue: asyncio.Queue) -> AsyncIterator[Event]:
     """The sequences' events until each has finished; a client that goes away cancels them all.
 
+    The client is checked at least every `DISCONNECT_CHECK` seconds, while events flow too: a
+    non-streaming request is only read here (a stream's response also notices a hang-up itself).
     Events that piled up while the client was being served are merged per sequence, so a busy
     server sends fewer, longer chunks instead of falling further behind.
     """
     remaining = len(sequences)
+    next_check = time.monotonic() + DISCONNECT_CHECK
     try:
         while remaining:
-            try:
-                first = queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), timeout=1.0)
-            except TimeoutError:
+            if time.monotonic() >= next_check:
                 if await request.is_disconnected():
                     return
+                next_check = time.monotonic() + DISCONNECT_CHECK
+            try:
+                first = (
+                    queue.get_nowait() if not queue.empty() else await asyncio.wait_for(queue.get(), DISCONNECT_CHECK)
+                )
+            except TimeoutError:
                 continue
             for event in _merged([first, *(queue.get_nowait() for _ in range(queue.qsize()))]):
                 if event.error:

@@ -79,6 +79,55 @@ class BearerAuth:
         await error.response()(scope, receive, send)
 
 
+class BodyLimit:
+    """ASGI middleware: a 413 for a request body over `max_bytes`, refused before it is read whole.
+
+    A declared Content-Length over the limit is refused before a byte of the body is read; a chunked
+    body is read up to the limit and refused as soon as it passes it. A body within the limit is
+    read here and handed on, so no route ever parses more than `max_bytes` of JSON.
+    """
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = [value for name, value in scope.get("headers", []) if name == b"content-length"]
+        if declared and declared[0].isdigit() and int(declared[0]) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its whole body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():  # the body once, then the connection's own messages (a disconnect)
+            nonlocal whole
+            if whole is None:
+                return await receive()
+            message, whole = whole, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        megabytes = self.max_bytes / 2**20
+        error = APIError(
+            413, f"the request body is larger than this server's limit of {megabytes:g} MiB "
+            "(lmforge serve --max-body-mb)", code="request_too_large", headers={"Connection": "close"},
+        )  # fmt: skip
+        await error.response()(scope, receive, send)
+
+
 class LocalHostsOnly:
     """ASGI middleware: answer only requests whose Host header names this machine (against DNS rebinding).
 
@@ -113,13 +162,15 @@ def _host_name(header: bytes) -> str:
 
 
 def install_middleware(
-    app: FastAPI, api_key: str | None, cors_origins: Sequence[str], bound_to: str | None = None
+    app: FastAPI, api_key: str | None, cors_origins: Sequence[str], bound_to: str | None, max_body_bytes: int
 ) -> None:
-    """The API key check (when a key is set), CORS (when origins are given) and the error handlers.
+    """The body size limit, the API key check (when a key is set), CORS (when origins are given), error handlers.
 
     `bound_to`: the address the server listens on; a loopback one without an API key answers only
     Host headers naming this machine (`LocalHostsOnly`).
     """
+    # Added first, so innermost: a request without the key is refused before its body is read.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
     if cors_origins:  # added after the key check, so it is an outer layer and answers preflight requests itself

@@ -19,13 +19,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from lmforge.data.chat import ParsedReply, parse_reply
 from lmforge.serve import protocol
 from lmforge.serve.scheduler import Event
 
+CLIENT_GONE = 499  # nginx's "client closed request", for the access log
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -178,6 +179,8 @@ async def answer(
             sse(chunks_of(events, include_usage)), media_type="text/event-stream", headers=SSE_HEADERS
         )
     await reply.collect(events)
+    if None in reply.reasons:  # the client went away (serve/bridge.py cancelled its sequences): nobody reads this
+        return Response(status_code=CLIENT_GONE)
     return whole_of()
 
 
