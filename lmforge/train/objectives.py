@@ -90,9 +90,13 @@ def seq2seq_loss(
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log p(reply | prompt) per row: sum_{t: y_t != -100} log softmax(z_t)[y_t], shape (rows,)."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (rows, T, V)
-    targets = batch["targets"]
-    token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (rows, T, V)
+    return target_logprobs(logits, batch["targets"])
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_{t: y_t != -100} log softmax(z_t)[y_t] per row: logits (rows, T, V), targets (rows, T) -> (rows,)."""
+    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     return (token_logprobs * (targets != IGNORE_INDEX)).sum(dim=-1)
 
 
