@@ -33,9 +33,8 @@ def pyplot():
 
     font = cjk_font()
     if font is not None:
-        # A list: matplotlib falls back glyph by glyph, so Latin text keeps DejaVu's look and Chinese gets the CJK font.
-        plt.rcParams["font.family"] = "sans-serif"
-        plt.rcParams["font.sans-serif"] = [font, "DejaVu Sans"]
+        # A list of families: matplotlib falls back glyph by glyph, to DejaVu for what the CJK font lacks (␞, ...).
+        plt.rcParams["font.family"] = [font, "DejaVu Sans"]
         plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack U+2212, the minus sign
     return plt
 

@@ -2,7 +2,11 @@
 
 All three explain a probe's score (probe.py) per row and return (B, T) over `batch["input_ids"]`, 0 outside
 the attributed positions. Embeddings are replaced through a forward hook on the token embedding, so the model
-code knows nothing of attribution. The baseline is the zero embedding at every attributed position.
+code knows nothing of attribution. The baseline is the <pad> embedding at every attributed position.
+
+NOTE: not the zero embedding, the usual image baseline: a decoder's first op is RMSNorm, and RMSNorm(a x) jumps
+from 0 to its full value within a ~ sqrt(eps) / |x| of a = 0, a cliff no quadrature resolves (measured: 12-69%
+completeness error at 64 steps on a tiny decoder, against < 1% from <pad>, as captum's examples use).
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ def integrated_gradients(model: nn.Module, probe: Probe, steps: int = 64) -> Int
     embedding, batch = probe.embedding(model), probe.batch
     with torch.no_grad():
         embedded = embedding(batch["input_ids"]).float()  # (B, T, hidden)
-    delta = embedded * probe.attributed[..., None]  # x - x': only attributed positions move
+        baseline = embedding(torch.full_like(batch["input_ids"], probe.baseline_id)).float()
+    delta = (embedded - baseline) * probe.attributed[..., None]  # x - x': only attributed positions move
     start = embedded - delta  # x': the baseline at attributed positions, the real embedding elsewhere
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     alphas = torch.tensor((nodes + 1) / 2, dtype=torch.float, device=embedded.device)  # on [0, 1]

@@ -23,6 +23,8 @@ from lmforge.explain.probe import Probe, classifier_probe, decoder_probe, seq2se
 from lmforge.generate.seq2seq_search import greedy_search
 from lmforge.models import family_of
 
+# Control characters have no glyph: a token label shows ↵ for a newline, ⇥ for a tab, an escape for the rest.
+CONTROL_PICTURES = {chr(code): f"\\x{code:02x}" for code in (*range(32), 127)} | {"\n": "↵", "\t": "⇥"}
 LONG_INPUT = 64  # tokens; attributing more than this many says what it will cost first
 
 
@@ -41,7 +43,7 @@ class Explanation:
     gradient_x_input: np.ndarray
     occlusion: np.ndarray  # f(x) - f(x without the token); 0 for special tokens, which are never left out
     score: float  # the explained log-probability f(x)
-    baseline_score: float  # f(baseline): every attributed embedding at zero
+    baseline_score: float  # f(baseline): every attributed token's embedding replaced by <pad>'s
     completeness_error: float  # |sum(integrated_gradients) - (score - baseline_score)| / |score - baseline_score|
     steps: int
     probabilities: dict[str, float] = field(default_factory=dict)  # a classifier's labels
@@ -245,6 +247,6 @@ def _characters(data: bytes) -> list[tuple[int, int, str]]:
                 continue
         else:
             width, text = 1, f"\\x{data[position]:02x}"
-        spans.append((position, position + width, text))
+        spans.append((position, position + width, CONTROL_PICTURES.get(text, text)))
         position += width
     return spans

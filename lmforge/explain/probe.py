@@ -30,6 +30,7 @@ class Probe:
     # (B, T) bool: the positions of input_ids that attributions cover (the prompt, the text, the source)
     attributed: torch.Tensor
     query_masks: dict[str, torch.Tensor]  # per attention stack: (B, T_query), 1 = a real query position
+    baseline_id: int  # the token whose embedding is the attribution baseline: <pad>, which carries no meaning
 
 
 def classifier_probe(tokenizer: Tokenizer, rows: list[list[int]], labels: list[int]) -> Probe:
@@ -38,7 +39,7 @@ def classifier_probe(tokenizer: Tokenizer, rows: list[list[int]], labels: list[i
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
     return Probe(
         "encoder", batch, _classifier_score, lambda model: model.embeddings.word_embeddings,
-        attention_mask.bool(), {"self": attention_mask},
+        attention_mask.bool(), {"self": attention_mask}, tokenizer.pad_id,
     )  # fmt: skip
 
 
@@ -57,7 +58,7 @@ def decoder_probe(tokenizer: Tokenizer, prompts: list[list[int]], continuations:
         prompt[row, : len(head)] = True
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
     masks = {"self": attention_mask}
-    return Probe("decoder", batch, sequence_logprobs, lambda model: model.embed_tokens, prompt, masks)
+    return Probe("decoder", batch, sequence_logprobs, lambda model: model.embed_tokens, prompt, masks, tokenizer.pad_id)
 
 
 def seq2seq_probe(tokenizer: Tokenizer, sources: list[list[int]], targets: list[list[int]]) -> Probe:
@@ -74,7 +75,7 @@ def seq2seq_probe(tokenizer: Tokenizer, sources: list[list[int]], targets: list[
     masks = {"encoder": attention_mask, "decoder": decoder_attention_mask, "cross": decoder_attention_mask}
     return Probe(
         "seq2seq", batch, _seq2seq_score, lambda model: model.encoder.embeddings.word_embeddings,
-        attention_mask.bool(), masks,
+        attention_mask.bool(), masks, tokenizer.pad_id,
     )  # fmt: skip
 
 
