@@ -273,3 +273,32 @@ def test_pictures_resolve_a_font_that_covers_chinese():
         warnings.filterwarnings("error", message="Glyph .* missing")  # matplotlib's warning for a box drawn
         figure.savefig(__import__("io").BytesIO(), format="png")
     plt.close(figure)
+
+
+def test_server_explains_a_reply_behind_its_key_and_documents_the_route(served_lm):
+    from fastapi.testclient import TestClient
+
+    from lmforge.serve.app import create_app
+
+    messages = [{"role": "user", "content": "第1句的颜色是绿"}]
+    with TestClient(create_app(served_lm, model_name="tiny", api_key="sk-right")) as client:
+        key = {"Authorization": "Bearer sk-right"}
+        body = {"model": "tiny", "messages": messages, "reply": "绿色", "steps": 64}
+        assert client.post("/v1/explain", json=body).status_code == 401
+        response = client.post("/v1/explain", json=body, headers=key)
+        assert response.status_code == 200, response.text
+        found = response.json()
+        assert len(found["reply_tokens"]) == len(served_lm.tokenizer.encode("绿色"))
+        assert "第1句的颜色是绿" in "".join(found["prompt_tokens"])
+        prompt, reply = len(found["prompt_tokens"]), len(found["reply_tokens"])
+        assert len(found["attribution"]) == prompt and found["completeness_error"] < 0.05
+        attention = torch.tensor(found["attention"])
+        assert attention.shape == (reply, prompt + reply - 1)
+        torch.testing.assert_close(attention.sum(-1), torch.ones(reply), atol=1e-3, rtol=0)
+        assert (attention.triu(prompt)[:, 1:] == 0).all()  # causal: no token sees one written after it
+        for change, status in [({"reply": ""}, 400), ({"steps": 0}, 400), ({"model": "other"}, 404),
+                               ({"reply": "颜色" * 200}, 400)]:  # fmt: skip
+            response = client.post("/v1/explain", json={**body, **change}, headers=key)
+            assert response.status_code == status and "error" in response.json(), response.text
+        schema = client.get("/openapi.json", headers=key).json()
+        assert "/v1/explain" in schema["paths"] and "Explanation" in schema["components"]["schemas"]

@@ -201,3 +201,28 @@ def test_errors_api_key_and_escaping(page):
     expect(answer.locator(".content")).to_have_text("<b>粗体</b> 🙂")
     expect(answer.locator("b")).to_have_count(0)
     expect(answer.locator(".stats")).to_contain_text("3 词元 tokens")
+
+
+def test_explain_view_of_the_last_reply(page):
+    page.fill("#max-tokens", "4")
+    page.fill("#message", "你好")
+    page.press("#message", "Enter")
+    answer = page.locator(".message.assistant")
+    expect(answer.locator(".stats")).to_contain_text("tokens/s")
+    with page.expect_response("**/v1/explain") as response_info:
+        answer.locator(".explain-button").click()
+    found = response_info.value.json()
+    assert response_info.value.request.post_data_json["reply"] == answer.locator(".content").text_content()
+    rows = len(found["reply_tokens"])  # the reply's text tokenized again: four tokens or more
+    columns = len(found["prompt_tokens"]) + rows - 1
+    assert rows >= 4 and [len(row) for row in found["attention"]] == [columns] * rows
+    view = answer.locator(".explain")
+    expect(view.locator(".explain-cell")).to_have_count(rows * columns)  # a heat-map cell per reply token per column
+    expect(view.locator(".row-label")).to_have_count(rows)
+    expect(view.locator(".attribution span")).to_have_count(len(found["prompt_tokens"]))
+    expect(view).to_contain_text("completeness error")
+    # A second reply moves the button: only the last reply is explained.
+    page.fill("#message", "再说一次")
+    page.press("#message", "Enter")
+    expect(page.locator(".message.assistant").nth(1).locator(".explain-button")).to_have_count(1)
+    expect(page.locator(".explain-button")).to_have_count(1)

@@ -133,6 +133,33 @@ def _check_context(length: int, context: int, what: str) -> None:
         raise UserError(f"{what} is {length} tokens with its special tokens; this model's context holds {context}")
 
 
+def explain_reply(model, tokenizer, prompt_ids: list[int], reply_ids: list[int], steps: int = 16) -> dict:
+    """A decoder's reply to a prompt (a rendered conversation), for the web page's explain view.
+
+    attention: (reply tokens, prompt + reply - 1), the attention of the position that wrote each reply token over
+    everything before it, averaged over layers and heads; attribution: integrated gradients of log p(reply |
+    prompt) over the prompt tokens. Lighter than `explain`: no occlusion, no logit lens, no pictures.
+    """
+    device = next(model.parameters()).device
+    probe = to_device(decoder_probe(tokenizer, [prompt_ids], [reply_ids]), device)
+    with torch.no_grad(), record_attention(model, probe.query_masks) as maps:
+        probe.score(model, probe.batch)
+    length = len(prompt_ids) + len(reply_ids)
+    writers = slice(len(prompt_ids) - 1, length - 1)  # position t writes token t + 1
+    attention = maps["self"][:, 0].mean(dim=(0, 1))[writers, : length - 1]  # (R, P + R - 1)
+    gradients = integrated_gradients(model, probe, steps)
+    tokens = token_labels(tokenizer, [*prompt_ids, *reply_ids])
+    return {
+        "prompt_tokens": tokens[: len(prompt_ids)],
+        "reply_tokens": tokens[len(prompt_ids) :],
+        "attention": attention.cpu().numpy(),
+        "attribution": gradients.attributions[0, : len(prompt_ids)].cpu().numpy(),
+        "score": float(gradients.score[0]),
+        "completeness_error": float(gradients.completeness_error[0]),
+        "steps": steps,
+    }
+
+
 def _explain_probe(lm, probe: Probe, text: str, target: str, steps: int, top_k: int) -> Explanation:
     model, tokenizer = lm.model, lm.tokenizer
     specials = special_ids(tokenizer)
