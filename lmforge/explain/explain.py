@@ -160,6 +160,27 @@ def explain_reply(model, tokenizer, prompt_ids: list[int], reply_ids: list[int],
     }
 
 
+def strongest_tokens(
+    model, tokenizer, rows: list[list[int]], labels: list[int], steps: int = 32, top: int = 3
+) -> list[dict[str, list[tuple[str, float]]]]:
+    """Per classifier row (`<bos> text <eos>`), the `top` tokens that pushed most toward `labels[row]` ("for") and
+    against it ("against"), by integrated gradients of the label's log-probability; special tokens left out."""
+    device = next(model.parameters()).device
+    probe = to_device(classifier_probe(tokenizer, rows, labels), device)
+    attributions = integrated_gradients(model, probe, steps).attributions.cpu()  # (B, T)
+    specials = special_ids(tokenizer)
+    found = []
+    for row, values in zip(rows, attributions):
+        scored = [(label, float(value)) for token, label, value in zip(row, token_labels(tokenizer, row), values)
+                  if token not in specials]  # fmt: skip
+        ranked = sorted(scored, key=lambda item: item[1], reverse=True)
+        found.append({
+            "for": [item for item in ranked[:top] if item[1] > 0],
+            "against": [item for item in ranked[::-1][:top] if item[1] < 0],
+        })  # fmt: skip
+    return found
+
+
 def _explain_probe(lm, probe: Probe, text: str, target: str, steps: int, top_k: int) -> Explanation:
     model, tokenizer = lm.model, lm.tokenizer
     specials = special_ids(tokenizer)
