@@ -71,14 +71,16 @@ def plot_attention_layer(explanation, stack: str, layer: int, path: Path) -> Non
         if head >= heads:
             axis.axis("off")
             continue
-        axis.imshow(maps[head, rows, columns], cmap="Blues", vmin=0, vmax=1)
-        axis.set_title(f"head {head + 1}", fontsize=9)
+        shown = maps[head, rows, columns]
+        # Each head on its own scale (its largest weight darkest): near-uniform heads would all read as white.
+        axis.imshow(shown, cmap="Blues", vmin=0, vmax=max(float(shown.max()), 1e-6))
+        axis.set_title(f"head {head + 1} (darkest {shown.max():.2f})", fontsize=9)
         axis.set_xticks(range(columns.stop - columns.start), keys[columns], rotation=90, fontsize=7)
         axis.set_yticks(range(rows.stop - rows.start), queries[rows], fontsize=7)
-    shown = "" if (rows.stop - rows.start, columns.stop - columns.start) == (len(queries), len(keys)) else (
+    window = "" if (rows.stop - rows.start, columns.stop - columns.start) == (len(queries), len(keys)) else (
         f" (showing {rows.stop - rows.start} of {len(queries)} x {columns.stop - columns.start} of {len(keys)} tokens)"
     )  # fmt: skip
-    figure.suptitle(f"{_stack_title(stack)} attention, layer {layer + 1}{shown}", fontsize=10)
+    figure.suptitle(f"{_stack_title(stack)} attention, layer {layer + 1}{window}", fontsize=10)
     figure.tight_layout()
     save_png(figure, path)
 
