@@ -311,7 +311,7 @@ def _explained_examples(
     found = strongest_tokens(model, tokenizer, rows, [labels.index(predictions[i]) for i in chosen])
 
     def words(pairs: list[tuple[str, float]]) -> str:
-        return ", ".join(f"{token.strip() or repr(token)} ({value:+.2f})" for token, value in pairs) or "-"
+        return ", ".join(f"{token.strip() or repr(token)} ({value:+.3f})" for token, value in pairs) or "-"
 
     table = markdown_table(
         ["text", "predicted", "words for the prediction", "words against it"],
