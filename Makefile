@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench install
+.PHONY: demo test test-all lint bench install fonts
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/compress.py --threads 1
+
+fonts:
+	# Chinese in every PNG lmforge draws (explain pictures, loss curves, confusion matrices): Debian/Ubuntu's Noto CJK.
+	# Elsewhere any font named in lmforge/evaluate/report.py's CJK_FONTS works; lmforge says once when none is found.
+	apt-get install -y fonts-noto-cjk

@@ -495,6 +495,44 @@ def _evaluate_task(
     typer.echo(f"report: {RunFolder(out).report}")
 
 
+@app.command()
+def explain(
+    text: Annotated[str, typer.Argument(help="the text to explain (a prompt, a review, a source sentence)")],
+    model: ModelOption,
+    target: Annotated[
+        str | None, typer.Option(help="classifiers: the label to explain (default: the predicted one)")
+    ] = None,
+    continuation: Annotated[
+        str | None,
+        typer.Option(help="decoders, encoder-decoders: the continuation to explain (default: the model's greedy one)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for the pictures and explain.html (MODEL/explain)")] = None,
+    steps: Annotated[int, typer.Option(help="integrated-gradient steps: cost is steps x tokens")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="length of the model's own continuation if none is given")] = 16,
+    top_k: Annotated[int, typer.Option(help="logit lens: guesses kept per layer and position")] = 5,
+    device: DeviceOption = "auto",
+) -> None:
+    """Why the model answered: attention maps (every layer and head), attributions of the input (integrated
+    gradients with its completeness check, gradient x input, occlusion) and, for decoders, the logit lens.
+
+    Writes attention-*-layerN.png, heads.png, attribution.png, lens.png and explain.html (offline viewer).
+
+    Examples: lmforge explain --model runs/sentiment "这家餐厅的菜很好吃，服务也很周到"
+              lmforge explain --model runs/demo "中国的首都是" --continuation "北京"
+    """
+    import lmforge
+    from lmforge.explain.render import describe
+
+    lm = lmforge.load(model, device=device)
+    explanation = lm.explain(
+        text, target=target, continuation=continuation, steps=steps, max_new_tokens=max_new_tokens, top_k=top_k
+    )
+    typer.echo(describe(explanation))
+    folder = out or model / "explain"
+    written = explanation.save(folder)
+    typer.echo(f"wrote {len(written)} files to {folder}; open {folder / 'explain.html'} in a browser")
+
+
 EXPORT_FORMATS = {
     "hf": "a Hugging Face folder (LlamaForCausalLM) that transformers loads with no custom code",
     "gguf": "one .gguf file for llama.cpp (--quant f16 or q8_0)",

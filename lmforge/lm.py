@@ -20,6 +20,7 @@ from lmforge.data.poetry import form_named, rhyme_group
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import pick_device
 from lmforge.errors import UserError
+from lmforge.explain.explain import explain as explain_text
 from lmforge.generate.compiled import check_compilable
 from lmforge.generate.constraints import TemplateConstraint, TokenTable, check_room
 from lmforge.generate.engine import Engine, Request
@@ -63,10 +64,16 @@ class Completion:
 
 class LM:
     """A model and its tokenizer. `compiled`: decode with `torch.compile`d steps (generate/compiled.py): faster
-    after a one-off compile per batch size, for decoders; the model's weights must not change afterwards."""
+    after a one-off compile per batch size, for decoders; the model's weights must not change afterwards.
+    `labels`: a classifier's class names, in the order of its outputs (task.json's)."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: Tokenizer, defaults: SamplingConfig | None = None, compiled: bool = False
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer,
+        defaults: SamplingConfig | None = None,
+        compiled: bool = False,
+        labels: Sequence[str] | None = None,
     ) -> None:
         if compiled:
             check_compilable(model)  # now, not at the first answer
@@ -75,6 +82,16 @@ class LM:
         self.defaults = defaults or SamplingConfig()
         self.compiled = compiled
         self._token_table: TokenTable | None = None
+        self.labels = list(labels) if labels is not None else None
+
+    def explain(self, text: str, *, target: str | None = None, continuation: str | None = None, **options):
+        """Attention maps, attributions and (decoders) the logit lens of one text, as an `Explanation` of arrays.
+
+        target: a classifier's label to explain (default: its prediction); continuation: the text whose
+        log-probability a decoder or encoder-decoder explains (default: its own greedy answer). Options:
+        steps (integrated-gradient steps, 64), max_new_tokens, top_k (logit lens). `.save(folder)` draws it.
+        """
+        return explain_text(self, text, target=target, continuation=continuation, **options)
 
     @property
     def device(self) -> torch.device:
@@ -286,4 +303,5 @@ def load(run_dir: str | Path, device: str | None = None, compiled: bool = False,
     if not folder.has_model():
         raise UserError(f"{folder} is not a model folder: it has no {RunFolder.CONFIG}")
     model = load_model(folder.path, pick_device(device), verify_checksums)
-    return LM(model, Tokenizer.load(folder.path), read_generation_config(folder.path), compiled)
+    labels = folder.read_task(default={}).get("labels")
+    return LM(model, Tokenizer.load(folder.path), read_generation_config(folder.path), compiled, labels)

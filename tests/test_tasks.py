@@ -85,6 +85,13 @@ def test_sentiment_learns_and_reports_beside_its_baselines(sentiment_data, tmp_p
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "majority class" in report and "snownlp" in report and "test.jsonl" in report
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Explained examples: the word that decides each label is the strongest one for the prediction.
+    explained = report.split("## Explained examples")[1].split("## Examples")[0]
+    rows = [line.split(" | ") for line in explained.splitlines() if line.startswith("| ") and "predicted" not in line]
+    assert len(rows) == 4
+    for row in rows:
+        strongest = row[2].split(" (")[0]
+        assert strongest and strongest in ("很好" if row[1] == "1" else "太差"), row
     assert json.loads((tmp_path / "metrics.json").read_text())["data_split"].endswith("test.jsonl (all records)")
 
     # The saved folder evaluates again to the same numbers.

@@ -256,3 +256,28 @@ def test_default_settings_fit_the_served_models_context(browser, demo_sized_serv
     expect(page.locator(".message.assistant .stats")).to_contain_text("tokens/s", timeout=30_000)
     assert bodies[-2]["max_tokens"] == 255 and "max_tokens" not in bodies[-1]
     context.close()
+
+
+def test_explain_view_of_the_last_reply(page):
+    page.fill("#max-tokens", "4")
+    page.fill("#message", "你好")
+    page.press("#message", "Enter")
+    answer = page.locator(".message.assistant")
+    expect(answer.locator(".stats")).to_contain_text("tokens/s")
+    with page.expect_response("**/v1/explain") as response_info:
+        answer.locator(".explain-button").click()
+    found = response_info.value.json()
+    assert response_info.value.request.post_data_json["reply"] == answer.locator(".content").text_content()
+    rows = len(found["reply_tokens"])  # the reply's text tokenized again: four tokens or more
+    columns = len(found["prompt_tokens"]) + rows - 1
+    assert rows >= 4 and [len(row) for row in found["attention"]] == [columns] * rows
+    view = answer.locator(".explain")
+    expect(view.locator(".explain-cell")).to_have_count(rows * columns)  # a heat-map cell per reply token per column
+    expect(view.locator(".row-label")).to_have_count(rows)
+    expect(view.locator(".attribution span")).to_have_count(len(found["prompt_tokens"]))
+    expect(view).to_contain_text("completeness error")
+    # A second reply moves the button: only the last reply is explained.
+    page.fill("#message", "再说一次")
+    page.press("#message", "Enter")
+    expect(page.locator(".message.assistant").nth(1).locator(".explain-button")).to_have_count(1)
+    expect(page.locator(".explain-button")).to_have_count(1)

@@ -19,7 +19,6 @@ attention_mask) to logits; does not know tokenizers, datasets or task prompts.
 from __future__ import annotations
 
 import functools
-import io
 import unicodedata
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import nn
 
 from lmforge.device import evaluating
 from lmforge.errors import UserError
-from lmforge.run_folder import atomic_write_bytes
+from lmforge.evaluate.report import pyplot, save_png
 
 
 def _check_pairs(hypotheses: Sequence[str], references: Sequence[str], what: str) -> None:
@@ -311,11 +310,7 @@ def plot_confusion_matrix(
     matrix: Sequence[Sequence[int]], label_names: Sequence[Any], path: str | Path, title: str = "confusion matrix"
 ) -> None:
     """The confusion matrix (rows true, columns predicted) as an annotated heat map with a colour bar, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed; safe in servers and CI
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     size = max(4.0, 0.6 * len(label_names) + 2)
     figure, axes = plt.subplots(figsize=(size + 1, size), dpi=110)
     image = axes.imshow(matrix, cmap="Blues")
@@ -333,10 +328,7 @@ def plot_confusion_matrix(
             colour = "white" if count > largest / 2 else "black"
             axes.text(column_index, row_index, str(count), ha="center", va="center", color=colour)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)
 
 
 def _longest_common_substring(first: Sequence[str], second: Sequence[str]) -> int:

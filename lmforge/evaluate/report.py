@@ -5,21 +5,73 @@ Knows metric records (the lines of metrics.jsonl), not models.
 
 from __future__ import annotations
 
+import functools
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lmforge.errors import Note
 from lmforge.run_folder import atomic_write_bytes
 
+# Fonts with the CJK Unified Ideographs, best first: Debian's fonts-noto-cjk and fonts-wqy-zenhei, then the
+# ones macOS and Windows ship.
+CJK_FONTS = (
+    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei", "PingFang SC", "Heiti SC", "Microsoft YaHei", "SimHei", "Noto Serif CJK SC",
+)  # fmt: skip
+FONT_HINT = "apt-get install fonts-noto-cjk (Debian/Ubuntu), or any font named in lmforge.evaluate.report.CJK_FONTS"
 
-def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str = "loss") -> None:
-    """Training loss (raw and smoothed) and validation loss against the optimizer step, as a PNG."""
+
+def pyplot():
+    """matplotlib's pyplot, drawing off-screen with a CJK font first in line, so Chinese never shows as boxes."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; safe in servers and CI
     import matplotlib.pyplot as plt
 
+    font = cjk_font()
+    if font is not None:
+        # A list of families: matplotlib falls back glyph by glyph, to DejaVu for what the CJK font lacks (␞, ...).
+        plt.rcParams["font.family"] = [font, "DejaVu Sans"]
+        plt.rcParams["axes.unicode_minus"] = False  # CJK fonts often lack U+2212, the minus sign
+    return plt
+
+
+@functools.cache
+def cjk_font() -> str | None:
+    """The name of the first CJK font matplotlib can use, or None, said once as a note."""
+    from matplotlib import font_manager
+
+    def known() -> str | None:
+        names = {entry.name for entry in font_manager.fontManager.ttflist}
+        return next((name for name in CJK_FONTS if name in names), None)
+
+    found = known()
+    if found is None:
+        # matplotlib's font cache predates fonts installed since: add the system's CJK font files by hand.
+        for path in font_manager.findSystemFonts():
+            if any(mark in Path(path).name.lower() for mark in ("cjk", "wqy", "sourcehan", "simhei", "msyh")):
+                font_manager.fontManager.addfont(path)
+        found = known()
+    if found is None:
+        warnings.warn(f"no CJK font found: Chinese in pictures will show as empty boxes; {FONT_HINT}", Note, 2)
+    return found
+
+
+def save_png(figure, path: str | Path) -> None:
+    """Write a matplotlib figure as a PNG atomically and close it."""
+    plt = pyplot()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str = "loss") -> None:
+    """Training loss (raw and smoothed) and validation loss against the optimizer step, as a PNG."""
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=110)
@@ -36,10 +88,7 @@ def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str 
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_png(figure, path)
 
 
 def _smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:

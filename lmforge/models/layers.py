@@ -127,6 +127,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
+        # A list while explain/attention.py records this layer's attention probabilities, None otherwise: SDPA never
+        # materialises them, so recording computes them once more beside it and the normal path pays one check.
+        self.recorded: list[torch.Tensor] | None = None
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of an encoder output (B, S, hidden) -> 2 x (B, KV, S, D), computed once per input."""
@@ -161,6 +164,8 @@ class Attention(nn.Module):
             # NOTE: no rotary on values: only query-key dot products carry relative positions.
             if cache is not None:
                 key, value = cache.update(layer_index, key, value)  # (B, KV, S, D)
+        if self.recorded is not None:
+            self.recorded.append(attention_probabilities(query, key, mask, is_causal))
         # NOTE: enable_gqa lets SDPA read each key/value head for its group of query heads, without repeating it.
         out = F.scaled_dot_product_attention(
             query,
@@ -171,6 +176,24 @@ class Attention(nn.Module):
             enable_gqa=self.num_kv_heads != self.num_heads,
         )  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) as SDPA computes it: query (B, H, T, D), key (B, KV, S, D) -> (B, H, T, S), float32.
+
+    `mask` is SDPA's boolean mask (True = may attend), `is_causal` its causal flag (square, top-left aligned).
+    """
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1) if groups > 1 else key  # (B, H, S, D): each query head's own keys
+    scores = query.float() @ key.float().transpose(-1, -2) / query.shape[-1] ** 0.5  # (B, H, T, S)
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()  # (T, S)
+        scores = scores.masked_fill(~causal, -torch.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf)
+    return scores.softmax(dim=-1)
 
 
 class SwiGLU(nn.Module):

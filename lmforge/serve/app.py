@@ -11,6 +11,7 @@ connection cap and request-head deadline around uvicorn).
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 import time
@@ -22,10 +23,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from lmforge.data.chat import TOOL_CALL_OPEN, check_messages, check_tools, find_control_token, render_chat
 from lmforge.data.code import fim_prompt_ids
 from lmforge.errors import UserError
+from lmforge.explain.explain import explain_reply
 from lmforge.generate.constraints import TemplateConstraint, check_room
 from lmforge.generate.text import stop_strings
 from lmforge.lm import LM
@@ -96,6 +99,7 @@ def create_app(
     context = lm.model.config.max_position_embeddings
     _info_routes(app, scheduler, protocol.ModelCard(id=model_name, created=int(time.time()), max_model_len=context))
     _generation_routes(app, lm, scheduler, model_name, prompts)
+    _explain_route(app, lm, model_name)
     app.openapi = lambda: openapi_document(app)
     return app
 
@@ -177,6 +181,44 @@ def _form_constraint(lm: LM, body: protocol.CompletionRequest) -> TemplateConstr
     except UserError as error:
         raise APIError(400, str(error), param="max_tokens" if "max_new_tokens" in str(error) else "form") from None
     return constraint
+
+
+def _explain_route(app: FastAPI, lm: LM, model_name: str) -> None:
+    """POST /v1/explain: attention and attributions of a reply, one request at a time, on a copy of the model.
+
+    A copy, made at the first request, because explaining hooks the modules it runs through while the
+    scheduler thread keeps decoding with the served ones.
+    """
+    busy = threading.Lock()
+    copies: list[LM] = []
+
+    def run(body: protocol.ExplainRequest) -> dict:
+        if not copies:
+            copies.append(LM(copy.deepcopy(lm.model), lm.tokenizer))
+        prompt_ids = _chat_prompt(lm, body.messages, None, "")
+        reply_ids = lm.tokenizer.encode(body.reply)
+        if not reply_ids:
+            raise APIError(400, "the reply tokenizes to nothing", param="reply")
+        total, context = len(prompt_ids) + len(reply_ids), lm.model.config.max_position_embeddings
+        if total > context:
+            raise APIError(400, f"the conversation and the reply are {total} tokens; this model's context holds "
+                           f"{context}", param="messages", code="context_length_exceeded")  # fmt: skip
+        return explain_reply(copies[0].model, lm.tokenizer, prompt_ids, reply_ids, body.steps)
+
+    @app.post("/v1/explain", response_model=protocol.Explanation)
+    async def explain(body: protocol.ExplainRequest) -> protocol.Explanation:
+        _check_model(body.model, model_name)
+        if not busy.acquire(blocking=False):
+            raise APIError(
+                429, "an explanation is being computed; retry shortly", "rate_limit_error",
+                code="rate_limit_exceeded", headers={"Retry-After": "1"},
+            )  # fmt: skip
+        try:
+            found = await run_in_threadpool(run, body)
+        finally:
+            busy.release()
+        numbers = {key: found[key].round(4).tolist() for key in ("attention", "attribution")}
+        return protocol.Explanation(model=model_name, **{**found, **numbers})
 
 
 def _check_model(requested: str, model_name: str) -> None:

@@ -183,6 +183,27 @@ class CompletionRequest(_Refusing):
     rhyme: bool = False
 
 
+class ExplainRequest(_Request):
+    model: Text
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]  # the conversation the reply answered
+    reply: Annotated[Text, Field(min_length=1)]  # the assistant's reply to explain
+    steps: Annotated[int, Field(ge=1, le=64)] = 16  # integrated-gradient steps: the cost grows with steps x tokens
+
+
+class Explanation(BaseModel):
+    object: Literal["explanation"] = "explanation"
+    model: str
+    prompt_tokens: list[str]  # the conversation as the model read it, its chat markers included
+    reply_tokens: list[str]
+    # (reply tokens) x (prompt + reply tokens - 1): the attention of the position that wrote each reply token over
+    # everything before it, averaged over layers and heads
+    attention: list[list[float]]
+    attribution: list[float]  # integrated gradients of log p(reply | conversation), one per prompt token
+    score: float  # log p(reply | conversation)
+    completeness_error: float  # |sum(attribution) - (score - baseline score)| / |score - baseline score|
+    steps: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

@@ -17,7 +17,6 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import torch
 
 from lmforge.config import option
@@ -27,6 +26,7 @@ from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import evaluating
 from lmforge.errors import UserError
+from lmforge.evaluate.report import pyplot, save_png
 from lmforge.lm import load
 from lmforge.models.decoder import Decoder
 from lmforge.run_folder import RunFolder
@@ -190,16 +190,13 @@ def plot_preference_curve(records: list[dict], path: Path) -> bool:
     points = [(r["step"], r["valid_preference_accuracy"]) for r in records if "valid_preference_accuracy" in r]
     if len(points) < 2:
         return False
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(6, 3.5))
+    figure, axes = pyplot().subplots(figsize=(6, 3.5))
     axes.plot(*zip(*points), marker="o")
     axes.set(xlabel="step", ylabel="held-out preference accuracy", title="DPO: chosen more likely than rejected")
     axes.grid(alpha=0.3)
+    figure.set_dpi(120)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+    save_png(figure, path)
     return True
 
 

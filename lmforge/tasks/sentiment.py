@@ -25,6 +25,8 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import evaluating, pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import classification_metrics, plot_confusion_matrix
+from lmforge.evaluate.report import markdown_table
+from lmforge.explain.explain import strongest_tokens
 from lmforge.models import load_model
 from lmforge.models.bert import load_encoder
 from lmforge.models.encoder import Encoder, EncoderConfig
@@ -274,6 +276,7 @@ def evaluate_run(
     notes.insert(
         0, "Confusion matrix (rows = true label, columns = predicted): ![confusion matrix](confusion_matrix.png)"
     )
+    notes.append(_explained_examples(model, tokenizer, texts, predictions, labels, task["max_length"]))
     if training_minutes is not None:
         notes.insert(0, f"Fine-tuning took {training_minutes:.1f} minutes.")
     write_task_report(
@@ -287,6 +290,39 @@ def evaluate_run(
         notes,
     )
     return metrics
+
+
+EXPLAINED_PER_LABEL = 2  # test examples per predicted label whose decisive words the report shows
+
+
+def _explained_examples(
+    model: Encoder, tokenizer: Tokenizer, texts: list[str], predictions: list[str], labels: list[str], max_length: int
+) -> str:
+    """A Markdown section: for the first test texts predicted as each label, the words that pushed the model toward
+    its prediction and against it (integrated gradients, 32 steps)."""
+    chosen = [
+        index
+        for label in labels
+        for index in [i for i, p in enumerate(predictions) if p == label][:EXPLAINED_PER_LABEL]
+    ]
+    if not chosen:
+        return ""
+    rows = encode_single(tokenizer, [texts[i] for i in chosen], max_length)
+    found = strongest_tokens(model, tokenizer, rows, [labels.index(predictions[i]) for i in chosen])
+
+    def words(pairs: list[tuple[str, float]]) -> str:
+        return ", ".join(f"{token.strip() or repr(token)} ({value:+.3f})" for token, value in pairs) or "-"
+
+    table = markdown_table(
+        ["text", "predicted", "words for the prediction", "words against it"],
+        [[texts[i][:60], predictions[i], words(f["for"]), words(f["against"])] for i, f in zip(chosen, found)],
+    )
+    command = "lmforge explain --model RUN TEXT"
+    return (
+        "\n## Explained examples\n\nThe strongest words for and against each prediction, by integrated gradients "
+        f"of the predicted label's log-probability (32 steps); `{command}` draws any text's attributions and "
+        f"attention.\n\n{table}\n"
+    )
 
 
 def _baselines(

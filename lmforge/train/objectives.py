@@ -90,15 +90,24 @@ def seq2seq_loss(
 
 def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log softmax(z_t)[y_t] at every position, 0 where y_t = -100: shape (rows, T)."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (rows, T, V)
-    targets = batch["targets"]
-    chosen = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # (rows, T)
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (rows, T, V)
+    return chosen_logprobs(logits, batch["targets"])
+
+
+def chosen_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (rows, T, V), targets (rows, T) -> log softmax(z_t)[y_t] (rows, T), 0 where y_t = -100."""
+    chosen = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     return chosen * (targets != IGNORE_INDEX)
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log p(reply | prompt) per row: sum_{t: y_t != -100} log softmax(z_t)[y_t], shape (rows,)."""
     return token_logprobs(model, batch).sum(dim=-1)
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_{t: y_t != -100} log softmax(z_t)[y_t] per row: logits (rows, T, V), targets (rows, T) -> (rows,)."""
+    return chosen_logprobs(logits, targets).sum(dim=-1)
 
 
 def dpo_loss(
