@@ -29,6 +29,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
+from lmforge.data.conversations import conversation_records
 from lmforge.data.instructions import instruction_records, preference_records
 from lmforge.errors import Note, UserError
 
@@ -99,6 +100,8 @@ BUILTIN_SOURCES: dict[str, Callable[[], Iterator[dict]]] = {
     # Chat data generated from the two corpora above (see data/instructions.py).
     "instructions": lambda: instruction_records(_peoples_daily, _reviews),
     "preferences": lambda: preference_records(_peoples_daily, _reviews),
+    # Greetings, a self-introduction, small talk and sums, from templates (see data/conversations.py).
+    "conversations": conversation_records,
 }
 _BUILTIN_NAMES = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
 _VALID_FORMS = f"a {'/'.join(FILE_FORMATS)} path or {_BUILTIN_NAMES}"
