@@ -227,9 +227,12 @@ def test_sft_learns_the_task_and_reports_accuracy_beside_the_base(chat_data, bas
     assert valid[-1] < valid[0] * 0.5
     base = metrics["baselines"][f"base model before fine-tuning ({base_run})"]
     assert metrics["accuracy"] >= 0.75 > base["accuracy"]
+    assert metrics["accuracy"] > metrics["baselines"][chat.MAJORITY]["accuracy"]  # 4 colours: about a quarter
     assert metrics["assistant_loss"] < base["assistant_loss"] - 1.0
     report = (tmp_path / "report.md").read_text()
-    assert "exact match" in report and "before fine-tuning" in report
+    assert "exact match" in report and "before fine-tuning" in report and chat.MAJORITY in report
+    assert [prompt for prompt, _ in metrics["free_form"]] == list(chat.FREE_FORM_PROMPTS)
+    assert "## Free-form exchanges" in report and "**助手**：" in report
     assert (tmp_path / "tokenizer_config.json").is_file() and (tmp_path / "model.safetensors").is_file()
 
 
