@@ -3,10 +3,11 @@
 Trains a tokenizer on People's Daily (January 1998), pretrains a small decoder
 with the packaged `demo.yaml` recipe, measures validation perplexity and bits
 per character before and after, and continues three Chinese prompts. Then it
-fine-tunes the decoder into a chat model on `builtin:instructions`
-(`demo-chat.yaml`, in `runs/demo/chat`), scores it on held-out instructions and
-holds a scripted two-turn conversation. `report.md` gathers all of it beside the
-run folder's weights, metrics and loss plot.
+fine-tunes the decoder into a chat model on `builtin:instructions` with some
+general conversation mixed in (`demo-chat.yaml`, in `runs/demo/chat`), scores it
+on held-out instructions beside trivial baselines, holds a scripted two-turn
+conversation and shows its replies to a few free-form messages. `report.md`
+gathers all of it beside the run folder's weights, metrics and loss plot.
 """
 
 from __future__ import annotations
@@ -54,26 +55,39 @@ def chat_step(base_dir: Path, minutes: float, device: str) -> tuple[dict, list[t
 
 def chat_section(metrics: dict, turns: list[tuple[str, str]], chat_dir: Path) -> str:
     kinds = sorted(k.removeprefix("accuracy_") for k in metrics if k.startswith("accuracy_"))
-    base = next(iter(metrics["baselines"].values()), {})
+    keys = ["accuracy", *(f"accuracy_{kind}" for kind in kinds)]
+    baselines = metrics["baselines"]
+    base = next((values for name, values in baselines.items() if name.startswith("base model")), {})
+    trivial = [values for name, values in baselines.items() if name.startswith("trivial")]
+    best_trivial = {key: max(values.get(key, 0.0) for values in trivial) for key in keys} if trivial else {}
     table = markdown_table(
         ["held-out instructions (exact match)", "all", *kinds],
         [
-            [name, values.get("accuracy", 0.0), *(values.get(f"accuracy_{kind}", 0.0) for kind in kinds)]
-            for name, values in (("pretrained model", base), ("after chat fine-tuning", metrics))
+            [name, *(values.get(key, 0.0) for key in keys)]
+            for name, values in (
+                ("pretrained model", base),
+                ("trivial baseline (best per column)", best_trivial),
+                ("after chat fine-tuning", metrics),
+            )
         ],
     )
-    conversation = "\n\n".join(f"**用户**：{q.replace(chr(10), ' ')}\n\n**助手**：{a}" for q, a in turns)
-    return f"""## Chat fine-tuning (`builtin:instructions`, {metrics.get("training_minutes", 0):.1f} minutes)
+    return f"""## Chat fine-tuning ({metrics.get("training_minutes", 0):.1f} minutes)
 
 {table}
 
-Scored on {metrics["examples_scored"]} held-out instructions; details in `chat/{RunFolder.REPORT}`. \
-Talk to it: `lmforge chat --model {chat_dir}` in the terminal, or `lmforge serve --model {chat_dir}` for a web chat \
-page at http://127.0.0.1:8000/ and an OpenAI-compatible API at http://127.0.0.1:8000/v1
+Scored on {metrics["examples_scored"]} held-out instructions; the trivial baselines need no model: each kind's \
+most common training answer (for sentiment, the majority class) and echoing the user's message; details in \
+`chat/{RunFolder.REPORT}`. Talk to it: `lmforge chat --model {chat_dir}` in the terminal, or \
+`lmforge serve --model {chat_dir}` for a web chat page at http://127.0.0.1:8000/ and an OpenAI-compatible API at \
+http://127.0.0.1:8000/v1
 
 ### A scripted two-turn conversation (greedy)
 
-{conversation}
+{chat.exchanges_text(turns)}
+
+### Free-form exchanges (greedy, one turn each, not scored)
+
+{chat.exchanges_text(metrics.get("free_form", []))}
 """
 
 

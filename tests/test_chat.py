@@ -4,6 +4,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lmforge.data import chat as chat_data
 from lmforge.data.batches import IGNORE_INDEX, pack_documents
 from lmforge.data.chat import encode_chat, render_chat, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
-from lmforge.data.sources import read_records
+from lmforge.data.sources import read_records, split_of
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.models import load_model
@@ -227,9 +228,12 @@ def test_sft_learns_the_task_and_reports_accuracy_beside_the_base(chat_data, bas
     assert valid[-1] < valid[0] * 0.5
     base = metrics["baselines"][f"base model before fine-tuning ({base_run})"]
     assert metrics["accuracy"] >= 0.75 > base["accuracy"]
+    assert metrics["accuracy"] > metrics["baselines"][chat.MAJORITY]["accuracy"]  # 4 colours: about a quarter
     assert metrics["assistant_loss"] < base["assistant_loss"] - 1.0
     report = (tmp_path / "report.md").read_text()
-    assert "exact match" in report and "before fine-tuning" in report
+    assert "exact match" in report and "before fine-tuning" in report and chat.MAJORITY in report
+    assert [prompt for prompt, _ in metrics["free_form"]] == list(chat.FREE_FORM_PROMPTS)
+    assert "## Free-form exchanges" in report and "**助手**：" in report
     assert (tmp_path / "tokenizer_config.json").is_file() and (tmp_path / "model.safetensors").is_file()
 
 
@@ -389,3 +393,84 @@ def test_tool_results_must_answer_a_call():
     with pytest.raises(UserError, match="are not JSON"):
         bad = {**CALL, "function": {"name": "calculator", "arguments": "{oops"}}
         chat_data.check_messages([TOOL_CONVERSATION[1], {"role": "assistant", "content": "", "tool_calls": [bad]}])
+
+
+def _record(kind: str, user: str, answer: str) -> dict:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"prompt": user, "kind": kind, "messages": messages, "answer": answer}
+
+
+def test_trivial_baselines_answer_each_kinds_majority_or_echo_the_user():
+    train = [_record("sentiment", f"评论{i}", label) for i, label in enumerate(["负面", "负面", "正面"])]
+    train += [
+        _record("repeat", "请重复：好", "好"),
+        _record("repeat", "请重复：坏", "坏。"),
+        _record("repeat", "?", "坏"),
+    ]
+    train.append(_record("continue", "续写：今天", "天气很好"))  # a kind absent from the scored records
+    scored = [_record("sentiment", f"新评论{i}", label) for i, label in enumerate(["负面", "正面", "负面", "负面"])]
+    scored += [_record("repeat", "坏", "坏"), _record("repeat", "请重复：好", "好")]
+    baselines = chat.trivial_baselines(train, scored)
+    # Majority: "负面" is right for 3 of 4 reviews; "坏" (two of three, the full stop ignored) for 1 of 2 repeats.
+    assert baselines[chat.MAJORITY] == {"accuracy": 4 / 6, "accuracy_repeat": 0.5, "accuracy_sentiment": 0.75}
+    # Echo: only the record whose user message is its own answer.
+    assert baselines[chat.ECHO] == {"accuracy": 1 / 6, "accuracy_repeat": 0.5, "accuracy_sentiment": 0.0}
+
+
+def test_builtin_conversations_are_deterministic_and_a_greeting_gets_a_greeting():
+    records = list(read_records("builtin:conversations"))
+    assert records == list(read_records("builtin:conversations"))
+    assert len({r["prompt"] for r in records}) == len(records)
+    assert {"greeting", "introduction", "small_talk", "arithmetic", "multi_turn"} == {r["kind"] for r in records}
+    for record in records:
+        chat.check_messages(record["messages"])
+        assert record["messages"][-1] == {"role": "assistant", "content": record["answer"]}
+    replies = {r["prompt"]: r["answer"] for r in records}
+    assert replies["你好，请介绍一下你自己。"].startswith("你好！我是")
+    assert replies["晚上好"].startswith("晚上好！") and "7加5等于12。" in replies.values()
+    assert not set(replies.values()) & {"正面", "负面"}
+
+
+def _mix_recipe(chat_data, base_run, sources: str, share: float) -> chat.Recipe:
+    return from_dict(chat.Recipe, {"data": {"source": str(chat_data)}, "base": str(base_run),
+                                   "mix": {"sources": sources, "share": share}})  # fmt: skip
+
+
+def test_the_mix_adds_its_share_of_general_conversations_that_fit(chat_data, base_run, tmp_path, write_jsonl):
+    tokenizer = Tokenizer.load(base_run)
+
+    def conversation(user: str, reply: str) -> dict:
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+    for split, count in (("train", 7), ("valid", 2), ("test", 1)):
+        fitting = [conversation(f"你好{i}", f"你好！{i}") for i in range(count)]
+        write_jsonl(tmp_path / f"{split}.jsonl", [*fitting, conversation("长", "长" * 500)])
+    alone = chat.mixed_documents(tokenizer, _mix_recipe(chat_data, base_run, "", 0.2), "train", 64)
+    assert len(alone) == 200
+    mixed = chat.mixed_documents(tokenizer, _mix_recipe(chat_data, base_run, str(tmp_path), 0.2), "train", 64)
+    assert mixed[:200] == alone and len(mixed) == 250  # 50 of 250 = 20%
+    general = {tuple(ids) for ids, _ in mixed[200:]}
+    assert len(general) == 7  # the 7 that fit 64 tokens, each drawn once per round; the 500-character one left out
+    valid = chat.mixed_documents(tokenizer, _mix_recipe(chat_data, base_run, str(tmp_path), 0.5), "valid", 64)
+    assert len(valid) == 16 + 2  # validation takes each general conversation at most once
+    with pytest.raises(UserError, match="no-such-folder"):
+        chat.mixed_documents(tokenizer, _mix_recipe(chat_data, base_run, str(tmp_path / "no-such-folder"), 0.2),
+                             "train", 64)  # fmt: skip
+    with pytest.raises(UserError, match="mix.share"):
+        _mix_recipe(chat_data, base_run, "builtin:conversations", 1.0)
+
+
+SHARED_CHAT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat"
+
+
+@pytest.mark.skipif(not SHARED_CHAT.is_dir(), reason=f"{SHARED_CHAT} (the shared chat data) is not on this machine")
+def test_the_mix_reads_builtin_conversations_and_the_shared_chat_data(chat_data, base_run):
+    tokenizer = Tokenizer.load(base_run)
+    recipe = _mix_recipe(chat_data, base_run, f"builtin:conversations, {SHARED_CHAT}", 0.9)
+    mixed = chat.mixed_documents(tokenizer, recipe, "valid", 256)  # the validation split: every one that fits, once
+    shared = read_records(str(SHARED_CHAT / "valid.jsonl"))
+    fitting = chat.encode_conversations(tokenizer, list(shared), 256)
+    builtin = [r for r in read_records("builtin:conversations") if split_of(r["prompt"], 0.05, 0.05) == "valid"]
+    fitting += chat.encode_conversations(tokenizer, builtin, 256)
+    assert 20 < len(fitting) < 167 + len(builtin)  # the long shared conversations are left out
+    assert sorted(mixed[16:]) == sorted(fitting) and all(len(ids) <= 256 for ids, _ in mixed)

@@ -368,13 +368,27 @@ def truncate_chat(
     messages = list(messages)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     rest = messages[len(system) :]
-    while True:
-        tokens = encode_chat(tokenizer, system + rest, add_generation_prompt, tools, trace_loss)
-        if len(tokens.ids) <= max_tokens:
-            return system + rest, tokens
-        turn_starts = [index for index, message in enumerate(rest) if message["role"] == "user" and index > 0]
-        if not turn_starts:
-            raise UserError(
-                f"the last message needs {len(tokens.ids)} tokens with the system prompt; the limit is {max_tokens}"
-            )
-        rest = rest[turn_starts[0] :]
+    starts = [0, *(index for index, message in enumerate(rest) if message["role"] == "user" and index > 0)]
+
+    def kept_from(turn: int) -> tuple[list[Message], ChatTokens]:
+        kept = system + rest[starts[turn] :]
+        return kept, encode_chat(tokenizer, kept, add_generation_prompt, tools, trace_loss)
+
+    kept, tokens = kept_from(0)
+    if len(tokens.ids) <= max_tokens:
+        return kept, tokens
+    last = kept_from(len(starts) - 1)
+    if len(last[1].ids) > max_tokens:
+        raise UserError(
+            f"the last message needs {len(last[1].ids)} tokens with the system prompt; the limit is {max_tokens}"
+        )
+    # Fewer turns never need more tokens (the template joins messages, and its markers are special tokens that
+    # BPE never merges across), so the first turn to keep is found by bisection: a few encodings, not one per turn.
+    too_long, fits = 0, len(starts) - 1
+    while fits - too_long > 1:
+        middle = (too_long + fits) // 2
+        if len(kept_from(middle)[1].ids) <= max_tokens:
+            fits = middle
+        else:
+            too_long = middle
+    return kept_from(fits) if fits != len(starts) - 1 else last

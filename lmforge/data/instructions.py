@@ -29,7 +29,8 @@ _SENTENCE_END = re.compile(r"(?<=[。！？])")
 POSITIVE, NEGATIVE = "正面", "负面"
 
 
-def _rng(text: str) -> random.Random:
+def rng_of(text: str) -> random.Random:
+    """A generator seeded by the SHA-256 of `text`: what makes each built-in record a pure function of its text."""
     return random.Random(int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big"))
 
 
@@ -88,9 +89,9 @@ def _follow_up(record: dict, question: str, answer: str, wrong: str) -> dict:
 
 def _all(peoples_daily: Callable[[], Iterator[dict]], reviews: Callable[[], Iterator[dict]]) -> Iterator[dict]:
     for review in reviews():
-        yield _sentiment(review["text"], review["label"], _rng(review["text"]))
+        yield _sentiment(review["text"], review["label"], rng_of(review["text"]))
     for paragraph in peoples_daily():
-        record = _paragraph(paragraph["text"], _rng(paragraph["text"]))
+        record = _paragraph(paragraph["text"], rng_of(paragraph["text"]))
         if record is not None:
             yield record
 

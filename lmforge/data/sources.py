@@ -29,6 +29,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Literal
 
+from lmforge.data.conversations import conversation_records
 from lmforge.data.instructions import instruction_records, preference_records
 from lmforge.data.tools import Toolbox, tool_records
 from lmforge.errors import Note, UserError
@@ -101,6 +102,8 @@ BUILTIN_SOURCES: dict[str, Callable[[], Iterator[dict]]] = {
     "instructions": lambda: instruction_records(_peoples_daily, _reviews),
     "preferences": lambda: preference_records(_peoples_daily, _reviews),
     "tools": lambda: tool_records(_peoples_daily, _reviews),  # conversations that call tools (data/tools.py)
+    # Greetings, a self-introduction, small talk and sums, from templates (see data/conversations.py).
+    "conversations": conversation_records,
 }
 
 

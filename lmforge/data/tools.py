@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Iterator
 
 from lmforge.data.chat import parse_reply, same_answer
-from lmforge.data.instructions import NEGATIVE, POSITIVE, _first_sentence, _rng
+from lmforge.data.instructions import NEGATIVE, POSITIVE, _first_sentence, rng_of
 from lmforge.errors import UserError
 
 
@@ -264,12 +264,12 @@ def tool_records(peoples_daily: Callable[[], Iterator[dict]], reviews: Callable[
     for number, review in enumerate(reviews(), start=1):
         if number % 10:
             continue
-        rng = _rng(f"tools:{number}")
+        rng = rng_of(f"tools:{number}")
         yield _review(number, int(review["label"]), rng)
         for kind in GENERATED:
             yield kind(rng)
     for number, paragraph in enumerate(peoples_daily()):
-        record = _no_tool(paragraph["text"], _rng(paragraph["text"])) if number % 30 == 0 else None
+        record = _no_tool(paragraph["text"], rng_of(paragraph["text"])) if number % 30 == 0 else None
         if record is not None:
             yield record
 

@@ -12,7 +12,7 @@ model's greedy replies, per kind of instruction, beside the base model's.
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +56,8 @@ TOOL_COLUMNS = (("tool_call_accuracy", "first call right"), ("answer_accuracy", 
 
 
 @dataclass
-class Recipe:
-    """Chat SFT; also the keys every tuning of a chat model shares (DPO's recipe extends it)."""
+class TuningRecipe:
+    """The keys every tuning of a chat model shares (SFT's and DPO's recipes extend it)."""
 
     data: TaskData = option(
         TaskData(source="builtin:instructions", max_eval_examples=300),
@@ -76,6 +76,31 @@ class Recipe:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
+@dataclass
+class ConversationMix:
+    sources: str = option(
+        "",
+        "general conversations mixed into `data` for training and validation, comma-separated: "
+        "builtin:conversations, a folder of train/valid/test.jsonl ({messages}) such as ../shared/data/chat, "
+        "or a file; empty for none",
+    )
+    share: float = option(0.1, "share of the training and validation conversations drawn from `sources`")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.share < 1:
+            raise UserError(f"mix.share must be at least 0 and below 1, not {self.share}")
+
+    def source_list(self) -> list[str]:
+        return [source.strip() for source in self.sources.split(",") if source.strip()]
+
+
+@dataclass
+class Recipe(TuningRecipe):
+    """Chat SFT: the tuning keys, and the general conversation mixed into the task's data."""
+
+    mix: ConversationMix = option(ConversationMix(), "general conversation mixed into the data")
+
+
 def conversations(data: TaskData, split: str) -> list[dict]:
     """The split's records, each checked to be a conversation that ends with an assistant reply (and its
     `tools`, when it offers some, checked as signatures)."""
@@ -92,9 +117,12 @@ def conversations(data: TaskData, split: str) -> list[dict]:
     return records
 
 
+Document = tuple[list[int], list[bool]]  # (ids, loss_mask) of one conversation
+
+
 def encode_conversations(
     tokenizer: Tokenizer, records: list[dict], length: int, trace_loss: bool = True
-) -> list[tuple[list[int], list[bool]]]:
+) -> list[Document]:
     """(ids, loss_mask) per conversation, oldest turns dropped to fit; ones whose last turn cannot fit are left out."""
     documents = []
     for record in records:
@@ -108,18 +136,59 @@ def encode_conversations(
     return documents
 
 
-def packed_rows(
-    tokenizer: Tokenizer, records: list[dict], length: int, seed: int, trace_loss: bool = True
-) -> dict[str, torch.Tensor]:
+def fitting_documents(
+    tokenizer: Tokenizer, records: list[dict], length: int, where: str, trace_loss: bool = True
+) -> list[Document]:
     documents = encode_conversations(tokenizer, records, length, trace_loss)
     if not documents:
-        raise UserError(f"no conversation fits in {length} tokens")
+        raise UserError(f"no conversation of {where} fits in {length} tokens")
     if len(documents) < len(records):
-        print(f"left out {len(records) - len(documents):,} of {len(records):,} conversations: their last turn alone "
-              f"is longer than {length} tokens")  # fmt: skip
+        print(f"left out {len(records) - len(documents):,} of {len(records):,} conversations of {where}: their last "
+              f"turn alone is longer than {length} tokens")  # fmt: skip
+    return documents
+
+
+def pack_shuffled(documents: list[Document], length: int, pad_id: int, seed: int) -> dict[str, torch.Tensor]:
     # Shuffled before packing, so a row mixes kinds of conversation instead of following the file order.
     order = np.random.default_rng(seed).permutation(len(documents))
-    return pack_documents([documents[i] for i in order], length, tokenizer.pad_id)
+    return pack_documents([documents[i] for i in order], length, pad_id)
+
+
+def packed_rows(tokenizer: Tokenizer, records: list[dict], length: int, seed: int) -> dict[str, torch.Tensor]:
+    documents = fitting_documents(tokenizer, records, length, "the data")
+    return pack_shuffled(documents, length, tokenizer.pad_id, seed)
+
+
+def mixed_documents(tokenizer: Tokenizer, recipe: Recipe, split: str, length: int) -> list[Document]:
+    """The split's conversations of `recipe.data`, with `recipe.mix.share` of them drawn from the mix sources.
+
+    Training draws the mix sources' conversations in seeded rounds, each once per round, as many as the share
+    asks for; validation takes each at most once.
+    """
+    documents = fitting_documents(
+        tokenizer, conversations(recipe.data, split), length, recipe.data.source, recipe.trace_loss
+    )
+    sources, share = recipe.mix.source_list(), recipe.mix.share
+    if not sources or share == 0:
+        return documents
+    general: list[Document] = []
+    for source in sources:
+        fractions = {"valid_fraction": recipe.data.valid_fraction, "test_fraction": recipe.data.test_fraction}
+        data = TaskData(source=source, **fractions)
+        general += fitting_documents(tokenizer, conversations(data, split), length, source, recipe.trace_loss)
+    wanted = round(len(documents) * share / (1 - share))
+    wanted = wanted if split == "train" else min(wanted, len(general))
+    if wanted == 0:
+        return documents
+    rng = np.random.default_rng([recipe.train.seed, 2])
+    rounds = -(-wanted // len(general))
+    picked = np.concatenate([rng.permutation(len(general)) for _ in range(rounds)])[:wanted]
+    mixed = [general[i] for i in picked]
+    tokens = sum(len(ids) for ids, _ in mixed)
+    total = tokens + sum(len(ids) for ids, _ in documents)
+    print(f"{split}: {len(mixed):,} conversations ({len(set(picked.tolist())):,} distinct) from {', '.join(sources)} "
+          f"mixed into {len(documents):,} of {recipe.data.source}: {tokens / total:.0%} of the tokens")  # fmt: skip
+    return documents + mixed
 
 
 def assistant_loss(model: Decoder, rows: dict[str, torch.Tensor], batch_size: int = 8) -> dict[str, float]:
@@ -167,8 +236,8 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     context = model.config.max_position_embeddings
     length = min(recipe.max_length or context, context)
     seed = recipe.train.seed
-    train_rows = packed_rows(tokenizer, conversations(recipe.data, "train"), length, seed, recipe.trace_loss)
-    valid_rows = packed_rows(tokenizer, conversations(recipe.data, "valid"), length, seed, recipe.trace_loss)
+    train_rows = pack_shuffled(mixed_documents(tokenizer, recipe, "train", length), length, tokenizer.pad_id, seed)
+    valid_rows = pack_shuffled(mixed_documents(tokenizer, recipe, "valid", length), length, tokenizer.pad_id, seed)
     valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
     task_info = tuned_task_info(model, recipe.lora, {"task": "chat", "base": str(recipe.base)}, seed)
     print(f"chat fine-tuning: {len(train_rows['input_ids']):,} packed rows of {length} tokens")
@@ -195,6 +264,16 @@ def _stack(rows: dict[str, torch.Tensor]):
     return collate
 
 
+def exact_match(records: list[dict], replies: list[str]) -> dict[str, float]:
+    """The share of `replies` equal to their record's answer (`same_answer`): overall and per kind."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for record, reply in zip(records, replies):
+        correct = same_answer(reply, record["answer"])
+        hits["accuracy"].append(correct)
+        hits[f"accuracy_{record['kind']}"].append(correct)
+    return {name: float(np.mean(values)) for name, values in sorted(hits.items())}
+
+
 def instruction_accuracy(
     lm: LM, records: list[dict], max_new_tokens: int = 48, batch_size: int = 32
 ) -> tuple[dict[str, float], list[str]]:
@@ -210,12 +289,70 @@ def instruction_accuracy(
         )
         for index, completion in zip(chunk, completions):
             replies[index] = completion.text
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for record, reply in zip(records, replies):
-        correct = same_answer(reply, record["answer"])
-        hits["accuracy"].append(correct)
-        hits[f"accuracy_{record['kind']}"].append(correct)
-    return {name: float(np.mean(values)) for name, values in sorted(hits.items())}, replies
+    return exact_match(records, replies), replies
+
+
+MAJORITY = "trivial: each kind's most common training answer"
+ECHO = "trivial: echo the user's last message"
+
+
+def trivial_baselines(train_records: list[dict], records: list[dict]) -> dict[str, dict[str, float]]:
+    """Exact match of replies that need no model: each kind's most common answer in `train_records` (the majority
+    class for sentiment), and the user's last message echoed back."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for record in train_records:
+        if record.get("kind") and record.get("answer"):
+            answers[record["kind"]][record["answer"].strip()] += 1
+    majority = {kind: counts.most_common(1)[0][0] for kind, counts in answers.items()}
+    return {
+        MAJORITY: exact_match(records, [majority.get(record["kind"], "") for record in records]),
+        ECHO: exact_match(records, [record["messages"][-2]["content"] for record in records]),
+    }
+
+
+# Not scored: what the model says to a greeting, to questions outside its instructions, and to two of them.
+FREE_FORM_PROMPTS = (
+    "你好，请介绍一下你自己。",
+    "你好！",
+    "你能做什么？",
+    "谢谢你的帮助！",
+    "今天天气怎么样？",
+    "3加4等于几？",
+    "北京是中国的首都吗？",
+    "这条商品评论是正面还是负面？\n房间很干净，服务员也很热情，早餐种类很多，下次还会再来。",
+    "请把这句话原样重复一遍：今天的天气很好。",
+)
+
+
+def free_form_exchanges(lm: LM, max_new_tokens: int = 96) -> list[list[str]]:
+    """[prompt, greedy reply] for each of FREE_FORM_PROMPTS, each a one-turn conversation."""
+    completions = lm.chat_complete(
+        [[{"role": "user", "content": prompt}] for prompt in FREE_FORM_PROMPTS],
+        temperature=0.0,
+        repetition_penalty=1.0,
+        max_new_tokens=max_new_tokens,
+    )
+    return [[prompt, completion.text] for prompt, completion in zip(FREE_FORM_PROMPTS, completions)]
+
+
+def _held_out_scores(lm: LM, rows: dict[str, torch.Tensor], checkable: list[dict], max_new_tokens: int):
+    """({assistant_loss, assistant_perplexity, accuracy, accuracy_KIND...}, greedy replies to `checkable`)."""
+    scores = {f"assistant_{k}": v for k, v in assistant_loss(lm.model, rows).items()}
+    if not checkable:
+        return scores, []
+    accuracy, replies = instruction_accuracy(lm, checkable, max_new_tokens)
+    return {**scores, **accuracy}, replies
+
+
+def _trivial_rows(data: TaskData, checkable: list[dict]) -> list[tuple[str, dict[str, float]]]:
+    if not checkable:
+        return []
+    try:
+        train_records = conversations(data, "train")
+    except UserError as error:
+        print(f"no trivial baselines: {error}")
+        return []
+    return list(trivial_baselines(train_records, checkable).items())
 
 
 def question_of(messages: list[dict]) -> list[dict]:
@@ -266,34 +403,30 @@ def evaluate_run(
     progress: bool = True,
     max_new_tokens: int = 48,
 ) -> dict:
-    """Held-out assistant-token loss, and exact-match accuracy where the data has checkable answers."""
+    """Held-out assistant-token loss; exact-match accuracy beside trivial baselines where the data has checkable
+    answers; greedy replies to a few free-form prompts."""
     model_dir, out_dir = report_folders(model_dir, out_dir)
     lm = load(model_dir)
     records = conversations(data, split)
-    length = lm.model.config.max_position_embeddings
-    rows = packed_rows(lm.tokenizer, records, length, seed=0)
-    scores = {f"assistant_{k}": v for k, v in assistant_loss(lm.model, rows).items()}
-    base = linked_model(RunFolder(model_dir).read_task(default={}))
-    base_lm = load(base) if base is not None else None
-    base_scores = {f"assistant_{k}": v for k, v in assistant_loss(base_lm.model, rows).items()} if base_lm else {}
+    rows = packed_rows(lm.tokenizer, records, lm.model.config.max_position_embeddings, seed=0)
     fitting = [r for r in records if fits_context(lm, r["messages"][:-1], max_new_tokens)]
     checkable = [r for r in fitting if r.get("answer") and r.get("kind") in CHECKABLE_KINDS]
-    shown = checkable or fitting
-    if checkable:
-        accuracy, replies = instruction_accuracy(lm, checkable, max_new_tokens)
-        scores.update(accuracy)
-        if base_lm is not None:
-            base_scores.update(instruction_accuracy(base_lm, checkable, max_new_tokens)[0])
-    else:
-        replies = [c.text for c in lm.chat_complete([r["messages"][:-1] for r in shown[:8]], temperature=0.0)]
+    scores, replies = _held_out_scores(lm, rows, checkable, max_new_tokens)
     tool_records = [r for r in records if r.get("calls") is not None][:MAX_TOOL_RECORDS]
     if tool_records:
         scores.update(tool_accuracy(lm, tool_records, max_new_tokens))
-        if base_lm is not None:
-            base_scores.update(tool_accuracy(base_lm, tool_records, max_new_tokens))
     systems = [("lmforge chat model (greedy)", scores)]
-    if base_lm is not None:
+    base = linked_model(RunFolder(model_dir).read_task(default={}))
+    if base is not None:
+        base_lm = load(base)
+        base_scores, _ = _held_out_scores(base_lm, rows, checkable, max_new_tokens)
+        if tool_records:
+            base_scores.update(tool_accuracy(base_lm, tool_records, max_new_tokens))
         systems.append((f"base model before fine-tuning ({base})", base_scores))
+    systems += _trivial_rows(data, checkable)
+    shown = checkable or fitting
+    if not checkable:
+        replies = [c.text for c in lm.chat_complete([r["messages"][:-1] for r in shown[:8]], temperature=0.0)]
     kinds = sorted(k for k in scores if k.startswith("accuracy_"))
     columns = [("assistant_loss", "held-out assistant loss"), ("accuracy", "exact match")]
     columns += [(k, k.removeprefix("accuracy_")) for k in kinds]
@@ -302,20 +435,28 @@ def evaluate_run(
         {"conversation": _last_turn(r["messages"]), "reference": r["messages"][-1]["content"], "output": reply}
         for r, reply in zip(shown[:8], replies[:8])
     ]
-    metrics = {**scores, "examples_scored": len(checkable), "baselines": dict(systems[1:])}
+    free_form = free_form_exchanges(lm)
+    metrics = {**scores, "examples_scored": len(checkable), "baselines": dict(systems[1:]), "free_form": free_form}
     notes = [
         "Exact match: the greedy reply equals the reference answer (whitespace and a final full stop ignored), "
         "scored on the records with a checkable answer whose prompt fits the context; "
-        "per-kind columns are that accuracy for one kind of instruction.",
+        "per-kind columns are that accuracy for one kind of instruction. Trivial baselines need no model: "
+        "the most common answer of each kind in the training split (for sentiment, the majority class), and "
+        "the user's message echoed back.",
     ]
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
         notes.append(f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})")
     write_task_report(
         out_dir, f"chat — {model_dir}", metrics, systems, columns, examples, describe_split(data, split, KEY_FIELD),
-        notes,
+        notes, sections=["## Free-form exchanges (greedy, one turn each, not scored)", "", exchanges_text(free_form)],
     )  # fmt: skip
     return metrics
+
+
+def exchanges_text(pairs: list[list[str]] | list[tuple[str, str]]) -> str:
+    """Markdown of (user message, reply) pairs, one paragraph each."""
+    return "\n\n".join(f"**用户**：{prompt.replace(chr(10), ' ')}\n\n**助手**：{reply}" for prompt, reply in pairs)
 
 
 def fits_context(lm: LM, messages: list[dict], max_new_tokens: int, tools: list[dict] | None = None) -> bool:

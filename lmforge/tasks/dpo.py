@@ -31,8 +31,14 @@ from lmforge.lm import load
 from lmforge.models.decoder import Decoder
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training
-from lmforge.tasks.chat import Recipe as ChatRecipe
-from lmforge.tasks.chat import fits_context, instruction_accuracy, linked_model, load_decoder_base, tuned_task_info
+from lmforge.tasks.chat import (
+    TuningRecipe,
+    fits_context,
+    instruction_accuracy,
+    linked_model,
+    load_decoder_base,
+    tuned_task_info,
+)
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -50,7 +56,7 @@ KEY_FIELD = "prompt"
 
 
 @dataclass
-class Recipe(ChatRecipe):
+class Recipe(TuningRecipe):
     data: TaskData = option(
         TaskData(source="builtin:preferences", max_eval_examples=200),
         "preference pairs: builtin:preferences, a folder with preference_train/preference_test.jsonl, or a file",

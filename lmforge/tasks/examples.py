@@ -169,10 +169,11 @@ def write_task_report(
     examples: Sequence[dict[str, str]],
     data_split: str,
     notes: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> None:
     """`report.md` (metric table with baselines, examples, the split) and `metrics.json` in `folder`.
 
-    rows: (system name, its metrics); columns: (metric key, column title).
+    rows: (system name, its metrics); columns: (metric key, column title); sections: markdown after the examples.
     """
     folder = RunFolder(folder)
     setup = folder.training_setup()  # how the run trained, when `folder` is the run folder itself
@@ -184,5 +185,5 @@ def write_task_report(
     example_table = markdown_table(list(examples[0]), [list(e.values()) for e in examples]) if examples else ""
     trained = [f"Trained in {setup['precision']} with {setup['optimizer']}.", ""] if setup else []
     parts = [f"# {title}", "", table, "", *notes, "", *trained, f"Data: {data_split}", "", "## Examples", "",
-             example_table, ""]  # fmt: skip
+             example_table, "", *sections]  # fmt: skip
     folder.write_report("\n".join(parts))
