@@ -88,12 +88,13 @@ def test_truncation_drops_the_oldest_turns_and_keeps_the_system_prompt(tokenizer
 
 
 def test_templates_render_in_a_sandbox(tokenizer):
+    own = tokenizer.chat_template
     tokenizer.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
     try:
         with pytest.raises(UserError, match="chat template"):
             render_chat(tokenizer, CONVERSATION)
     finally:
-        tokenizer.chat_template = None
+        tokenizer.chat_template = own  # the fixture is shared by the module's later tests
 
 
 # Qwen2.5-Instruct's template (tools left out): it reads messages[0] to decide on a default system prompt.
