@@ -55,6 +55,7 @@ VARIANTS: dict[str, dict] = {
     "narrow96-muon": {"model": NARROW96, "train": {"optimizer": "muon"}},
     "narrow96": {"model": NARROW96},
     "narrow96-muon-lr6e-3": {"model": NARROW96, "train": {"optimizer": "muon", "lr": 6e-3}},
+    "narrow96-muon-lr1e-2": {"model": NARROW96, "train": {"optimizer": "muon", "lr": 1e-2}},
     "narrow96-muon-ctx128": {
         "model": NARROW96, "data": {"context": 128}, "train": {"optimizer": "muon", "batch_size": 16}
     },

@@ -69,6 +69,24 @@ def save_png(figure, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def plot_curves(curves: dict[str, list[tuple[int, float]]], path: str | Path, ylabel: str, title: str) -> bool:
+    """Validation curves {label: [(step, value)]} as a PNG; False (nothing written) until one has two points."""
+    curves = {label: points for label, points in curves.items() if points}
+    if not any(len(points) >= 2 for points in curves.values()):
+        return False
+    figure, axes = pyplot().subplots(figsize=(6, 3.5))
+    for label, points in curves.items():
+        axes.plot(*zip(*points), marker="o", label=label)
+    axes.set(xlabel="step", ylabel=ylabel, title=title)
+    axes.grid(alpha=0.3)
+    if len(curves) > 1:
+        axes.legend()
+    figure.set_dpi(120)
+    figure.tight_layout()
+    save_png(figure, path)
+    return True
+
+
 def plot_losses(records: Sequence[dict[str, Any]], path: str | Path, title: str = "loss") -> None:
     """Training loss (raw and smoothed) and validation loss against the optimizer step, as a PNG."""
     plt = pyplot()

@@ -241,7 +241,7 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
     task_info = tuned_task_info(model, recipe.lora, {"task": "chat", "base": str(recipe.base)}, seed)
     print(f"chat fine-tuning: {len(train_rows['input_ids']):,} packed rows of {length} tokens")
-    batches = ExampleBatches(range(len(train_rows["input_ids"])), recipe.train.batch_size, _stack(train_rows), seed)
+    batches = ExampleBatches(range(len(train_rows["input_ids"])), recipe.train.batch_size, pick_rows(train_rows), seed)
     return Training(
         model,
         tokenizer,
@@ -256,7 +256,9 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     )
 
 
-def _stack(rows: dict[str, torch.Tensor]):
+def pick_rows(rows: dict[str, torch.Tensor]):
+    """The collate function of ExampleBatches over rows already packed: the rows at the batch's indices."""
+
     def collate(indices: list[int], rng) -> dict[str, torch.Tensor]:
         picked = torch.as_tensor(indices)
         return {name: tensor[picked] for name, tensor in rows.items()}

@@ -26,7 +26,7 @@ from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.device import evaluating
 from lmforge.errors import UserError
-from lmforge.evaluate.report import pyplot, save_png
+from lmforge.evaluate.report import plot_curves
 from lmforge.lm import load
 from lmforge.models.decoder import Decoder
 from lmforge.run_folder import RunFolder
@@ -194,16 +194,8 @@ def _collate(pairs: list, rng, pad_id: int) -> dict[str, torch.Tensor]:
 
 def plot_preference_curve(records: list[dict], path: Path) -> bool:
     points = [(r["step"], r["valid_preference_accuracy"]) for r in records if "valid_preference_accuracy" in r]
-    if len(points) < 2:
-        return False
-    figure, axes = pyplot().subplots(figsize=(6, 3.5))
-    axes.plot(*zip(*points), marker="o")
-    axes.set(xlabel="step", ylabel="held-out preference accuracy", title="DPO: chosen more likely than rejected")
-    axes.grid(alpha=0.3)
-    figure.set_dpi(120)
-    figure.tight_layout()
-    save_png(figure, path)
-    return True
+    title = "DPO: chosen more likely than rejected"
+    return plot_curves({"held-out preference accuracy": points}, path, "held-out preference accuracy", title)
 
 
 def evaluate_run(

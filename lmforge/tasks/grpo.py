@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 
@@ -39,6 +38,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tools import TOOL_KINDS, Toolbox, call_reward
 from lmforge.device import evaluating
 from lmforge.errors import UserError
+from lmforge.evaluate.report import plot_curves
 from lmforge.generate.engine import generate_ids
 from lmforge.generate.sampling import SamplingConfig
 from lmforge.lm import load
@@ -273,24 +273,10 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
 
 def plot_rewards(records: list[dict], path: Path) -> bool:
     """Held-out exact match and the sampled groups' mean reward against the step."""
-    curves = {name: [(r["step"], r[f"valid_{name}"]) for r in records if f"valid_{name}" in r]
-              for name in ("accuracy", "reward")}  # fmt: skip
-    if len(curves["accuracy"]) < 2:
-        return False
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(6, 3.5))
-    for name, label in (("accuracy", "held-out exact match (greedy)"), ("reward", "mean reward of sampled groups")):
-        if curves[name]:
-            axes.plot(*zip(*curves[name]), marker="o", label=label)
-    axes.set(xlabel="step", ylabel="reward", title="GRPO")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    pyplot.close(figure)
-    return True
+    labels = {"accuracy": "held-out exact match (greedy)", "reward": "mean reward of sampled groups"}
+    curves = {label: [(r["step"], r[f"valid_{name}"]) for r in records if f"valid_{name}" in r]
+              for name, label in labels.items()}  # fmt: skip
+    return plot_curves(curves, path, "reward", "GRPO")
 
 
 def evaluate_run(

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from lmforge.config import option
-from lmforge.data.batches import pack_documents
 from lmforge.data.poetry import Form, form_named, form_of, rhymes, split_poem
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
@@ -34,7 +33,7 @@ from lmforge.models.decoder import Decoder
 from lmforge.models.lora import LoRAConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training
-from lmforge.tasks.chat import assistant_loss, linked_model, tuned_task_info
+from lmforge.tasks.chat import assistant_loss, linked_model, pack_shuffled, pick_rows, tuned_task_info
 from lmforge.tasks.examples import ExampleBatches, TaskData, in_batches, report_folders, task_records, write_task_report
 from lmforge.train.objectives import chat_sft_loss
 from lmforge.train.trainer import TrainConfig
@@ -125,10 +124,7 @@ def encode_examples(tokenizer: Tokenizer, examples: list[dict], length: int) -> 
 
 
 def _rows(tokenizer: Tokenizer, examples: list[dict], length: int, seed: int) -> dict[str, torch.Tensor]:
-    documents = encode_examples(tokenizer, examples, length)
-    order = np.random.default_rng(seed).permutation(len(documents))
-    packed = pack_documents([documents[i] for i in order], length, tokenizer.pad_id)
-    return {name: torch.as_tensor(values) for name, values in packed.items()}
+    return pack_shuffled(encode_examples(tokenizer, examples, length), length, tokenizer.pad_id, seed)
 
 
 def prepare(recipe: Recipe, setup: Setup) -> Training:
@@ -152,14 +148,10 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     task_info = tuned_task_info(model, recipe.lora, task, seed)
     print(f"write: {kinds['poem']:,} poems and {kinds['prose']:,} prose texts in {len(rows['input_ids']):,} rows")
 
-    def collate(indices: list[int], rng) -> dict[str, torch.Tensor]:
-        picked = torch.as_tensor(indices)
-        return {name: tensor[picked] for name, tensor in rows.items()}
-
     return Training(
         model,
         tokenizer,
-        ExampleBatches(range(len(rows["input_ids"])), recipe.train.batch_size, collate, seed).batch,
+        ExampleBatches(range(len(rows["input_ids"])), recipe.train.batch_size, pick_rows(rows), seed).batch,
         lambda model: assistant_loss(model, valid_rows),
         task_info,
         max_length=context,
