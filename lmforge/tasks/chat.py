@@ -327,14 +327,18 @@ FREE_FORM_PROMPTS = (
 
 
 def free_form_exchanges(lm: LM, max_new_tokens: int = 96) -> list[list[str]]:
-    """[prompt, greedy reply] for each of FREE_FORM_PROMPTS, each a one-turn conversation."""
+    """[prompt, greedy reply] for each of FREE_FORM_PROMPTS that fits the model's context, one turn each."""
+    max_new_tokens = min(max_new_tokens, lm.model.config.max_position_embeddings // 2)
+    prompts = [p for p in FREE_FORM_PROMPTS if fits_context(lm, [{"role": "user", "content": p}], max_new_tokens)]
+    if not prompts:  # a model with a very short context: nothing to show, not a failed evaluation
+        return []
     completions = lm.chat_complete(
-        [[{"role": "user", "content": prompt}] for prompt in FREE_FORM_PROMPTS],
+        [[{"role": "user", "content": prompt}] for prompt in prompts],
         temperature=0.0,
         repetition_penalty=1.0,
         max_new_tokens=max_new_tokens,
     )
-    return [[prompt, completion.text] for prompt, completion in zip(FREE_FORM_PROMPTS, completions)]
+    return [[prompt, completion.text] for prompt, completion in zip(prompts, completions)]
 
 
 def _held_out_scores(lm: LM, rows: dict[str, torch.Tensor], checkable: list[dict], max_new_tokens: int):
