@@ -135,7 +135,7 @@ def test_a_10_megabyte_line_is_read_in_pieces_with_flat_memory(tmp_path):
 
 
 def test_missing_file_and_unknown_builtin_name_the_problem():
-    valid = "builtin:peoples-daily, builtin:reviews, builtin:instructions, builtin:preferences"
+    valid = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
     with pytest.raises(UserError, match=rf"no such data file: nowhere\.txt .*\.txt/\.jsonl/\.csv/\.parquet.*{valid}"):
         read_records("nowhere.txt")
     with pytest.raises(UserError) as raised:
@@ -143,7 +143,7 @@ def test_missing_file_and_unknown_builtin_name_the_problem():
     assert str(raised.value) == f"unknown data source 'builtin:wiki'; valid built-in sources: {valid}"
     with pytest.raises(UserError, match="builtin:wiki"):
         source_fingerprint("builtin:wiki")
-    assert sorted(BUILTIN_SOURCES) == ["instructions", "peoples-daily", "preferences", "reviews"]
+    assert sorted(BUILTIN_SOURCES) == ["conversations", "instructions", "peoples-daily", "preferences", "reviews", "tools"]
 
 
 def test_unsupported_extension_lists_the_supported_ones(tmp_path):
