@@ -143,7 +143,9 @@ def test_missing_file_and_unknown_builtin_name_the_problem():
     assert str(raised.value) == f"unknown data source 'builtin:wiki'; valid built-in sources: {valid}"
     with pytest.raises(UserError, match="builtin:wiki"):
         source_fingerprint("builtin:wiki")
-    assert sorted(BUILTIN_SOURCES) == ["conversations", "instructions", "peoples-daily", "preferences", "reviews", "tools"]
+    assert sorted(BUILTIN_SOURCES) == [
+        "conversations", "instructions", "peoples-daily", "preferences", "reviews", "tools"
+    ]  # fmt: skip
 
 
 def test_unsupported_extension_lists_the_supported_ones(tmp_path):
