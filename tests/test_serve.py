@@ -501,3 +501,10 @@ def test_serve_help_points_to_the_api_key_variable(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)], env={"LMFORGE_API_KEY": "sk-env"})
     assert result.exit_code == 0, result.output
     assert given["api_key"] == "sk-env"
+
+
+def test_an_app_started_again_after_a_shutdown_still_answers(served_lm):
+    app = create_app(served_lm, model_name="tiny")
+    for _ in range(2):  # the prompt thread and the scheduler belong to one lifespan each
+        with TestClient(app) as again:
+            assert chat(again).status_code == 200

@@ -16,7 +16,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
@@ -72,18 +72,18 @@ def create_app(
         raise UserError(f"the server serves decoders; this is a {type(lm.model).__name__}")
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, compiled=compiled)
 
-    # NOTE: one thread renders and tokenizes every prompt. A template that loops until its budget stops it
-    # holds the GIL; several such threads at once would starve the event loop (and /health) for seconds.
-    prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prompts")
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # NOTE: one thread renders and tokenizes every prompt. A template that loops until its budget stops it
+        # holds the GIL; several such threads at once would starve the event loop (and /health) for seconds.
+        # It is made per lifespan because an app may be started again after a shutdown (tests do).
+        app.state.prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prompts")
         scheduler.start()
         try:
             yield
         finally:
             scheduler.stop()
-            prompts.shutdown(wait=False, cancel_futures=True)
+            app.state.prompts.shutdown(wait=False, cancel_futures=True)
 
     errors = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404, 413, 429)}
     app = FastAPI(
@@ -98,7 +98,7 @@ def create_app(
     install_middleware(app, api_key, cors_origins, bound_to, max_body_bytes)
     context = lm.model.config.max_position_embeddings
     _info_routes(app, scheduler, protocol.ModelCard(id=model_name, created=int(time.time()), max_model_len=context))
-    _generation_routes(app, lm, scheduler, model_name, prompts)
+    _generation_routes(app, lm, scheduler, model_name)
     _explain_route(app, lm, model_name)
     app.openapi = lambda: openapi_document(app)
     return app
@@ -129,9 +129,9 @@ def _info_routes(app: FastAPI, scheduler: Scheduler, card: protocol.ModelCard) -
         return card
 
 
-def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: str, prompts: Executor) -> None:
+def _generation_routes(app: FastAPI, lm: LM, scheduler: Scheduler, model_name: str) -> None:
     def off_the_loop(function, *args):  # rendering and tokenizing a long body take a while: /health must answer
-        return asyncio.get_running_loop().run_in_executor(prompts, function, *args)
+        return asyncio.get_running_loop().run_in_executor(app.state.prompts, function, *args)
 
     @app.post("/v1/chat/completions", response_model=protocol.ChatCompletion, responses=STREAM_DOCS)
     async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
