@@ -72,18 +72,20 @@ def create_app(
         raise UserError(f"the server serves decoders; this is a {type(lm.model).__name__}")
     scheduler = Scheduler(lm.model, lm.tokenizer, max_batch=max_batch, max_queue=max_queue, compiled=compiled)
 
+    # NOTE: one thread renders and tokenizes every prompt. A template that loops until its budget stops it
+    # holds the GIL; several such threads at once would starve the event loop (and /health) for seconds.
+    def prompt_thread() -> ThreadPoolExecutor:  # starts its thread at the first prompt
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prompts")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # NOTE: one thread renders and tokenizes every prompt. A template that loops until its budget stops it
-        # holds the GIL; several such threads at once would starve the event loop (and /health) for seconds.
-        # It is made per lifespan because an app may be started again after a shutdown (tests do).
-        app.state.prompts = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-prompts")
         scheduler.start()
         try:
             yield
         finally:
             scheduler.stop()
             app.state.prompts.shutdown(wait=False, cancel_futures=True)
+            app.state.prompts = prompt_thread()  # an app may be started again after a shutdown (tests do)
 
     errors = {status: {"model": protocol.ErrorResponse} for status in (400, 401, 404, 413, 429)}
     app = FastAPI(
@@ -95,6 +97,7 @@ def create_app(
         responses=errors,
     )
     app.state.scheduler = scheduler
+    app.state.prompts = prompt_thread()
     install_middleware(app, api_key, cors_origins, bound_to, max_body_bytes)
     context = lm.model.config.max_position_embeddings
     _info_routes(app, scheduler, protocol.ModelCard(id=model_name, created=int(time.time()), max_model_len=context))
