@@ -204,6 +204,31 @@ def test_existing_records_keep_their_split_as_the_corpus_grows(tmp_path):
         assert before == after and before
 
 
+def test_records_with_a_split_key_are_split_by_it(tmp_path):
+    questions = [{"question": f"问题{i}", "split_key": f"文章{i // 3}"} for i in range(300)]  # three per passage
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(record, ensure_ascii=False) for record in questions), encoding="utf-8")
+    for split in ("train", "valid", "test"):
+        for record in read_split(str(path), split, 0.1, 0.1, text_field="question"):
+            assert split_of(record["split_key"], 0.1, 0.1) == split
+    held_out = [r["question"] for r in read_split(str(path), "valid", 0.1, 0.1, text_field="question")]
+    assert held_out and len(held_out) % 3 == 0  # a passage's questions stay together
+
+
+def test_built_in_instructions_fall_in_the_split_of_the_text_they_were_made_from():
+    texts = {}
+    for name in ("reviews", "peoples-daily"):
+        for split in ("valid", "test"):
+            texts.update((record["text"], split) for record in read_split(f"builtin:{name}", split, 0.05, 0.05))
+    for source in ("builtin:instructions", "builtin:preferences"):
+        for split in ("valid", "test"):
+            records = list(read_split(source, split, 0.05, 0.05, text_field="prompt"))
+            assert len(records) > 500
+            assert all(texts.get(record["split_key"]) == split for record in records)
+            made_from = [record["split_key"] for record in records]
+            assert sum(key in record["prompt"] for key, record in zip(made_from, records)) > len(records) / 2
+
+
 def test_bad_split_arguments_are_user_errors(tmp_path):
     path = tmp_path / "d.txt"
     path.write_text("a\n", encoding="utf-8")

@@ -23,6 +23,8 @@ import random
 import re
 from collections.abc import Callable, Iterator
 
+from lmforge.data.splits import SPLIT_KEY
+
 SYSTEM_PROMPT = "你是一个乐于助人的中文助手。"
 CHECKABLE_KINDS = ("sentiment", "repeat", "first_char", "count", "follow_up")
 _SENTENCE_END = re.compile(r"(?<=[。！？])")
@@ -88,12 +90,13 @@ def _follow_up(record: dict, question: str, answer: str, wrong: str) -> dict:
 
 
 def _all(peoples_daily: Callable[[], Iterator[dict]], reviews: Callable[[], Iterator[dict]]) -> Iterator[dict]:
+    # split_key: each conversation falls in the split of the review or paragraph it was made from (data/sources.py)
     for review in reviews():
-        yield _sentiment(review["text"], review["label"], rng_of(review["text"]))
+        yield {**_sentiment(review["text"], review["label"], rng_of(review["text"])), SPLIT_KEY: review["text"]}
     for paragraph in peoples_daily():
         record = _paragraph(paragraph["text"], rng_of(paragraph["text"]))
         if record is not None:
-            yield record
+            yield {**record, SPLIT_KEY: paragraph["text"]}
 
 
 def instruction_records(peoples_daily, reviews) -> Iterator[dict]:
@@ -114,4 +117,5 @@ def preference_records(peoples_daily, reviews) -> Iterator[dict]:
             "messages": record["messages"][:-1],
             "chosen": record["answer"],
             "rejected": record["rejected"],
+            SPLIT_KEY: record[SPLIT_KEY],
         }

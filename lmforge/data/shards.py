@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lmforge.data.sources import SPLITS, read_records, record_text, source_fingerprint, split_of
+from lmforge.data.sources import SPLITS, read_records, record_text, source_fingerprint, split_key, split_of
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tokens import ENCODE_BATCH, INDEX_FILE, SHARDS_FORMAT, encode_documents, token_dtype
 from lmforge.errors import UserError
@@ -157,7 +157,7 @@ def _split_batches(
         text = record_text(record, where=f"{source} record {number}")
         encoded = text.encode("utf-8")
         source_hash.update(len(encoded).to_bytes(8, "little") + encoded)
-        split = split_of(text, valid_fraction, test_fraction)
+        split = split_of(split_key(record, where=f"{source} record {number}"), valid_fraction, test_fraction)
         if split in pending:
             pending[split].append(text)
             if len(pending[split]) == ENCODE_BATCH:

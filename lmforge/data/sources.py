@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import hashlib
 import importlib.metadata
 import importlib.resources
 import importlib.util
@@ -27,17 +26,16 @@ import warnings
 from collections.abc import Callable, Iterator
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Literal
 
 from lmforge.data.conversations import conversation_records
 from lmforge.data.instructions import instruction_records, preference_records
+from lmforge.data.splits import SPLIT_KEY, SPLITS, split_of
 from lmforge.data.tools import Toolbox, tool_records
 from lmforge.errors import Note, UserError
 
 # Longer .txt lines are yielded as consecutive pieces of this size, so a 10 MB line
 # never becomes one giant record (and, downstream, one giant BPE "word").
 MAX_RECORD_CHARS = 100_000
-SPLITS = ("train", "valid", "test")
 FILE_FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
 
 
@@ -393,18 +391,16 @@ def record_text(record: dict, field: str = "text", where: str = "") -> str:
     raise UserError(f"field '{field}' {problem} in a record{place}; the record has fields {sorted(map(str, record))}")
 
 
-def split_of(key: str, valid_fraction: float = 0.01, test_fraction: float = 0.01) -> Literal["train", "valid", "test"]:
-    """Which split `key` belongs to, decided by its SHA-256 alone.
+def split_key(record: dict, field: str = "text", where: str = "") -> str:
+    """What a record is split by: its `split_key` when it has one, else the string in `record[field]`.
 
-    Nothing depends on the other records, so adding text to a corpus never moves
-    an existing record between train and evaluation.
+    Records made from another text carry that text as `split_key` (the built-in instructions carry their review
+    or paragraph; a file may give several questions on one passage the same key), so they fall in the split of
+    what they were made from: a model pretrained on the train split of a corpus never saw the text of a held-out
+    instruction made from it.
     """
-    position = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64  # uniform in [0, 1)
-    if position < valid_fraction:
-        return "valid"
-    if position < valid_fraction + test_fraction:
-        return "test"
-    return "train"
+    key = record.get(SPLIT_KEY)
+    return key if isinstance(key, str) and key else record_text(record, field, where)
 
 
 def read_split(
@@ -414,7 +410,7 @@ def read_split(
     test_fraction: float = 0.01,
     text_field: str = "text",
 ) -> Iterator[dict]:
-    """The records of `source` whose `text_field` falls in `split` ("train", "valid" or "test").
+    """The records of `source` whose `split_key` (else `text_field`) falls in `split` ("train", "valid" or "test").
 
     For a folder of train/valid/test files, every record of the split's file.
     """
@@ -431,8 +427,7 @@ def read_split(
     return (
         record
         for number, record in enumerate(records, start=1)
-        if split_of(record_text(record, text_field, f"{source} record {number}"), valid_fraction, test_fraction)
-        == split
+        if split_of(split_key(record, text_field, f"{source} record {number}"), valid_fraction, test_fraction) == split
     )
 
 

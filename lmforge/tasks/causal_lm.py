@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lmforge.config import from_dict, load_yaml, merge, option
-from lmforge.data.sources import SPLITS, read_records, read_split, record_text, split_of
+from lmforge.data.sources import SPLITS, read_records, read_split, record_text, split_key, split_of
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tokens import LMWindows, is_prepared, lm_windows
 from lmforge.device import autocast_dtype
@@ -132,7 +132,7 @@ def split_counts(source: str, fractions: tuple[float, float]) -> dict[str, int]:
     """How many records of `source` fall in each split."""
     counts = dict.fromkeys(SPLITS, 0)
     for number, record in enumerate(read_records(source), start=1):
-        counts[split_of(record_text(record, where=f"{source} record {number}"), *fractions)] += 1
+        counts[split_of(split_key(record, where=f"{source} record {number}"), *fractions)] += 1
     return counts
 
 
