@@ -558,3 +558,26 @@ def test_baselines_none_skips_them_and_the_report_says_so(sentiment_data, tmp_pa
     assert "Baselines were skipped" in report and "majority class" not in report
     with pytest.raises(UserError, match="baselines must be one of all, none"):
         sentiment.evaluate_run(tmp_path / "run", TaskData(source=str(sentiment_data)), baselines="some")
+
+
+def test_pretraining_with_a_mixed_corpus_learns_its_words_and_validates_on_the_main_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    news, reviews = tmp_path / "news.txt", tmp_path / "reviews.txt"
+    news.write_text("\n".join(f"第{i}段：人民日报社论，新年快乐。" for i in range(400)), encoding="utf-8")
+    reviews.write_text("\n".join(f"这家酒店房间干净，服务热情，第{i}次入住。" for i in range(400)), encoding="utf-8")
+    data = {"source": str(news), "vocab_size": 500, "context": 16, "valid_fraction": 0.1, "test_fraction": 0.1}
+
+    def pretrain(name, **mix):
+        values = {"data": {**data, **mix}, "model": TINY_DECODER, "train": TWO_STEPS, "device": "cpu"}
+        run_task(causal_lm.TASK, from_dict(causal_lm.PretrainRecipe, values), tmp_path / name, progress=False)
+        return Tokenizer.load(tmp_path / name)
+
+    mixed, alone = pretrain("mixed", mix=str(reviews), mix_share=0.5), pretrain("alone")
+    assert len(mixed.encode("酒店房间干净")) < len(alone.encode("酒店房间干净"))  # the tokenizer learnt both corpora
+    train, valid = causal_lm.training_windows(str(news), mixed, 16, (0.1, 0.1), 0, False, (str(reviews), 0.5))
+    inputs, _ = train.training_batch(0, 8)
+    texts = [mixed.decode(row.tolist()) for row in inputs]
+    assert sum("酒店" in text for text in texts) == 4 and sum("人民日报" in text for text in texts) == 4
+    assert "酒店" not in mixed.decode(valid.tokens[:].tolist())  # validation: the main corpus alone
+    with pytest.raises(UserError, match="mix_share"):
+        from_dict(causal_lm.PretrainRecipe, {"data": {**data, "mix": str(reviews)}})

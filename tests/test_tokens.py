@@ -9,7 +9,8 @@ import lmforge
 from lmforge.data import tokens
 from lmforge.data.shards import prepare_shards
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.data.tokens import LMWindows, ShardedTokens, lm_windows, token_cache
+from lmforge.data.tokens import LMWindows, MixedWindows, ShardedTokens, lm_windows, token_cache
+from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_source
 from lmforge.models import save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -48,6 +49,24 @@ def test_every_window_once_per_epoch_in_a_seeded_order():
     inputs, targets = windows.training_batch(3, 2)
     again = LMWindows(np.arange(10 * 8 + 1, dtype=np.uint16), context=8, seed=5).training_batch(3, 2)
     assert (inputs == again[0]).all() and (targets == inputs + 1).all()
+
+
+def test_mixed_windows_draw_their_share_and_each_corpus_once_per_epoch():
+    main = LMWindows(np.arange(40 * 4 + 1, dtype=np.uint16), context=4, seed=1)  # windows start at 0, 4, ..., 156
+    second = LMWindows(np.arange(1000, 1000 + 10 * 4 + 1, dtype=np.uint16), context=4, seed=2)
+    mixed = MixedWindows(main, second, share=0.25)
+    firsts = [mixed.training_batch(step, 4)[0][:, 0].tolist() for step in range(10)]  # 40 rows: 10 mixed, 30 main
+    from_second = [first for batch in firsts for first in batch if first >= 1000]
+    assert sorted(from_second) == [1000 + 4 * i for i in range(10)]  # all 10 windows of the second, once
+    from_main = [first for batch in firsts for first in batch if first < 1000]
+    assert len(from_main) == 30 and len(set(from_main)) == 30
+    assert all(len(batch) == 4 for batch in firsts)
+    again = MixedWindows(main, second, share=0.25).training_batch(7, 4)
+    assert (again[0] == mixed.training_batch(7, 4)[0]).all() and (again[1] == again[0] + 1).all()
+    ranks = [mixed.training_batch(7, 4, rank, 2)[0] for rank in (0, 1)]  # two processes split the global batch
+    assert sorted(torch.cat(ranks)[:, 0].tolist()) == sorted(again[0][:, 0].tolist())
+    with pytest.raises(UserError, match="share"):
+        MixedWindows(main, second, share=1.0)
 
 
 @pytest.fixture(scope="module")

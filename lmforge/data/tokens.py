@@ -279,6 +279,41 @@ class LMWindows:
             yield self.batch(range(start, min(start + batch_size, total)))
 
 
+class MixedWindows:
+    """Training windows of a main corpus with `share` of every batch's rows drawn from a second one.
+
+    Step s takes floor((s + 1) * B * share) - floor(s * B * share) rows from `mixed` and the rest from `main`, each
+    corpus read in its own seeded order, every window once per epoch of that corpus: a pure function of the step,
+    so resumed runs replay it, and the share is exact over any run of steps.
+    """
+
+    def __init__(self, main: LMWindows, mixed: LMWindows, share: float) -> None:
+        if not 0 < share < 1:
+            raise UserError(f"the mixed share must be between 0 and 1, not {share}")
+        self.main, self.mixed, self.share = main, mixed, share
+        self.tokens = main.tokens  # what the run's description counts; the mixed corpus is named beside it
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def _mixed_rows_before(self, step: int, batch_size: int) -> int:
+        return int(step * batch_size * self.share)
+
+    def training_batch(
+        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.main) == 0 or len(self.mixed) == 0:
+            raise ValueError(f"each corpus needs more than {self.main.context} tokens of training data")
+        mixed_first = self._mixed_rows_before(step, batch_size)
+        mixed_count = self._mixed_rows_before(step + 1, batch_size) - mixed_first
+        main_first, main_count = step * batch_size - mixed_first, batch_size - mixed_count
+        main = shuffled_indices(self.main.seed, len(self.main), main_first, main_count)
+        mixed = shuffled_indices(self.mixed.seed, len(self.mixed), mixed_first, mixed_count)
+        rows = [self.main.window(i) for i in main] + [self.mixed.window(i) for i in mixed]
+        windows = torch.from_numpy(np.stack(rows[rank::world_size]).astype(np.int64))
+        return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+
+
 def lm_windows(
     source: str,
     split: str,

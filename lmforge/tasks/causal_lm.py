@@ -11,6 +11,7 @@ after training.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from lmforge.config import from_dict, load_yaml, merge, option
 from lmforge.data.sources import SPLITS, read_records, read_split, record_text, split_key, split_of
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.data.tokens import LMWindows, is_prepared, lm_windows
+from lmforge.data.tokens import LMWindows, MixedWindows, is_prepared, lm_windows
 from lmforge.device import autocast_dtype
 from lmforge.errors import UserError
 from lmforge.evaluate.perplexity import evaluate_lm
@@ -52,6 +53,14 @@ class DataConfig:
     context: int = option(256, "tokens per training window")
     valid_fraction: float = option(0.01, "share of records held out for validation (by hash)")
     test_fraction: float = option(0.01, "share of records held out for testing (by hash)")
+    mix: str = option(
+        "", "a second corpus whose train split joins training (and the tokenizer's training), e.g. builtin:reviews"
+    )
+    mix_share: float = option(0.0, "share of every training batch drawn from `mix`; validation stays on `source`")
+
+    def __post_init__(self) -> None:
+        if self.mix and not 0 < self.mix_share < 1:
+            raise UserError(f"data.mix_share must be between 0 and 1 when data.mix is set, not {self.mix_share}")
 
 
 @dataclass
@@ -78,22 +87,36 @@ def prepare_tokenizer(data: DataConfig, out_dir: Path, progress: bool = True) ->
         existing = Tokenizer.load(out_dir)
         if existing.vocab_size == data.vocab_size:
             return existing  # so a second run hits the token cache and starts training at once
-    texts = (
-        record_text(record) for record in read_split(data.source, "train", data.valid_fraction, data.test_fraction)
-    )
+    sources = [data.source, data.mix] if data.mix else [data.source]
+    records = (read_split(source, "train", data.valid_fraction, data.test_fraction) for source in sources)
+    texts = (record_text(record) for record in itertools.chain.from_iterable(records))
     return Tokenizer.train(texts, data.vocab_size, show_progress=progress)
 
 
 def training_windows(
-    source: str, tokenizer: Tokenizer, context: int, fractions: tuple[float, float], seed: int, progress: bool = True
-) -> tuple[LMWindows, LMWindows]:
-    """(training windows in a seeded order, validation windows) of a corpus; one process fills the token cache."""
+    source: str,
+    tokenizer: Tokenizer,
+    context: int,
+    fractions: tuple[float, float],
+    seed: int,
+    progress: bool = True,
+    mix: tuple[str, float] | None = None,
+) -> tuple[LMWindows | MixedWindows, LMWindows]:
+    """(training windows in a seeded order, validation windows) of a corpus; one process fills the token cache.
+
+    `mix` (source, share): that share of every training batch comes from the train split of a second corpus.
+    """
     with main_first():  # the others open it
         train_windows = lm_windows(source, "train", tokenizer, context, seed, *fractions, progress=progress)
         valid_windows = lm_windows(source, "valid", tokenizer, context, 0, *fractions, progress=progress)
+        mixed = mix and lm_windows(mix[0], "train", tokenizer, context, seed + 1, *fractions, progress=progress)
     if len(train_windows) == 0 or len(valid_windows) == 0:
         raise UserError(_too_small(source, context, fractions, len(train_windows) == 0))
-    return train_windows, valid_windows
+    if mix is None or mixed is None:
+        return train_windows, valid_windows
+    if len(mixed) == 0:
+        raise UserError(_too_small(mix[0], context, fractions, True))
+    return MixedWindows(train_windows, mixed, mix[1]), valid_windows
 
 
 def _too_small(source: str, context: int, fractions: tuple[float, float], train_empty: bool) -> str:
@@ -139,7 +162,7 @@ def split_counts(source: str, fractions: tuple[float, float]) -> dict[str, int]:
 def window_training(
     model: Decoder,
     tokenizer: Tokenizer,
-    windows: tuple[LMWindows, LMWindows],
+    windows: tuple[LMWindows | MixedWindows, LMWindows],
     config: TrainConfig,
     device: torch.device,
     max_windows: int,
@@ -177,8 +200,9 @@ def prepare(recipe: PretrainRecipe, setup: Setup) -> Training:
     recipe.model.vocab_size = tokenizer.vocab_size
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, data.context)
     fractions = (data.valid_fraction, data.test_fraction)
+    mix = (data.mix, data.mix_share) if data.mix else None
     train_windows, valid_windows = training_windows(
-        data.source, tokenizer, data.context, fractions, config.seed, setup.progress
+        data.source, tokenizer, data.context, fractions, config.seed, setup.progress, mix
     )
     torch.manual_seed(config.seed)
     model = Decoder(recipe.model).to(setup.device)
@@ -195,7 +219,7 @@ def prepare(recipe: PretrainRecipe, setup: Setup) -> Training:
         config.eval_windows,
         task_info={"task": "pretrain"},
         max_length=recipe.model.max_position_embeddings,
-        title=f"pretraining on {data.source}",
+        title=f"pretraining on {data.source}" + (f" with {data.mix_share:.0%} {data.mix}" if data.mix else ""),
         generation=recipe.generation,
     )
 
