@@ -99,16 +99,6 @@ class Recipe(TuningRecipe):
     """Chat SFT: the tuning keys, and the general conversation mixed into the task's data."""
 
     mix: ConversationMix = option(ConversationMix(), "general conversation mixed into the data")
-    kinds: str = option(
-        "",
-        "train only on the records of `data` of these kinds (comma-separated, e.g. sentiment,follow_up; records "
-        "without a kind are kept); empty: every kind. Scoring still covers every checkable kind",
-    )
-
-    def kept(self, records: list[dict]) -> list[dict]:
-        """The records of the recipe's kinds (all of them without `kinds`)."""
-        kinds = {kind.strip() for kind in self.kinds.split(",") if kind.strip()}
-        return [record for record in records if not kinds or (record.get("kind") or "") in kinds | {""}]
 
 
 def conversations(data: TaskData, split: str) -> list[dict]:
@@ -176,7 +166,7 @@ def mixed_documents(tokenizer: Tokenizer, recipe: Recipe, split: str, length: in
     asks for; validation takes each at most once.
     """
     documents = fitting_documents(
-        tokenizer, recipe.kept(conversations(recipe.data, split)), length, recipe.data.source, recipe.trace_loss
+        tokenizer, conversations(recipe.data, split), length, recipe.data.source, recipe.trace_loss
     )
     sources, share = recipe.mix.source_list(), recipe.mix.share
     if not sources or share == 0:
