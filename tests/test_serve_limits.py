@@ -4,6 +4,7 @@ Each test throws at a live server what used to stall or exhaust it, and checks t
 it in OpenAI's error shape while /health keeps answering.
 """
 
+import asyncio
 import copy
 import logging
 import os
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.lm import LM
 from lmforge.serve.app import background_server, create_app
-from lmforge.serve.connections import ConnectionLimits
+from lmforge.serve.connections import ConnectionLimits, _Guard, _GuardedConnection
 
 QUESTION = [{"role": "user", "content": "第3句的颜色是什么？"}]
 LOOPING = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -173,6 +174,7 @@ def test_idle_connections_neither_exhaust_descriptors_nor_lock_clients_out(serve
         logging.getLogger("uvicorn.error").addHandler(log)
         before = open_descriptors()
         idle = [raw_connection(url) for _ in range(300)]  # they never send a byte
+        time.sleep(0.1)  # the server's turns to read them: until then a newcomer is refused rather than evict one
         slow = raw_connection(url)
         slow.sendall(b"GET /health HTTP/1.1\r\n")  # a head sent slowly, never finished
         # The server holds at most its cap of them: the rest of the 301 descriptors are the clients' own ends.
@@ -190,3 +192,41 @@ def test_idle_connections_neither_exhaust_descriptors_nor_lock_clients_out(serve
     logging.getLogger("uvicorn.error").removeHandler(log)
     lines = [line for line in log.lines if "closed connections" in line]
     assert 1 <= len(lines) <= 3, lines  # about 300 closings, counted in a line per 10 s, not a line each
+
+
+class StubTransport:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class StubProtocol:
+    def connection_made(self, transport) -> None:
+        pass
+
+    def connection_lost(self, exc) -> None:
+        pass
+
+
+def test_at_the_cap_a_connection_is_not_closed_before_the_server_could_read_it():
+    guard = _Guard(ConnectionLimits(max_connections=2))
+
+    async def flood():
+        def arrive() -> StubTransport:
+            transport = StubTransport()
+            _GuardedConnection(StubProtocol(), guard).connection_made(transport)
+            return transport
+
+        first, second, third = arrive(), arrive(), arrive()  # in one turn of the loop, as a flood arrives
+        assert not first.closed and not second.closed and third.closed  # the newcomer goes, not a fresh one
+        for _ in range(2):
+            await asyncio.sleep(0)  # the turns in which the server reads what the first two sent
+        fourth = arrive()
+        assert first.closed and not second.closed and not fourth.closed  # now the longest-waiting idle one goes
+
+    asyncio.run(flood())

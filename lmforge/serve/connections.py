@@ -8,7 +8,8 @@ protocol wrapped in `_GuardedConnection`:
 - a connection whose request head (the lines up to the blank one) is not complete `header_timeout`
   seconds after it opened, or after it began a new request on a kept-alive connection, is closed;
 - at `max_connections` open connections, a newcomer makes room by closing the connection that has
-  waited longest for its head; when every open one is inside a request, the newcomer is closed;
+  waited longest for its head; when every open one is inside a request, or those waiting have not yet had
+  a turn of the event loop to be read, the newcomer is closed;
 - those closings are logged at most once per `LOG_EVERY` seconds, as counts, never one line each.
 
 Idle kept-alive connections are closed by uvicorn itself after `keep_alive_timeout` seconds.
@@ -70,18 +71,26 @@ class _GuardedConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.head = b""  # the start of the request head being waited for, up to its blank line
         self.refused = False
+        # NOTE: uvicorn accepts up to 2,048 connections in one turn of the event loop, before any of them is read.
+        # Under a flood, more than the cap may arrive in one turn: a client that sent its head at once (a /health
+        # probe) must not be closed for newer idle ones before the server has had its turn to read it.
+        self.evictable = False
 
     def connection_made(self, transport) -> None:
         guard = self.guard
         if len(guard.open) >= guard.limits.max_connections:
-            if not guard.waiting:
+            oldest = next(iter(guard.waiting), None)  # the oldest is the first to become evictable
+            if oldest is None or not oldest.evictable:
                 self.refused = True
                 transport.close()
-                guard.count(f"over the cap of {guard.limits.max_connections} open connections, all busy")
+                guard.count(f"over the cap of {guard.limits.max_connections} open connections, all busy or new")
                 return
-            next(iter(guard.waiting)).close(f"waiting longest for a request head at the cap of "
-                                            f"{guard.limits.max_connections} open connections")  # fmt: skip
+            oldest.close(f"waiting longest for a request head at the cap of {guard.limits.max_connections} "
+                         "open connections")  # fmt: skip
         self.transport = transport
+        # Its reader is added in the next turn and its data read in the one after: evictable only after that.
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, setattr, self, "evictable", True)
         guard.open.add(self)
         self._wait_for_head()
         self.inner.connection_made(transport)
