@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from lmforge.config import from_dict
 from lmforge.data.batches import IGNORE_INDEX
+from lmforge.data.shards import prepare_shards
+from lmforge.data.sources import read_split
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.words import WordGroups
 from lmforge.models import load_model
@@ -221,3 +223,26 @@ def test_an_mlm_run_is_the_starting_encoder_of_every_encoder_task(name, mlm_run,
     assert Tokenizer.load(tmp_path / "tuned").to_str() == Tokenizer.load(base).to_str()
     tuned = load_model(tmp_path / "tuned", torch.device("cpu")).state_dict()
     assert not torch.equal(tuned["embeddings.word_embeddings.weight"], pretrained["embeddings.word_embeddings.weight"])
+
+
+def test_masked_lm_reads_the_shards_of_a_prepared_folder(news, news_tokenizer, tmp_path):
+    write_jsonl(tmp_path / "news.jsonl", [{"text": text} for text in news])
+    prepare_shards(str(tmp_path / "news.jsonl"), news_tokenizer, tmp_path / "shards", shard_tokens=5000,
+                   valid_fraction=0.005, test_fraction=0.0, progress=False)  # fmt: skip
+    values = {"data": {"source": str(tmp_path / "shards")}, "model": tiny_encoder("mlm"), "max_length": 64,
+              "masking": "whole_word", "device": "cpu",
+              "train": {**TINY_TRAIN, "max_steps": 30, "eval_every": 30}}  # fmt: skip
+    recipe = from_dict(mlm.Recipe, values)
+    tokenizer, rows, valid_rows = mlm.training_rows(recipe, Setup(RunFolder(tmp_path / "run"), None, False, False))
+    assert tokenizer.to_str() == news_tokenizer.to_str()
+    # The rows are the training documents as one `<bos> text <eos>` stream, cut every 64 tokens.
+    # (The texts come from the corpus's 1% validation band of hashes: a 0.5% band splits them about in half.)
+    train_texts = [record["text"] for record in read_split(str(tmp_path / "news.jsonl"), "train", 0.005, 0.0)]
+    stream = [token for ids in news_tokenizer.encode_batch(train_texts, add_bos=True, add_eos=True) for token in ids]
+    assert len(rows) == (len(stream) - 1) // 64 > 80
+    assert all(rows[index] == stream[index * 64 : (index + 1) * 64] for index in (0, 1, len(rows) // 2, len(rows) - 1))
+    assert valid_rows and all(len(row) == 64 for row in valid_rows)
+
+    result = run_task(mlm.TASK, from_dict(mlm.Recipe, values), tmp_path / "run", progress=False)
+    assert result["masked_loss"] < result["masked_loss_before"]
+    assert "shards of `lmforge data prepare`" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")

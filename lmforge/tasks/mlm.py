@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 from lmforge.config import option
 from lmforge.data.batches import IGNORE_INDEX
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokens import LMWindows, ShardedTokens, is_prepared
 from lmforge.data.words import WordGroups
 from lmforge.device import evaluating
+from lmforge.errors import UserError
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training, validation_records
@@ -49,7 +52,10 @@ Masking = Literal["token", "whole_word"]
 
 @dataclass
 class Recipe:
-    data: TaskData = option(TaskData(source="builtin:peoples-daily", valid_fraction=0.01, test_fraction=0.01), "text")
+    data: TaskData = option(
+        TaskData(source="builtin:peoples-daily", valid_fraction=0.01, test_fraction=0.01),
+        "text, or a `lmforge data prepare` folder (its shards and tokenizer; vocab_size is then the tokenizer's)",
+    )
     vocab_size: int = option(8192, "tokenizer size")
     model: EncoderConfig = option(EncoderConfig(head="mlm"), "encoder shape")
     max_length: int = option(128, "tokens per row, <bos> and <eos> included")
@@ -134,19 +140,48 @@ def evaluate_mlm(model: Encoder, batches: list[dict[str, torch.Tensor]]) -> dict
     return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1)}
 
 
-def prepare(recipe: Recipe, setup: Setup) -> Training:
+class StreamRows:
+    """Rows of `length` tokens cut one after another from a token stream (a split of a prepared folder), read
+    lazily: documents arrive as `<bos> text <eos>` and a row may hold the end of one and the start of the next."""
+
+    def __init__(self, tokens: ShardedTokens, length: int) -> None:
+        self.windows = LMWindows(tokens, length)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> list[int]:
+        # A window holds length + 1 tokens; the last one starts the next row.
+        return self.windows.window(index)[:-1].tolist()
+
+
+def training_rows(recipe: Recipe, setup: Setup) -> tuple[Tokenizer, Sequence[list[int]], list[list[int]]]:
+    """(tokenizer, training rows, validation rows): from the shards and tokenizer of a `lmforge data prepare`
+    folder, or from the texts of any other source with a tokenizer trained on them."""
+    valid_count = recipe.train.eval_windows * 4
+    if is_prepared(recipe.data.source):
+        tokenizer = Tokenizer.load(recipe.data.source)
+        if tokenizer.mask_id is None:
+            raise UserError(f"the tokenizer of {recipe.data.source} has no <mask> token; prepare it with lmforge's")
+        train, valid = (StreamRows(ShardedTokens(recipe.data.source, split, tokenizer), recipe.max_length)
+                        for split in ("train", "valid"))  # fmt: skip
+        return tokenizer, train, [valid[index] for index in range(min(len(valid), valid_count))]
     train_texts = [r["text"] for r in task_records(recipe.data, "train", FIELDS)]
     valid_texts = [r["text"] for r in task_records(recipe.data, "valid", FIELDS)]
     tokenizer = setup.tokenizer(lambda: train_texts, recipe.vocab_size)
+    rows = text_rows(tokenizer, train_texts, recipe.max_length)
+    return tokenizer, rows, text_rows(tokenizer, valid_texts, recipe.max_length)[:valid_count]
+
+
+def prepare(recipe: Recipe, setup: Setup) -> Training:
+    tokenizer, rows, valid_rows = training_rows(recipe, setup)
     recipe.model.vocab_size = tokenizer.vocab_size
     recipe.model.head = "mlm"
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
 
     words = WordGroups(tokenizer) if recipe.masking == "whole_word" else None
     collate = functools.partial(_collate, tokenizer, recipe.mask_probability, words)
-    rows = text_rows(tokenizer, train_texts, recipe.max_length)
     batches = ExampleBatches(rows, recipe.train.batch_size, collate, seed=recipe.train.seed)
-    valid_rows = text_rows(tokenizer, valid_texts, recipe.max_length)[: recipe.train.eval_windows * 4]
     valid_rng = np.random.default_rng(12345)  # the same masks at every evaluation
     valid_batches = [collate(chunk, valid_rng) for chunk in in_batches(valid_rows, recipe.train.batch_size)]
 
@@ -191,7 +226,9 @@ def evaluate_run(
         [(f"step {r['step']}", r) for r in (before, after)],
         [("loss", "masked-token loss"), ("perplexity", "perplexity"), ("accuracy", "accuracy")],
         [],
-        describe_split(data, split, "text"),
+        f"{data.source}, the {split} shards of `lmforge data prepare`"
+        if is_prepared(data.source)
+        else describe_split(data, split, "text"),
         [f"Validation on the same masked positions at every evaluation. ![loss]({RunFolder.LOSS_PLOT})"],
     )
     return metrics
