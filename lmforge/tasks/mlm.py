@@ -7,7 +7,8 @@ made per word (jieba's, see `data/words.py`) and takes all of a word's tokens,
 so each token is still chosen with the same probability (Chinese BERT-wwm,
 https://arxiv.org/abs/1906.08101). The loss is cross-entropy on the chosen
 positions only. The result is the starting point for encoder fine-tuning
-(`lmforge finetune --task sentiment --base RUN`).
+(`lmforge finetune --task sentiment --base RUN`). A folder made by `lmforge data
+prepare` is read lazily instead: its tokenizer, and rows cut from its shards.
 """
 
 from __future__ import annotations
