@@ -54,6 +54,7 @@ def test_ddp_on_two_processes_takes_the_same_steps_as_one(recipe, tmp_path):
     assert not list((tmp_path / "two").glob("*rank*"))  # only rank 0 wrote the run folder
 
 
+@pytest.mark.slow  # several torchrun launches: `make test-all`
 def test_fsdp_checkpoints_and_resumes_and_any_layout_reads_its_checkpoints(recipe, tmp_path):
     out = tmp_path / "fsdp"
     run(recipe, out, 2, "--fsdp")
@@ -84,6 +85,7 @@ def test_chat_fine_tuning_runs_under_torchrun(base_run, chat_data, tmp_path):
     assert sorted(trained) == list(range(1, 9)) and trained[8] < trained[1]
 
 
+@pytest.mark.slow  # several torchrun launches: `make test-all`
 def test_muon_under_ddp_and_fsdp_takes_the_steps_of_one_process_and_resumes(recipe, tmp_path):
     muon = ("--train.optimizer", "muon")
     run(recipe, tmp_path / "one", 1, *muon)
