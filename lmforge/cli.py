@@ -50,7 +50,7 @@ BaselinesOption = Annotated[
 def demo(
     out: Annotated[Path, typer.Option(help="run folder to write")] = Path("runs/demo"),
     minutes: Annotated[float, typer.Option(help="wall-time budget for pretraining")] = 5.0,
-    chat_minutes: Annotated[float, typer.Option(help="wall-time budget for chat fine-tuning (0 = skip it)")] = 1.5,
+    chat_minutes: Annotated[float, typer.Option(help="wall-time budget for chat fine-tuning (0 = skip it)")] = 1.1,
     max_steps: Annotated[
         int | None, typer.Option(help="pretraining steps at most (with --minutes, whichever ends first)")
     ] = None,

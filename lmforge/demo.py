@@ -95,7 +95,7 @@ def run_demo(
     out_dir: str | Path = "runs/demo",
     minutes: float = 5.0,
     device: str = "auto",
-    chat_minutes: float = 1.5,
+    chat_minutes: float = 1.1,
     max_steps: int | None = None,
 ) -> Path:
     out_dir = Path(out_dir)
