@@ -1,4 +1,4 @@
-"""`lmforge demo`: the whole pipeline on the built-in corpus in about six and a half minutes on two CPU cores.
+"""`lmforge demo`: the whole pipeline on the built-in corpus in about seven minutes on two CPU cores.
 
 Trains a tokenizer on People's Daily (January 1998), pretrains a small decoder
 with the packaged `demo.yaml` recipe, measures validation perplexity and bits
