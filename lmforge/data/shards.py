@@ -154,10 +154,11 @@ def _split_batches(
     """
     pending: dict[str, list[str]] = {split: [] for split in splits}
     for number, record in enumerate(read_records(source), start=1):
-        text = record_text(record, where=f"{source} record {number}")
+        where = f"{source} record {number}"
+        text = record_text(record, where=where)
         encoded = text.encode("utf-8")
         source_hash.update(len(encoded).to_bytes(8, "little") + encoded)
-        split = split_of(split_key(record, where=f"{source} record {number}"), valid_fraction, test_fraction)
+        split = split_of(split_key(record, where=where), valid_fraction, test_fraction)
         if split in pending:
             pending[split].append(text)
             if len(pending[split]) == ENCODE_BATCH:

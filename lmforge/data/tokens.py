@@ -238,6 +238,12 @@ def split_tokens(
     return token_cache(source, split, tokenizer, valid_fraction, test_fraction, root, progress)
 
 
+def inputs_and_targets(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of `context + 1` tokens -> (inputs, targets): all but the last token, all but the first."""
+    stacked = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return stacked[:, :-1], stacked[:, 1:]  # (B, T), (B, T)
+
+
 class LMWindows:
     """Non-overlapping windows of `context + 1` tokens: inputs are the first `context`, targets the last."""
 
@@ -255,8 +261,7 @@ class LMWindows:
         return self.tokens[start : start + self.context + 1]
 
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = torch.from_numpy(np.stack([self.window(int(i)).astype(np.int64) for i in indices]))
-        return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+        return inputs_and_targets([self.window(int(i)) for i in indices])
 
     def training_batch(
         self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
@@ -310,8 +315,7 @@ class MixedWindows:
         main = shuffled_indices(self.main.seed, len(self.main), main_first, main_count)
         mixed = shuffled_indices(self.mixed.seed, len(self.mixed), mixed_first, mixed_count)
         rows = [self.main.window(i) for i in main] + [self.mixed.window(i) for i in mixed]
-        windows = torch.from_numpy(np.stack(rows[rank::world_size]).astype(np.int64))
-        return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)
+        return inputs_and_targets(rows[rank::world_size])
 
 
 def lm_windows(

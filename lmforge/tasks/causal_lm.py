@@ -109,10 +109,11 @@ def training_windows(
     with main_first():  # the others open it
         train_windows = lm_windows(source, "train", tokenizer, context, seed, *fractions, progress=progress)
         valid_windows = lm_windows(source, "valid", tokenizer, context, 0, *fractions, progress=progress)
-        mixed = mix and lm_windows(mix[0], "train", tokenizer, context, seed + 1, *fractions, progress=progress)
+        if mix is not None:
+            mixed = lm_windows(mix[0], "train", tokenizer, context, seed + 1, *fractions, progress=progress)
     if len(train_windows) == 0 or len(valid_windows) == 0:
         raise UserError(_too_small(source, context, fractions, len(train_windows) == 0))
-    if mix is None or mixed is None:
+    if mix is None:
         return train_windows, valid_windows
     if len(mixed) == 0:
         raise UserError(_too_small(mix[0], context, fractions, True))
