@@ -31,3 +31,29 @@ def test_no_gradient_work_without_grad():
     with torch.no_grad():
         loss = linear_cross_entropy(hidden, weight, targets)
     assert abs(loss.item() - F.cross_entropy(hidden @ weight.T, targets).item()) < 1e-5
+
+
+def test_rows_without_a_target_never_enter_the_product():
+    # Chat SFT scores about a tenth of its tokens; the rest must cost nothing. A NaN in an unscored row would
+    # poison the loss if that row were multiplied into the vocabulary, so a finite loss shows it was left out.
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(4, 12, 16, generator=generator)
+    weight = torch.randn(40, 16, generator=generator, requires_grad=True)
+    targets = torch.full((4, 12), IGNORE_INDEX)
+    targets[:, -2:] = torch.randint(0, 40, (4, 2), generator=generator)
+    expected = F.cross_entropy(hidden[:, -2:].flatten(0, 1) @ weight.T, targets[:, -2:].flatten())
+    poisoned = hidden.clone()
+    poisoned[:, :-2] = float("nan")
+    poisoned.requires_grad_(True)
+    actual = linear_cross_entropy(poisoned, weight, targets)
+    actual.backward()
+    assert abs(actual.item() - expected.item()) < 1e-5
+    assert torch.all(poisoned.grad[:, :-2] == 0) and torch.isfinite(weight.grad).all()
+
+
+def test_no_scored_row_gives_a_zero_loss_and_zero_gradients():
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.full((2, 5), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0 and torch.all(hidden.grad == 0) and torch.all(weight.grad == 0)
