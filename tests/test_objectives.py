@@ -18,6 +18,7 @@ from lmforge.train.objectives import (
     seq2seq_loss,
     sequence_logprobs,
     span_loss,
+    token_logprobs,
 )
 
 VOCAB = 7
@@ -31,8 +32,8 @@ class FixedLogits(nn.Module):
         self.logits = logits
         self.mlm_head = nn.Identity()
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.logits
+    def forward(self, *args, logits_at=None, **kwargs) -> torch.Tensor:
+        return self.logits if logits_at is None else self.logits[logits_at]
 
     def hidden_states(self, *args, **kwargs) -> torch.Tensor:
         return self.logits
@@ -196,3 +197,26 @@ def test_distillation_loss_is_alpha_t_squared_kl_plus_the_rest_cross_entropy(gen
     expected = alpha * temperature**2 * kl / len(positions) + (1 - alpha) * cross_entropy / len(positions)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert tokens == 6
+
+
+def test_token_logprobs_of_a_decoder_equal_the_full_logits_and_their_gradients():
+    # token_logprobs runs the output layer on the scored tokens only; values and gradients must not change.
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32))
+    input_ids = torch.randint(0, 40, (3, 9))
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[2, :3] = 0
+    targets = torch.full((3, 9), IGNORE_INDEX)
+    targets[:, 5:] = torch.randint(0, 40, (3, 4))
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "targets": targets}
+    logits = model(input_ids, attention_mask=attention_mask)
+    expected = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    expected = expected * (targets != IGNORE_INDEX)
+    expected.sum().backward()
+    expected_grad = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    actual = token_logprobs(model, batch)
+    actual.sum().backward()
+    assert actual.shape == (3, 9) and torch.all(actual[:, :5] == 0)
+    assert torch.allclose(actual, expected, atol=1e-5)
+    assert torch.allclose(model.embed_tokens.weight.grad, expected_grad, atol=1e-5)

@@ -165,8 +165,10 @@ class Decoder(nn.Module):
         last_only: bool = False,
         segment_ids: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill needs only the last position).
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only` (prefill needs only the last position), or
+        (N, vocab) at the N True positions of `logits_at` (B, T) (a reply's tokens, not its prompt's).
 
         With `targets` (B, T) (next-token ids, -100 = ignored): the mean cross-entropy instead, fused with
         the output layer so the (tokens x vocab) logits never exist in full. Training goes through forward,
@@ -175,7 +177,9 @@ class Decoder(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, cache, segment_ids)  # (B, T, hidden)
         if targets is not None:
             return linear_cross_entropy(hidden, self.lm_head.weight, targets)  # scalar
-        if last_only:
+        if logits_at is not None:
+            hidden = hidden[logits_at]  # (N, hidden)
+        elif last_only:
             hidden = hidden[:, -1:]  # (B, 1, hidden): a long prompt's (T, vocab) logits would be thrown away
         return self.lm_head(hidden)  # (B, T or 1, vocab)
 

@@ -90,12 +90,16 @@ def seq2seq_loss(
 
 def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log softmax(z_t)[y_t] at every position, 0 where y_t = -100: shape (rows, T)."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (rows, T, V)
-    return chosen_logprobs(logits, batch["targets"])
+    scored = batch["targets"] != IGNORE_INDEX  # (rows, T)
+    # NOTE: the output layer runs on the scored (reply) tokens only: the prompt's logits would be thrown away, and
+    # the vocabulary product is most of a small model's work.
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], logits_at=scored)  # (scored, V)
+    chosen = chosen_logprobs(logits, batch["targets"][scored])  # (scored,)
+    return torch.zeros(scored.shape, dtype=chosen.dtype, device=chosen.device).masked_scatter(scored, chosen)
 
 
 def chosen_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (rows, T, V), targets (rows, T) -> log softmax(z_t)[y_t] (rows, T), 0 where y_t = -100."""
+    """logits (..., V), targets (...) -> log softmax(z_t)[y_t] (...), 0 where y_t = -100."""
     chosen = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     return chosen * (targets != IGNORE_INDEX)
 
