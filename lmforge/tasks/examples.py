@@ -48,7 +48,8 @@ def describe_split(data: TaskData, split: str, key_field: str) -> str:
     if path is not None:
         return f"{path} (all records)"
     return (
-        f"{data.source}, records whose SHA-256 of `{key_field}` falls in the {split} split "
+        f"{data.source}, records whose SHA-256 of `{key_field}` (of `split_key` where a record has one: the text a "
+        f"built-in instruction was made from) falls in the {split} split "
         f"(valid {data.valid_fraction:.0%}, test {data.test_fraction:.0%})"
     )
 
