@@ -36,7 +36,7 @@ def rng_of(text: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big"))
 
 
-def _first_sentence(paragraph: str, limit: int = 30) -> str:
+def first_sentence(paragraph: str, limit: int = 30) -> str:
     return _SENTENCE_END.split(paragraph, maxsplit=1)[0][:limit]
 
 
@@ -51,7 +51,7 @@ def _sentiment(text: str, label: int, rng: random.Random) -> dict:
 
 
 def _paragraph(paragraph: str, rng: random.Random) -> dict | None:
-    sentence = _first_sentence(paragraph)
+    sentence = first_sentence(paragraph)
     if len(sentence) < 6:
         return None
     kind = rng.choice(("repeat", "first_char", "count", "continue"))

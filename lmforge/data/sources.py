@@ -29,6 +29,7 @@ from pathlib import Path
 
 from lmforge.data.conversations import conversation_records
 from lmforge.data.instructions import instruction_records, preference_records
+from lmforge.data.reasoning import reasoning_records
 from lmforge.data.splits import SPLIT_KEY, SPLITS, split_of
 from lmforge.data.tools import Toolbox, tool_records
 from lmforge.errors import Note, UserError
@@ -100,6 +101,8 @@ BUILTIN_SOURCES: dict[str, Callable[[], Iterator[dict]]] = {
     "instructions": lambda: instruction_records(_peoples_daily, _reviews),
     "preferences": lambda: preference_records(_peoples_daily, _reviews),
     "tools": lambda: tool_records(_peoples_daily, _reviews),  # conversations that call tools (data/tools.py)
+    # Counts and sums answered after a worked <think> trace (data/reasoning.py).
+    "reasoning": lambda: reasoning_records(_peoples_daily),
     # Greetings, a self-introduction, small talk and sums, from templates (see data/conversations.py).
     "conversations": conversation_records,
 }

@@ -23,7 +23,7 @@ import random
 from collections.abc import Callable, Iterator
 
 from lmforge.data.chat import parse_reply, same_answer
-from lmforge.data.instructions import NEGATIVE, POSITIVE, _first_sentence, rng_of
+from lmforge.data.instructions import NEGATIVE, POSITIVE, first_sentence, rng_of
 from lmforge.errors import UserError
 
 
@@ -249,7 +249,7 @@ def _review(number: int, label: int, rng: random.Random) -> dict:
 
 
 def _no_tool(paragraph: str, rng: random.Random) -> dict | None:
-    sentence = _first_sentence(paragraph)
+    sentence = first_sentence(paragraph)
     if len(sentence) < 6:
         return None
     return _conversation("no_tool", f"“{sentence}”的第一个字是什么？", [], [], sentence[0], rng)

@@ -23,6 +23,7 @@ from lmforge.config import option
 from lmforge.data.batches import IGNORE_INDEX, pack_documents
 from lmforge.data.chat import chat_template, check_messages, check_tools, parse_reply, same_answer, truncate_chat
 from lmforge.data.instructions import CHECKABLE_KINDS
+from lmforge.data.reasoning import KINDS as REASONING_KINDS
 from lmforge.data.sources import builtin_toolbox
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tools import call_reward
@@ -51,6 +52,7 @@ from lmforge.train.trainer import TrainConfig
 FIELDS = ("messages",)
 KEY_FIELD = "prompt"  # what a single-file source is split by (builtin:instructions has it)
 VALID_ROWS = 32
+SCORED_KINDS = frozenset((*CHECKABLE_KINDS, *REASONING_KINDS))  # kinds of record whose answer is exact
 MAX_TOOL_RECORDS = 200  # held-out tool conversations scored, each up to 3 greedy replies
 TOOL_COLUMNS = (("tool_call_accuracy", "first call right"), ("answer_accuracy", "final answer right (tools run)"))
 
@@ -270,7 +272,8 @@ def exact_match(records: list[dict], replies: list[str]) -> dict[str, float]:
     """The share of `replies` equal to their record's answer (`same_answer`): overall and per kind."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for record, reply in zip(records, replies):
-        correct = same_answer(reply, record["answer"])
+        # A reasoning trace (<think>...</think>) is the model's work, not its answer: only what follows is compared.
+        correct = same_answer(parse_reply(reply, parse_calls=False).content, record["answer"])
         hits["accuracy"].append(correct)
         hits[f"accuracy_{record['kind']}"].append(correct)
     return {name: float(np.mean(values)) for name, values in sorted(hits.items())}
@@ -416,7 +419,7 @@ def evaluate_run(
     records = conversations(data, split)
     rows = packed_rows(lm.tokenizer, records, lm.model.config.max_position_embeddings, seed=0)
     fitting = [r for r in records if fits_context(lm, r["messages"][:-1], max_new_tokens)]
-    checkable = [r for r in fitting if r.get("answer") and r.get("kind") in CHECKABLE_KINDS]
+    checkable = [r for r in fitting if r.get("answer") and r.get("kind") in SCORED_KINDS]
     scores, replies = _held_out_scores(lm, rows, checkable, max_new_tokens)
     tool_records = [r for r in records if r.get("calls") is not None][:MAX_TOOL_RECORDS]
     if tool_records:

@@ -32,7 +32,6 @@ import torch
 
 from lmforge.config import option
 from lmforge.data.chat import check_messages, check_tools, parse_reply, same_answer, truncate_chat
-from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.sources import builtin_toolbox
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.tools import TOOL_KINDS, Toolbox, call_reward
@@ -45,8 +44,8 @@ from lmforge.lm import load
 from lmforge.models.decoder import Decoder
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training
+from lmforge.tasks.chat import SCORED_KINDS, linked_model, load_decoder_base, question_of, tuned_task_info
 from lmforge.tasks.chat import Recipe as ChatRecipe
-from lmforge.tasks.chat import linked_model, load_decoder_base, question_of, tuned_task_info
 from lmforge.tasks.dpo import collate_replies
 from lmforge.tasks.examples import (
     ExampleBatches,
@@ -127,7 +126,7 @@ def prompts(tokenizer: Tokenizer, data: TaskData, split: str, length: int) -> li
     found = []
     for number, record in enumerate(task_records(data, split, FIELDS, key_field=KEY_FIELD), start=1):
         kind = record.get("kind", "answer")
-        if kind not in (*CHECKABLE_KINDS, *TOOL_KINDS, "answer") or "answer" not in record:
+        if kind not in (*SCORED_KINDS, *TOOL_KINDS, "answer") or "answer" not in record:
             continue  # e.g. continuations: no one right answer to reward
         where = f"record {number} of {data.source} ({split})"
         messages = check_messages(record["messages"], where)
