@@ -119,3 +119,27 @@ def test_tiny_run_reports_forms_against_the_baselines(tmp_path, base, corpus):
     assert metrics["base_perplexity"] > 1
     report = (tmp_path / "run" / "report.md").read_text()
     assert "random training poem of the same form" in report and "春日" in report  # the gallery's titles
+
+
+def test_peoples_daily_paragraphs_are_prose_written_from_their_opening():
+    paragraph = {"text": "新华社北京１月１日电。今天，首都各界人士欢聚一堂，共同庆祝新年的到来，会场气氛热烈。"}
+    example = write.opening_example(paragraph)
+    assert example["title"] == "新华社北京１月１日电。" and example["text"].startswith("今天，首都")
+    assert write.prompt_for(example) == "开头：新华社北京１月１日电。\n文体：现代\n字数：约40字\n正文：\n"
+    assert write.opening_example({"text": "短短一句。后面也短。"}) is None  # too little left to write
+    headline = {"kind": "prose", "title": "新年", "style": "现代", "text": "今" * 95}
+    assert write.prompt_for(headline) == "标题：新年\n文体：现代\n字数：约100字\n正文：\n"
+
+
+def test_peoples_daily_adds_as_many_training_texts_as_asked_and_keeps_its_splits_apart(corpus):
+    data = TaskData(source=str(corpus))
+    train = [e for e in write.writing_examples(data, "train", peoples_daily=50) if e.get("opening")]
+    test = [e for e in write.writing_examples(data, "test", peoples_daily=50) if e.get("opening")]
+    assert len(train) == 50 and len(test) > 50  # the cap is for training; every held-out paragraph is scored
+    assert not {e["title"] + e["text"] for e in train} & {e["title"] + e["text"] for e in test}
+
+
+def test_length_error_is_the_relative_distance_to_the_length_asked():
+    references = ["字" * 100, "字" * 41]  # asked: about 100 and about 40 characters
+    assert write.length_error(["字" * 100, "字" * 40], references) == 0
+    assert write.length_error(["字" * 50, " " + "字" * 60 + "\n"], references) == pytest.approx((0.5 + 0.5) / 2)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lmforge.config import option
+from lmforge.data.instructions import first_sentence
 from lmforge.data.poetry import Form, form_named, form_of, rhymes, split_poem
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
@@ -52,6 +53,7 @@ COLUMNS = [
     ("base_perplexity", "perplexity under the base model"),
 ]
 HALF_LINE = re.compile("[，。]")
+MIN_PROSE = 20  # characters a People's Daily paragraph must have after its opening to be written
 
 
 @dataclass
@@ -63,6 +65,11 @@ class Recipe:
     news: str | None = option(None, "a {document, summary} folder read in reverse (headline -> post), e.g. "
                                     "../shared/data/summarization")  # fmt: skip
     max_news_examples: int = option(2000, "news training examples at most (0 = all)")
+    peoples_daily: int = option(
+        0,
+        "People's Daily paragraphs (the built-in news) added as modern prose, at most this many for training "
+        "(0 = none): the opening is given, the rest written",
+    )
     base: str | None = option(None, "the pretrained decoder (run folder) to fine-tune")
     max_length: int = option(0, "tokens per training sequence (0 = the base model's context)")
     lora: LoRAConfig = option(LoRAConfig(), "low-rank adapters; rank 0 trains every weight")
@@ -78,8 +85,12 @@ class Recipe:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
-def writing_examples(data: TaskData, split: str, news: str | None = None, max_news: int = 0) -> list[dict]:
-    """{kind: poem|prose, title, text, form or style} of one split: regulated Tang poems, user prose, and news."""
+def writing_examples(
+    data: TaskData, split: str, news: str | None = None, max_news: int = 0, peoples_daily: int = 0
+) -> list[dict]:
+    """{kind: poem|prose, title, text, form or style} of one split: regulated Tang poems, user prose, news read
+    from headline to post, and People's Daily paragraphs from their opening (`opening`: the title is the text's
+    first words)."""
     examples = []
     for record in task_records(data, split, ("text",), key_field="text"):
         if record.get("source") == POEM_SOURCE:
@@ -97,18 +108,38 @@ def writing_examples(data: TaskData, split: str, news: str | None = None, max_ne
         rows = task_records(TaskData(source=news), split, ("document", "summary"))
         rows = rows[:max_news] if max_news and split == "train" else rows
         examples += [{"kind": "prose", "title": r["summary"], "style": STYLES[0], "text": r["document"]} for r in rows]
+    if peoples_daily:
+        fractions = {"valid_fraction": data.valid_fraction, "test_fraction": data.test_fraction}
+        rows = task_records(TaskData(source="builtin:peoples-daily", **fractions), split, ("text",))
+        openings = [e for e in map(opening_example, rows) if e is not None]
+        examples += openings[:peoples_daily] if split == "train" else openings
     if not examples:
         raise UserError(f"no writing example in the {split} split of {data.source}: it needs chinese-poetry rows "
                         f"(source {POEM_SOURCE}) of a regulated form, or {{title, text}} records")  # fmt: skip
     return examples
 
 
+def opening_example(record: dict) -> dict | None:
+    """A paragraph as prose to go on with: its first sentence (at most 30 characters) given, the rest to write."""
+    opening = first_sentence(record["text"])
+    rest = record["text"][len(opening) :].strip()
+    if len(opening) < 4 or len(rest) < MIN_PROSE:
+        return None
+    return {"kind": "prose", "title": opening, "style": STYLES[0], "text": rest, "opening": True}
+
+
+def target_length(text: str) -> int:
+    """The length a prose prompt asks for: the reference's characters, rounded to 20 (at least 10)."""
+    return max(10, round(len(text) / 20) * 20)
+
+
 def prompt_for(example: dict) -> str:
-    """The controls as text: title, then the form (poems) or the register and a target length (prose)."""
+    """The controls as text: title (or opening), then the form (poems) or the register and a target length (prose)."""
     if example["kind"] == "poem":
         return f"题目：{example['title']}\n体裁：{example['form']}\n正文：\n"
-    length = max(10, round(len(example["text"]) / 20) * 20)
-    return f"标题：{example['title']}\n文体：{example['style']}\n字数：约{length}字\n正文：\n"
+    heading = "开头" if example.get("opening") else "标题"
+    length = target_length(example["text"])
+    return f"{heading}：{example['title']}\n文体：{example['style']}\n字数：约{length}字\n正文：\n"
 
 
 def encode_examples(tokenizer: Tokenizer, examples: list[dict], length: int) -> list[tuple[list[int], list[bool]]]:
@@ -138,13 +169,14 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     context = model.config.max_position_embeddings
     length = min(recipe.max_length or context, context)
     seed = recipe.train.seed
-    train = writing_examples(recipe.data, "train", recipe.news, recipe.max_news_examples)
+    train = writing_examples(recipe.data, "train", recipe.news, recipe.max_news_examples, recipe.peoples_daily)
     rows = _rows(tokenizer, train, length, seed)
-    valid_rows = _rows(tokenizer, writing_examples(recipe.data, "valid", recipe.news), length, seed)
+    valid = writing_examples(recipe.data, "valid", recipe.news, peoples_daily=recipe.peoples_daily)
+    valid_rows = _rows(tokenizer, valid, length, seed)
     valid_rows = {name: tensor[:VALID_ROWS] for name, tensor in valid_rows.items()}
     kinds = {kind: sum(e["kind"] == kind for e in train) for kind in ("poem", "prose")}
     task = {"task": "write", "base": str(recipe.base), "training_examples": kinds, "news": recipe.news,
-            "rhyme": recipe.rhyme}  # fmt: skip
+            "peoples_daily": recipe.peoples_daily, "rhyme": recipe.rhyme}  # fmt: skip
     task_info = tuned_task_info(model, recipe.lora, task, seed)
     print(f"write: {kinds['poem']:,} poems and {kinds['prose']:,} prose texts in {len(rows['input_ids']):,} rows")
 
@@ -160,6 +192,7 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         lora=recipe.lora if recipe.lora.enabled else None,
         evaluate_options={
             "news": recipe.news,
+            "peoples_daily": recipe.peoples_daily,
             "rhyme": recipe.rhyme,
             "sampling": dataclasses.asdict(recipe.generation),
         },
@@ -207,6 +240,7 @@ def evaluate_run(
     training_minutes: float | None = None,
     progress: bool = True,
     news: str | None = None,
+    peoples_daily: int = 0,
     rhyme: bool = True,
     sampling: dict | None = None,
 ) -> dict:
@@ -218,7 +252,7 @@ def evaluate_run(
     base_dir = linked_model(RunFolder(model_dir).read_task(default={}))
     base = load(base_dir) if base_dir else None
     # The example limit applies to poems and to prose, not to the records they are read from.
-    examples = writing_examples(dataclasses.replace(data, max_eval_examples=0), split, news)
+    examples = writing_examples(dataclasses.replace(data, max_eval_examples=0), split, news, 0, peoples_daily)
     poems = _sample([e for e in examples if e["kind"] == "poem"], data.max_eval_examples or 60)
     training = [e for e in writing_examples(data, "train") if e["kind"] == "poem"] if poems else []
     systems, gallery = score_poems(lm, base, poems, training, settings, rhyme) if poems else ({}, [])
@@ -228,13 +262,14 @@ def evaluate_run(
     rows = list(systems.items())
     metrics = {**rows[0][1], "poems": len(poems), "prose": len(prose), "sampling": settings,
                "baselines": dict(rows[1:])}  # fmt: skip
-    columns = COLUMNS + ([("rougeL", "news ROUGE-L")] if prose else [])
+    columns = COLUMNS + ([("rougeL", "prose ROUGE-L"), ("length_error", "prose length off target")] if prose else [])
     notes = [
         f"Sampling: {settings} (seed recorded; the same settings for every system that samples). Form accuracy: the "
         "output is exactly the asked form (line count, characters per line, ，/。 marks); rhyme rate: outputs of a "
         "regulated form whose even lines all end in one rhyme group (pinyin finals without the medial, via "
         "pypinyin: a modern approximation of the classical rhyme tables). Perplexity: of the output under the "
-        "base model. News ROUGE-L: characters, against the reference post.",
+        "base model. Prose ROUGE-L: characters, against the reference text; length off target: the mean of "
+        "|characters written - characters asked| / characters asked.",
     ]
     if training_minutes is not None:
         metrics["training_minutes"] = training_minutes
@@ -289,15 +324,28 @@ def _pick(texts: list[str], rng: np.random.Generator) -> str:
 
 
 def score_prose(lm: LM, base: LM | None, prose: list[dict], settings: dict) -> dict[str, dict[str, float]]:
-    """Character ROUGE-L of news written from the headline, beside copying the headline."""
+    """Character ROUGE-L of prose written from its headline or opening, and how far its length is from the one
+    asked, beside copying the headline."""
     prompts = [prompt_for(e) for e in prose]
     references = [e["text"] for e in prose]
     systems = {"model without constraint": lm.generate(prompts, **settings)}
     if base is not None:
         systems["base model without constraint"] = base.generate(prompts, **settings)
     systems["prompt copied"] = [e["title"] for e in prose]
-    return {name: {"rougeL": float(np.mean(rouge_per_example(texts, references)["rougeL"]))}
-            for name, texts in systems.items()}  # fmt: skip
+    return {
+        name: {
+            "rougeL": float(np.mean(rouge_per_example(texts, references)["rougeL"])),
+            "length_error": length_error(texts, references),
+        }
+        for name, texts in systems.items()
+    }
+
+
+def length_error(texts: list[str], references: list[str]) -> float:
+    """Mean |characters written - characters asked| / characters asked, asked as the prompt asks (`target_length`)."""
+    asked = np.array([target_length(reference) for reference in references])
+    written = np.array([len(text.strip()) for text in texts])
+    return float(np.mean(np.abs(written - asked) / asked))
 
 
 def merge_prose(systems: dict[str, dict], prose: dict[str, dict]) -> dict[str, dict]:
