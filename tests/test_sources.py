@@ -144,7 +144,7 @@ def test_missing_file_and_unknown_builtin_name_the_problem():
     with pytest.raises(UserError, match="builtin:wiki"):
         source_fingerprint("builtin:wiki")
     assert sorted(BUILTIN_SOURCES) == [
-        "conversations", "instructions", "peoples-daily", "preferences", "reviews", "tools"
+        "conversations", "instructions", "peoples-daily", "preferences", "reasoning", "reviews", "tools"
     ]  # fmt: skip
 
 
