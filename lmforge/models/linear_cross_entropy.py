@@ -20,10 +20,8 @@ IGNORE_INDEX = -100
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_rows: int):
-        # hidden (N, d); weight (V, d); targets (N,) with IGNORE_INDEX for rows without a target
-        valid = targets != IGNORE_INDEX
-        count = valid.sum().clamp(min=1)
-        safe_targets = targets.clamp(min=0)
+        # hidden (N, d); weight (V, d); targets (N,), every row scored (`linear_cross_entropy` leaves out the rest)
+        count = torch.tensor(max(targets.shape[0], 1))
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
@@ -35,16 +33,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = (chunk @ compute_weight.T).float()  # (n, V)
             # Softmax by hand, in place over the logits: each pass over this (n, V) block costs real time.
             logits.sub_(logits.amax(dim=-1, keepdim=True))
-            target_logits = logits.gather(1, safe_targets[rows, None]).squeeze(1)  # (n,), shifted
+            target_logits = logits.gather(1, targets[rows, None]).squeeze(1)  # (n,), shifted
             probabilities = logits.exp_()
             normalizer = probabilities.sum(dim=-1)  # (n,)
-            weights = valid[rows] / count
-            total += ((normalizer.log() - target_logits) * valid[rows]).sum()
+            total += (normalizer.log() - target_logits).sum()
             if not needs_grad:
                 continue
             # d(mean loss)/d(logits) = (softmax - one_hot) / count, still in place.
+            weights = torch.ones(len(normalizer), device=normalizer.device) / count  # (n,)
             gradient = probabilities.mul_((weights / normalizer)[:, None])
-            gradient.scatter_add_(1, safe_targets[rows, None], -weights[:, None].to(gradient.dtype))
+            gradient.scatter_add_(1, targets[rows, None], -weights[:, None].to(gradient.dtype))
             gradient = gradient.to(hidden.dtype)
             grad_hidden[rows] = gradient @ compute_weight
             grad_weight.addmm_(gradient.T.float(), chunk.float())  # .float() is free for fp32 inputs
