@@ -15,7 +15,7 @@ import torch
 from test_trainer import tiny_setup
 
 from lmforge.errors import UserError
-from lmforge.train.checkpoint import latest_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import average_checkpoints, latest_checkpoint, save_checkpoint
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.trainer import train
 
@@ -117,7 +117,7 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     out = tmp_path / "killed"
     chooser = random.Random(4)
     kills = 0
-    for attempt in range(8):
+    for attempt in range(5):
         logged = len(losses(out)) if (out / "metrics.jsonl").is_file() else 0
         process = subprocess.Popen(
             command(out, resume=attempt > 0), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -139,3 +139,16 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         subprocess.run(command(out, resume=True), env=environment, check=True, capture_output=True, timeout=600)
     assert kills >= 3
     assert losses(out) == uninterrupted  # step for step, bit for bit
+
+
+def test_averaging_the_last_checkpoints_is_the_mean_of_their_weights(tmp_path):
+    weights = {step: {"w": torch.full((2, 3), float(step)), "count": torch.tensor([step])} for step in (1, 2, 4, 7)}
+    for step, state in weights.items():
+        save_checkpoint(tmp_path, step, state, {"state": {}, "param_groups": []}, {"tokens_seen": 0}, keep_last=3)
+    averaged, steps = average_checkpoints(tmp_path, 2)
+    assert steps == [4, 7] and torch.equal(averaged["w"], torch.full((2, 3), 5.5))
+    assert torch.equal(averaged["count"], torch.tensor([7]))  # not floating point: the newest
+    averaged, steps = average_checkpoints(tmp_path, 5)  # only three kept: all of them
+    assert steps == [2, 4, 7] and torch.allclose(averaged["w"], torch.full((2, 3), 13 / 3))
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        average_checkpoints(tmp_path / "empty", 2)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge.data.tokens import LMWindows
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -164,6 +165,20 @@ def test_best_metric_ends_with_the_weights_of_the_best_validation_even_across_a_
     )
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == {"step": 12, "best_step": 1, "best_valid_score": 0.95}
+
+
+def test_average_last_ends_with_the_mean_of_the_last_checkpoints(tmp_path):
+    model, windows, config = tiny_setup(steps=12, save_every=4, keep_last=3, average_last=3)
+    records = run(model, windows, config, tmp_path)
+    saved = [load_file(tmp_path / "checkpoints" / f"step_{step:08d}" / "model.safetensors") for step in (4, 8, 12)]
+    for name, tensor in model.state_dict().items():
+        if name in saved[0]:  # the tied output layer is stored once, as the embedding
+            torch.testing.assert_close(tensor, sum(state[name] for state in saved) / 3)
+    assert not torch.equal(model.state_dict()["norm.weight"], saved[-1]["norm.weight"])
+    assert records[-1] == {"step": 12, "averaged_steps": [4, 8, 12]}
+    for wrong in ({"average_last": 3}, {"average_last": 2, "best_metric": "valid_loss", "keep_last": 2}):
+        with pytest.raises(ValueError, match="average_last"):
+            TrainConfig(**wrong)
 
 
 def test_best_metric_lower_is_better_for_losses():

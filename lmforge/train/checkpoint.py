@@ -182,6 +182,26 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def average_checkpoints(run_dir: Path, count: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """The mean of the model weights of the last `count` intact checkpoints, and their steps (oldest first).
+
+    Averaging the last checkpoints of a run (Vaswani et al. 2017, sec. 6.1) smooths the noise of the final
+    steps; floating-point tensors are averaged in fp32 and cast back, others (counters) come from the newest.
+    """
+    folders = [f for f in sorted(RunFolder(run_dir).checkpoints.glob("step_*"), reverse=True) if _is_intact(f)]
+    if count < 1 or not folders:
+        raise UserError(f"no intact checkpoint to average in {run_dir}")
+    folders = folders[:count][::-1]
+    states = [load_tensors(folder / RunFolder.WEIGHTS) for folder in folders]
+    averaged = {}
+    for name, newest in states[-1].items():
+        if newest.is_floating_point():
+            averaged[name] = (sum(state[name].float() for state in states) / len(states)).to(newest.dtype)
+        else:
+            averaged[name] = newest
+    return averaged, [int(read_json(folder / STATE_FILE)["step"]) for folder in folders]
+
+
 def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(model state, optimizer state, trainer state) of a checkpoint, on the CPU; restores the RNG too."""
     state = read_json(folder / STATE_FILE)

@@ -24,6 +24,7 @@ from lmforge.config import option
 from lmforge.device import autocast, choose_precision
 from lmforge.errors import UserError
 from lmforge.train.checkpoint import (
+    average_checkpoints,
     latest_checkpoint,
     load_best,
     read_best,
@@ -71,6 +72,9 @@ class TrainConfig:
     best_metric: str = option(
         "", "end with the weights of the best validation, e.g. valid_loss (lowest) or valid_rougeL (highest)"
     )
+    average_last: int = option(
+        1, "end with the mean weights of the last N checkpoints (at most keep_last; 1 = the final weights)"
+    )
     seed: int = option(0, "seed for weights and data order")
     max_minutes: float = option(
         0.0, "stop after this much training time (0 = no limit); the learning-rate decay then ends there too"
@@ -93,6 +97,9 @@ class TrainConfig:
             raise ValueError(f"train.rollback_lr_factor must be in (0, 1], not {self.rollback_lr_factor}")
         if self.best_metric and not self.best_metric.startswith("valid_"):
             raise ValueError(f"train.best_metric names a validation result, valid_NAME, not {self.best_metric!r}")
+        if not 1 <= self.average_last <= self.keep_last or (self.average_last > 1 and self.best_metric):
+            raise ValueError(f"train.average_last must be in [1, keep_last={self.keep_last}] and, above 1, cannot "
+                             f"be combined with train.best_metric; not {self.average_last}")  # fmt: skip
 
 
 def better(metric: str, value: float, best: float) -> bool:
@@ -377,6 +384,11 @@ class _Run:
             metric = self.config.best_metric
             self.log({"step": self.step, "best_step": best["step"], f"best_{metric}": best["value"]})
             self.bar.write(f"ending with the weights of step {best['step']}, the best {metric} ({best['value']:.4g})")
+        if self.config.average_last > 1 and self.here.main:
+            averaged, steps = average_checkpoints(self.run_dir, self.config.average_last)
+            model.load_state_dict(_with_tied_copies(model, averaged))
+            self.log({"step": self.step, "averaged_steps": steps})
+            self.bar.write(f"ending with the mean weights of the checkpoints of steps {', '.join(map(str, steps))}")
         self.logbook.close()
         model.eval()
         return self.records
