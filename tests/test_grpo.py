@@ -97,7 +97,7 @@ def test_reward_rises_on_a_toy_task(chat_data, base_run, tmp_path, monkeypatch):
     recipe = from_dict(grpo.Recipe, {
         "data": {"source": str(chat_data), "max_eval_examples": 8}, "base": str(base_run), "verifier": "toy",
         "train": {"max_steps": 24, "batch_size": 16, "lr": 1e-2, "eval_every": 8, "save_every": 24},
-        "group_size": 8, "max_new_tokens": 2, "temperature": 1.0, "device": "cpu",
+        "group_size": 8, "max_new_tokens": 2, "temperature": 1.0, "device": "cpu", "oversample": 2,
     })  # fmt: skip
     metrics = run_task(grpo.TASK, recipe, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -106,6 +106,18 @@ def test_reward_rises_on_a_toy_task(chat_data, base_run, tmp_path, monkeypatch):
     start = metrics["baselines"][f"starting model ({base_run})"]
     assert metrics["accuracy"] > start["accuracy"] and metrics["kl"] > 0
     assert (tmp_path / "grpo_rewards.png").is_file() and "exact match" in (tmp_path / "report.md").read_text()
+
+
+def test_oversampling_trains_on_the_groups_whose_rewards_differ_first():
+    sampler = grpo.GroupSampler.__new__(grpo.GroupSampler)
+    sampler.recipe = from_dict(grpo.Recipe, {"group_size": 2, "oversample": 3, "train": {"batch_size": 4}})
+    rewards = [1, 1, 0, 1, 0, 0, 1, 0, 0.5, 0.2, 1, 1]  # groups 1, 3 and 4 differ
+    sampler.groups = 2
+    assert sampler._kept_groups(rewards) == [1, 3]
+    sampler.groups = 4  # too few informative groups: the first others fill the batch
+    assert sampler._kept_groups(rewards) == [0, 1, 3, 4]
+    sampler.groups = 6
+    assert sampler._kept_groups(rewards) == list(range(6))
 
 
 @pytest.mark.slow

@@ -77,6 +77,10 @@ class Recipe(ChatRecipe):
     )  # fmt: skip
     group_size: int = option(8, "replies sampled per prompt")
     updates_per_group: int = option(2, "optimizer steps on each sampled group (1: strictly on-policy, no clipping)")
+    oversample: int = option(
+        1, "prompts sampled per group trained on: with N > 1, N times the prompts are sampled and groups whose "
+        "rewards differ are trained on first (DAPO's dynamic sampling); 1: every sampled group is trained on"
+    )
     temperature: float = option(1.0, "sampling temperature of the groups")
     max_new_tokens: int = option(32, "reply length limit, sampled and scored")
     clip: float = option(0.2, "the ratio to the sampling policy is clipped to 1 +- clip")
@@ -87,8 +91,10 @@ class Recipe(ChatRecipe):
         if self.group_size < 2 or self.train.batch_size % self.group_size:
             raise ValueError(f"group_size must be >= 2 and divide train.batch_size ({self.train.batch_size}), "
                              f"not {self.group_size}")  # fmt: skip
-        if self.updates_per_group < 1 or self.temperature <= 0 or self.clip <= 0 or self.kl_weight < 0:
-            raise ValueError("updates_per_group >= 1, temperature > 0, clip > 0 and kl_weight >= 0 are required")
+        if min(self.updates_per_group, self.oversample) < 1 or self.temperature <= 0 or self.clip <= 0:
+            raise ValueError("updates_per_group >= 1, oversample >= 1, temperature > 0 and clip > 0 are required")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, not {self.kl_weight}")
         if self.verifier not in ("auto", *VERIFIERS):
             raise ValueError(f"verifier must be auto or one of {', '.join(VERIFIERS)}, not {self.verifier!r}")
 
@@ -168,8 +174,8 @@ class GroupSampler:
             recipe,
             verify,
         )
-        per_batch = recipe.train.batch_size // recipe.group_size
-        self.batches = ExampleBatches(train_prompts, per_batch, self._sample, recipe.train.seed)
+        self.groups = recipe.train.batch_size // recipe.group_size  # trained on per micro-batch
+        self.batches = ExampleBatches(train_prompts, self.groups * recipe.oversample, self._sample, recipe.train.seed)
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
         self.rewards: list[float] = []  # of the groups sampled since the last validation
 
@@ -192,6 +198,8 @@ class GroupSampler:
                                        (tokenizer.im_end_id, tokenizer.eos_id), tokenizer.pad_id)  # fmt: skip
         rewards = [self.verify(tokenizer.decode(g.token_ids), p.record) for g, p in zip(generations, rows)]
         self.rewards += rewards
+        kept = [row for group in self._kept_groups(rewards) for row in range(group * size, (group + 1) * size)]
+        rows, generations, rewards = [rows[i] for i in kept], [generations[i] for i in kept], [rewards[i] for i in kept]
         # A reply that ended by itself learns its end marker too.
         replies = [g.token_ids + ([tokenizer.im_end_id] if g.finish_reason == "stop" else []) for g in generations]
         batch = collate_replies([(p.ids, reply) for p, reply in zip(rows, replies)], tokenizer.pad_id)
@@ -202,6 +210,15 @@ class GroupSampler:
             batch["ref_logprobs"] = token_logprobs(self.reference, batch)
         batch["advantages"] = group_advantages(torch.tensor(rewards), size).to(device)  # (rows,)
         return batch
+
+    def _kept_groups(self, rewards: list[float]) -> list[int]:
+        """The groups to train on: those whose rewards differ first (the rest teach nothing but the KL term), in
+        sampling order, as many as a micro-batch holds."""
+        size = self.recipe.group_size
+        grouped = [rewards[start : start + size] for start in range(0, len(rewards), size)]
+        informative = [index for index, group in enumerate(grouped) if min(group) != max(group)]
+        rest = [index for index in range(len(grouped)) if index not in informative]
+        return sorted((informative + rest)[: self.groups])
 
     def validate(self, model: Decoder, held_out: list[Prompt]) -> dict[str, float]:
         scores = greedy_scores(model, self.tokenizer, held_out, self.verify, self.recipe.max_new_tokens, self.reference)
