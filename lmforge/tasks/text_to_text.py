@@ -1,7 +1,9 @@
 """What translation and summarization share: text pairs in, an encoder-decoder trained on them, text out.
 
 A task names which record field is the source and which the target; this
-module trains one byte-level BPE tokenizer on both sides, encodes sources as
+module trains one byte-level BPE tokenizer on both sides (or takes a `base`
+run's tokenizer and weights: an encoder-decoder pretrained by `lmforge finetune
+--task span`, or one already fine-tuned for a task), encodes sources as
 `<bos> source <eos>` and targets as decoder input `[bos] + target` with labels
 `target + [eos]` (`lmforge.models.seq2seq`'s convention), trains with the one
 trainer, decodes with greedy or beam search, and writes the run folder and the
@@ -31,7 +33,7 @@ from lmforge.models import load_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Training
-from lmforge.tasks.encoding import encode_single, pad_right
+from lmforge.tasks.encoding import encode_single, model_folder, pad_right
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -54,10 +56,13 @@ class TextToTextRecipe:
     """The recipe keys every text-to-text task has; a task's `Recipe` adds its own and changes defaults."""
 
     data: TaskData = option(TaskData(source=""), "a folder with train/valid/test.jsonl of text pairs")
+    base: str | None = option(
+        None, "encoder-decoder run to start from, e.g. one of --task span (its tokenizer and shape; none = scratch)"
+    )
     vocab_size: int = option(8192, "tokenizer size; one tokenizer is trained on sources and targets together")
     model: Seq2SeqConfig = option(
         Seq2SeqConfig(hidden_size=256, num_encoder_layers=3, num_decoder_layers=3, num_heads=4, intermediate_size=1024),
-        "encoder-decoder shape",
+        "encoder-decoder shape (a base run's own shape replaces it)",
     )
     max_source_length: int = option(64, "source tokens, <bos> and <eos> included; longer sources are cut")
     max_target_length: int = option(64, "target tokens plus one (<bos> or <eos>); also the generation limit")
@@ -269,6 +274,34 @@ def task_decoding(recipe: TextToTextRecipe) -> dict[str, Any]:
     }
 
 
+def base_seq2seq(recipe: TextToTextRecipe, task_name: str) -> tuple[Seq2Seq, Tokenizer]:
+    """The encoder-decoder and tokenizer of the run `recipe.base`, in training mode; the recipe's vocab_size and
+    model become the base's, and source and target lengths are cut to its learned positions."""
+    folder = model_folder(recipe.base)
+    config = RunFolder(folder).read_config()
+    imported = "model_type" in config or "architectures" in config
+    family = config.get("family", "decoder")  # as read_model_config reads a folder from before families
+    if imported or family != "seq2seq":
+        what = "a Hugging Face model folder" if imported else f"an lmforge {family} run"
+        raise UserError(
+            f"--base {recipe.base} is {what}; {task_name} starts from an encoder-decoder (seq2seq) run, "
+            "e.g. one made by `lmforge finetune --task span`"
+        )
+    if config.get("quantization"):
+        raise UserError(f"--base {recipe.base} is quantized; fine-tune from the full-precision run it was made from")
+    model = load_model(folder)
+    tokenizer = Tokenizer.load(folder)
+    if model.config.position == "learned":
+        longest = model.config.max_position_embeddings
+        recipe.max_source_length = min(recipe.max_source_length, longest)
+        recipe.max_target_length = min(recipe.max_target_length, longest)
+    recipe.model, recipe.vocab_size = model.config, tokenizer.vocab_size
+    print(f"starting from --base {recipe.base}: its tokenizer ({tokenizer.vocab_size:,} tokens) and model shape "
+          f"(hidden {model.config.hidden_size}, {model.config.num_encoder_layers}+{model.config.num_decoder_layers} "
+          "layers) replace the recipe's vocab_size and model; no tokenizer is trained")  # fmt: skip
+    return model.train(), tokenizer
+
+
 def prepare_text_to_text(
     recipe: TextToTextRecipe,
     setup: Setup,
@@ -286,14 +319,19 @@ def prepare_text_to_text(
     """
     sources, targets = text_pairs(recipe.data, "train", task["source_field"], task["target_field"])
     valid_sources, valid_targets = text_pairs(recipe.data, "valid", task["source_field"], task["target_field"])
-    # One vocabulary for both sides: the embedding is shared by encoder, decoder and output layer.
-    tokenizer = setup.tokenizer(lambda: sources + targets, recipe.vocab_size)
-    recipe.model.vocab_size = tokenizer.vocab_size
-    recipe.model.max_position_embeddings = max(
-        recipe.model.max_position_embeddings, recipe.max_source_length, recipe.max_target_length
-    )
-    torch.manual_seed(recipe.train.seed)
-    model = Seq2Seq(recipe.model).to(setup.device)
+    if recipe.base:
+        model, tokenizer = base_seq2seq(recipe, task["task"])
+        task = {**task, "base": recipe.base}
+    else:
+        # One vocabulary for both sides: the embedding is shared by encoder, decoder and output layer.
+        tokenizer = setup.tokenizer(lambda: sources + targets, recipe.vocab_size)
+        recipe.model.vocab_size = tokenizer.vocab_size
+        recipe.model.max_position_embeddings = max(
+            recipe.model.max_position_embeddings, recipe.max_source_length, recipe.max_target_length
+        )
+        torch.manual_seed(recipe.train.seed)
+        model = Seq2Seq(recipe.model)
+    model.to(setup.device)
     print(f"encoder-decoder ({task['task']}): {model.num_parameters():,} parameters on {setup.device}; "
           f"{len(sources):,} pairs")  # fmt: skip
 
@@ -493,6 +531,11 @@ def evaluate_text_to_text(
     if "direction" in task:
         metrics["direction"] = task["direction"]
     notes = _notes(scoring, training_minutes, differences, names[final])
+    if "base" in task:
+        metrics["base"] = task["base"]
+        notes.insert(
+            0, f"Fine-tuned from the encoder-decoder run `{task['base']}` (`--base`): its weights and tokenizer."
+        )
     examples = [
         {"source": source[:80], "reference": reference, "output": output}
         for source, reference, output in list(zip(sources, references, outputs[final]))[:8]

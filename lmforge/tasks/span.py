@@ -1,0 +1,284 @@
+"""Span-corruption pretraining of an encoder-decoder (T5's objective) on plain text.
+
+Texts are cut into rows of `max_length` tokens. In each row about 15% of the
+tokens are dropped, in spans of mean length 3; the encoder reads the row with
+each span replaced by one sentinel (`<extra_id_0>`, `<extra_id_1>`, ... of
+`data.tokenizer.SENTINEL_TOKENS`, 32 of them, appended to the tokenizer), and
+the decoder writes every sentinel followed by the span it stands for, then
+`<eos>` (Raffel et al., https://arxiv.org/abs/1910.10683 sec. 3.1.4). The loss
+is `seq2seq_loss`, the one translation and summarization train with, so the
+run folder is a Seq2Seq model folder they start from with `--base`.
+
+Data as for `mlm`: any text source, or a `lmforge data prepare` folder read
+lazily (its tokenizer, plus the sentinels; a row there is a stretch of the
+`<bos> text <eos>` stream and may span two documents). `extra_texts` adds the
+training split of pair data sets (e.g. `../shared/data/translation`, both `src`
+and `tgt`) as more rows, so the tokenizer and the model see the English a later
+translation needs; a tokenizer trained here is trained on every text the model
+sees (a prepared folder's is its own: prepare it from text that has English too).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.config import option
+from lmforge.data.tokenizer import SENTINEL_TOKENS, Tokenizer
+from lmforge.data.tokens import ShardedTokens, is_prepared
+from lmforge.errors import UserError
+from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from lmforge.run_folder import RunFolder
+from lmforge.tasks.base import Setup, Task, Training, validation_records
+from lmforge.tasks.examples import (
+    ExampleBatches,
+    TaskData,
+    describe_split,
+    in_batches,
+    report_folders,
+    task_records,
+    write_task_report,
+)
+from lmforge.tasks.mlm import StreamRows, text_rows
+from lmforge.tasks.text_to_text import collate, mean_loss
+from lmforge.train.objectives import seq2seq_loss
+from lmforge.train.trainer import TrainConfig
+
+FIELDS = ("text",)
+VALID_SEED = 12345  # the same corruption of the validation rows at every evaluation
+
+
+@dataclass
+class Recipe:
+    data: TaskData = option(
+        TaskData(source="builtin:peoples-daily", valid_fraction=0.01, test_fraction=0.01),
+        "text, or a `lmforge data prepare` folder (its shards and tokenizer; vocab_size is then the tokenizer's)",
+    )
+    extra_texts: list[str] = option(
+        [], "pair data sets whose train split adds rows of text, e.g. [../shared/data/translation]"
+    )
+    extra_fields: list[str] = option(["src", "tgt"], "the fields of every extra_texts record read as text")
+    vocab_size: int = option(8192, f"tokenizer size, before the {len(SENTINEL_TOKENS)} sentinels added after it")
+    model: Seq2SeqConfig = option(
+        Seq2SeqConfig(hidden_size=256, num_encoder_layers=3, num_decoder_layers=3, num_heads=4, intermediate_size=1024),
+        "encoder-decoder shape",
+    )
+    max_length: int = option(128, "tokens per row before corruption, <bos> and <eos> included")
+    noise_density: float = option(0.15, "share of each row's tokens dropped from the encoder input")
+    mean_span_length: float = option(3.0, "mean length of a dropped span")
+    train: TrainConfig = option(
+        TrainConfig(max_steps=1000, batch_size=32, lr=5e-4, warmup_steps=100, eval_every=250, save_every=250),
+        "optimisation",
+    )
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        if self.max_length < 4:
+            raise ValueError(f"max_length must be >= 4 (<bos>, two tokens, <eos>), not {self.max_length}")
+        if not 0 < self.noise_density < 1:
+            raise ValueError(f"noise_density must be in (0, 1), not {self.noise_density}")
+        if self.mean_span_length < 1:
+            raise ValueError(f"mean_span_length must be >= 1, not {self.mean_span_length}")
+        if self.extra_texts and not self.extra_fields:
+            raise ValueError("extra_fields must name at least one field when extra_texts is given")
+
+
+def random_segmentation(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
+    """`total` split into `parts` positive lengths, uniformly over all such splits."""
+    cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+
+def noise_spans(
+    length: int, noise_density: float, mean_span_length: float, max_spans: int, rng: np.random.Generator
+) -> list[tuple[int, int]]:
+    """(start, end) of each span to drop from a row of `length` tokens, in order; at least one token stays.
+
+    round(length * noise_density) tokens (at least 1) in round(noise / mean_span_length) spans (at least 1, at
+    most `max_spans`), as T5's `random_spans_noise_mask`. NOTE: T5 always starts a row with kept tokens; here the
+    kept stretches before the first span and after the last may be empty, so a row's first token can be dropped too.
+    """
+    noise = min(max(round(length * noise_density), 1), length - 1)
+    spans = min(max(round(noise / mean_span_length), 1), max_spans, noise, length - noise + 1)
+    noise_lengths = random_segmentation(noise, spans, rng)
+    # spans + 1 kept stretches; the inner ones non-empty: segment two more tokens, then take one off each end.
+    kept_lengths = random_segmentation(length - noise + 2, spans + 1, rng)
+    kept_lengths[0] -= 1
+    kept_lengths[-1] -= 1
+    result, position = [], 0
+    for kept, dropped in zip(kept_lengths, noise_lengths):
+        position += int(kept)
+        result.append((position, position + int(dropped)))
+        position += int(dropped)
+    return result
+
+
+def corrupt(
+    ids: Sequence[int], sentinels: Sequence[int], noise_density: float, mean_span_length: float, rng
+) -> tuple[list[int], list[int]]:
+    """(encoder tokens, target tokens) of one row of text tokens: each dropped span becomes the next sentinel in the
+    encoder tokens, and the target is every sentinel followed by its span (no <bos> or <eos>: `collate`'s)."""
+    inputs: list[int] = []
+    target: list[int] = []
+    kept_from = 0
+    for sentinel, (start, end) in zip(sentinels, noise_spans(len(ids), noise_density, mean_span_length,
+                                                             len(sentinels), rng)):  # fmt: skip
+        inputs += [*ids[kept_from:start], sentinel]
+        target += [sentinel, *ids[start:end]]
+        kept_from = end
+    return inputs + list(ids[kept_from:]), target
+
+
+def _collate(tokenizer: Tokenizer, noise_density: float, mean_span_length: float, rows: list, rng):
+    """Rows of text tokens -> corrupted `<bos> input <eos>` sources and sentinel-and-span targets, padded."""
+    examples = []
+    for ids in rows:
+        inputs, target = corrupt(ids, tokenizer.sentinel_ids, noise_density, mean_span_length, rng)
+        examples.append(([tokenizer.bos_id, *inputs, tokenizer.eos_id], target))
+    return collate(tokenizer, examples)
+
+
+class Bodies:
+    """A prepared folder's stream rows (read lazily) followed by the extra texts' rows, as one sequence."""
+
+    def __init__(self, rows: Sequence[list[int]], extra: list[list[int]]) -> None:
+        self.rows, self.extra = rows, extra
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.extra)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.rows[index] if index < len(self.rows) else self.extra[index - len(self.rows)]
+
+
+def extra_texts(recipe: Recipe) -> list[str]:
+    """Every `extra_fields` text of the training split of each `extra_texts` source (their held-out splits stay
+    unseen)."""
+    fields = tuple(recipe.extra_fields)
+    return [record[name] for source in recipe.extra_texts
+            for record in task_records(TaskData(source=source), "train", fields) for name in fields]  # fmt: skip
+
+
+def bodies(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Every text as rows of at most max_length - 2 tokens (room for <bos> and <eos>); rows under 2 tokens have
+    nothing to corrupt and are left out."""
+    return [row[1:-1] for row in text_rows(tokenizer, texts, max_length) if len(row) >= 4]
+
+
+def training_rows(recipe: Recipe, setup: Setup) -> tuple[Tokenizer, Sequence[list[int]], list[list[int]]]:
+    """(tokenizer with sentinels, training rows, validation rows) of text tokens without <bos> / <eos>: from the
+    shards and tokenizer of a `lmforge data prepare` folder, or from texts with a tokenizer trained on them; the
+    extra texts' rows join the training rows either way."""
+    valid_count = recipe.train.eval_windows * 4
+    extra = extra_texts(recipe)
+    if is_prepared(recipe.data.source):
+        prepared = Tokenizer.load(recipe.data.source)  # the shards' own: ShardedTokens checks its fingerprint
+        train, valid = (StreamRows(ShardedTokens(recipe.data.source, split, prepared), recipe.max_length - 2)
+                        for split in ("train", "valid"))  # fmt: skip
+        tokenizer = prepared.with_sentinels()
+        rows = Bodies(train, bodies(tokenizer, extra, recipe.max_length))
+        return tokenizer, rows, [valid[index] for index in range(min(len(valid), valid_count))]
+    train_texts = [r["text"] for r in task_records(recipe.data, "train", FIELDS)] + extra
+    valid_texts = [r["text"] for r in task_records(recipe.data, "valid", FIELDS)]
+    tokenizer = setup.tokenizer(lambda: train_texts, recipe.vocab_size).with_sentinels()
+    rows = bodies(tokenizer, train_texts, recipe.max_length)
+    return tokenizer, rows, bodies(tokenizer, valid_texts, recipe.max_length)[:valid_count]
+
+
+def prepare(recipe: Recipe, setup: Setup) -> Training:
+    tokenizer, rows, valid_rows = training_rows(recipe, setup)
+    if not valid_rows:
+        raise UserError(f"the valid split of {recipe.data.source} has no text to validate on")
+    recipe.model.vocab_size = tokenizer.vocab_size
+    recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
+    spans = round(recipe.max_length * recipe.noise_density / recipe.mean_span_length)
+    if spans > len(SENTINEL_TOKENS):
+        print(f"NOTE: rows of {recipe.max_length} tokens would need {spans} spans; each row keeps to "
+              f"{len(SENTINEL_TOKENS)} (one per sentinel), so fewer but longer spans")  # fmt: skip
+
+    batch_collate = functools.partial(_collate, tokenizer, recipe.noise_density, recipe.mean_span_length)
+    batches = ExampleBatches(rows, recipe.train.batch_size, batch_collate, seed=recipe.train.seed)
+    valid_rng = np.random.default_rng(VALID_SEED)
+    valid_batches = [batch_collate(chunk, valid_rng) for chunk in in_batches(valid_rows, recipe.train.batch_size)]
+
+    torch.manual_seed(recipe.train.seed)
+    model = Seq2Seq(recipe.model).to(setup.device)
+    print(f"encoder-decoder (span corruption): {model.num_parameters():,} parameters on {setup.device}; "
+          f"{len(rows):,} training rows; {tokenizer.vocab_size:,} tokens, {len(SENTINEL_TOKENS)} of them "
+          "sentinels")  # fmt: skip
+
+    def validate(model: Seq2Seq) -> dict[str, float]:
+        loss = mean_loss(model, valid_batches)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    return Training(
+        model,
+        tokenizer,
+        batches.batch,
+        validate,
+        task_info={
+            "task": "span",
+            "noise_density": recipe.noise_density,
+            "mean_span_length": recipe.mean_span_length,
+            "sentinels": len(SENTINEL_TOKENS),
+            "extra_texts": list(recipe.extra_texts),
+        },
+        max_length=recipe.max_length,
+        title=f"span-corruption pretraining on {recipe.data.source}",
+    )
+
+
+def evaluate_run(
+    model_dir: str | Path,
+    data: TaskData,
+    split: str = "valid",
+    out_dir: str | Path | None = None,
+    training_minutes: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Target-token loss before and after training, on the validation corruption of metrics.jsonl."""
+    model_dir, out_dir = report_folders(model_dir, out_dir)
+    validations = validation_records(RunFolder(model_dir))
+    before, after = validations[0], validations[-1]
+    metrics = {
+        "task": "span",
+        "steps": after["step"],
+        "span_loss": after["loss"],
+        "span_loss_before": before["loss"],
+        "training_minutes": training_minutes,
+    }
+    write_task_report(
+        out_dir,
+        f"span-corruption pretraining — {model_dir}",
+        metrics,
+        [(f"step {r['step']}", r) for r in (before, after)],
+        [("loss", "target-token loss"), ("perplexity", "perplexity")],
+        [],
+        f"{data.source}, the {split} shards of `lmforge data prepare`"
+        if is_prepared(data.source)
+        else describe_split(data, split, "text"),
+        [
+            "Validation on the same corrupted rows (seed fixed) at every evaluation; the loss is over the "
+            f"sentinels and dropped spans the decoder writes, and <eos>. ![loss]({RunFolder.LOSS_PLOT})",
+            "Start translation or summarization from this run: `lmforge finetune --task translate --base RUN`.",
+        ],
+    )
+    return metrics
+
+
+TASK = Task(
+    name="span",
+    Recipe=Recipe,
+    fields=FIELDS,
+    family="seq2seq",
+    objective=seq2seq_loss,
+    prepare=prepare,
+    evaluate_run=evaluate_run,
+    eval_split="valid",
+)
