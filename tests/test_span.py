@@ -181,7 +181,8 @@ def test_a_span_run_is_the_start_of_translate_and_summarize(module, span_run, pa
     _, base = span_run
     values = {"data": {"source": str(pair_data / module.TASK.name)}, "base": str(base), "vocab_size": 999,
               "model": {"hidden_size": 32}, "max_source_length": 48, "max_target_length": 16, "num_beams": 1,
-              "valid_examples": 0, "device": "cpu", "train": {**TINY_TRAIN, "max_steps": 2, "eval_every": 2}}  # fmt: skip
+              "valid_examples": 0, "device": "cpu",
+              "train": {**TINY_TRAIN, "max_steps": 2, "eval_every": 2}}  # fmt: skip
     recipe = from_dict(module.Recipe, values)
     training = module.TASK.prepare(recipe, Setup(RunFolder(tmp_path / "probe"), torch.device("cpu"), False, False))
     pretrained = load_model(base).state_dict()
@@ -255,10 +256,12 @@ def test_span_pretraining_reads_a_prepared_folder_and_adds_sentinels(pair_data, 
     tokenizer = Tokenizer.train([counting_text(rng) for _ in range(200)], 300, show_progress=False)
     prepare_shards(str(tmp_path / "text.jsonl"), tokenizer, tmp_path / "shards", shard_tokens=2000,
                    valid_fraction=0.05, test_fraction=0.0, progress=False)  # fmt: skip
-    recipe = from_dict(span.Recipe, {"data": {"source": str(tmp_path / "shards")}, "max_length": 24,
-                                     "extra_texts": [str(pair_data / "translate")], "train": {"eval_windows": 2}})  # fmt: skip
+    values = {"data": {"source": str(tmp_path / "shards")}, "max_length": 24,
+              "extra_texts": [str(pair_data / "translate")], "train": {"eval_windows": 2}}  # fmt: skip
+    recipe = from_dict(span.Recipe, values)
     loaded, rows, valid_rows = span.training_rows(recipe, Setup(RunFolder(tmp_path / "run"), None, False, False))
     assert loaded.sentinel_ids == list(range(tokenizer.vocab_size, tokenizer.vocab_size + len(SENTINEL_TOKENS)))
+
     # Rows of 22 tokens cut from the `<bos> text <eos>` stream, then the extra pairs' texts (both fields).
     def stream(split: str) -> list[int]:
         texts = [r["text"] for r in read_split(str(tmp_path / "text.jsonl"), split, 0.05, 0.0)]
