@@ -274,3 +274,19 @@ def test_span_pretraining_reads_a_prepared_folder_and_adds_sentinels(pair_data, 
     assert len(rows) - streamed == len(span.bodies(loaded, [p[f] for p in pairs for f in ("src", "tgt")], 24)) > 100
     # At most eval_windows * 4 validation rows, from the valid shards.
     assert len(valid_rows) == min(8, (len(valid) - 1) // 22) > 0 and valid_rows[0] == valid[:22]
+
+
+def test_a_summarize_recipe_with_copy_adds_a_pointer_head_to_a_span_base(span_run, pair_data, tmp_path):
+    _, base = span_run
+    values = {"data": {"source": str(pair_data / "summarize")}, "base": str(base), "model": {"copy": True},
+              "max_source_length": 200, "device": "cpu"}  # fmt: skip
+    recipe = from_dict(summarize.Recipe, values)
+    training = summarize.TASK.prepare(recipe, Setup(RunFolder(tmp_path), torch.device("cpu"), False, False))
+    pretrained = load_model(base).state_dict()
+    started = training.model.state_dict()
+    assert training.model.config.copy and recipe.model.copy
+    assert {key for key in started if key not in pretrained} == {
+        "copy_keys.weight", "copy_keys.bias", "copy_gate.weight", "copy_gate.bias"
+    }  # fmt: skip
+    assert all(torch.equal(started[key], tensor) for key, tensor in pretrained.items())
+    assert recipe.max_source_length == load_model(base).config.max_position_embeddings  # cut to the base's positions

@@ -12,6 +12,7 @@ report. It does not know metrics or baselines: each task passes its own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,30 +276,46 @@ def task_decoding(recipe: TextToTextRecipe) -> dict[str, Any]:
 
 
 def base_seq2seq(recipe: TextToTextRecipe, task_name: str) -> tuple[Seq2Seq, Tokenizer]:
-    """The encoder-decoder and tokenizer of the run `recipe.base`, in training mode; the recipe's vocab_size and
-    model become the base's, and source and target lengths are cut to its learned positions."""
+    """The encoder-decoder and tokenizer of the run `recipe.base`, in training mode.
+
+    The recipe's vocab_size and model become the base's, except that `model.copy: true` adds a new pointer head
+    (seeded by train.seed) to a base without one, as an encoder task adds its own head; source and target lengths
+    are cut to the base's learned positions.
+    """
     folder = model_folder(recipe.base)
-    config = RunFolder(folder).read_config()
-    imported = "model_type" in config or "architectures" in config
-    family = config.get("family", "decoder")  # as read_model_config reads a folder from before families
+    stored = RunFolder(folder).read_config()
+    imported = "model_type" in stored or "architectures" in stored
+    family = stored.get("family", "decoder")  # as read_model_config reads a folder from before families
     if imported or family != "seq2seq":
         what = "a Hugging Face model folder" if imported else f"an lmforge {family} run"
         raise UserError(
             f"--base {recipe.base} is {what}; {task_name} starts from an encoder-decoder (seq2seq) run, "
             "e.g. one made by `lmforge finetune --task span`"
         )
-    if config.get("quantization"):
+    if stored.get("quantization"):
         raise UserError(f"--base {recipe.base} is quantized; fine-tune from the full-precision run it was made from")
     model = load_model(folder)
     tokenizer = Tokenizer.load(folder)
+    notes = []
+    if recipe.model.copy and not model.config.copy:
+        torch.manual_seed(recipe.train.seed)
+        copying = Seq2Seq(dataclasses.replace(model.config, copy=True))
+        missing, unexpected = copying.load_state_dict(model.state_dict(), strict=False)
+        assert not unexpected and all(name.startswith("copy_") for name in missing), (missing, unexpected)
+        model = copying
+        notes.append("a new pointer head (model.copy)")
     if model.config.position == "learned":
         longest = model.config.max_position_embeddings
+        if max(recipe.max_source_length, recipe.max_target_length) > longest:
+            notes.append(f"sources and targets cut to its {longest} positions")
         recipe.max_source_length = min(recipe.max_source_length, longest)
         recipe.max_target_length = min(recipe.max_target_length, longest)
-    recipe.model, recipe.vocab_size = model.config, tokenizer.vocab_size
+    config = recipe.model = model.config
+    recipe.vocab_size = tokenizer.vocab_size
+    shape = f"hidden {config.hidden_size}, {config.num_encoder_layers}+{config.num_decoder_layers} layers"
     print(f"starting from --base {recipe.base}: its tokenizer ({tokenizer.vocab_size:,} tokens) and model shape "
-          f"(hidden {model.config.hidden_size}, {model.config.num_encoder_layers}+{model.config.num_decoder_layers} "
-          "layers) replace the recipe's vocab_size and model; no tokenizer is trained")  # fmt: skip
+          f"({shape}) replace the recipe's vocab_size and model; no tokenizer is trained"
+          + "".join(f"; {note}" for note in notes))  # fmt: skip
     return model.train(), tokenizer
 
 
