@@ -101,7 +101,9 @@ def test_span_corruption_drops_15_percent_in_spans_the_target_restores():
 def test_the_batch_loss_is_the_cross_entropy_of_sentinels_spans_and_eos(tmp_path):
     texts = [counting_text(random.Random(seed)) for seed in range(60)]
     tokenizer = Tokenizer.train(texts, 300, show_progress=False).with_sentinels()
-    rows = span.bodies(tokenizer, texts[:4], 32)
+    packed = span.packed_rows(tokenizer, texts, 30)
+    assert len(packed) >= 4
+    rows = [packed[index] for index in range(4)]
     batch = span._collate(tokenizer, 0.15, 3.0, rows, np.random.default_rng(1))
     torch.manual_seed(0)
     model = Seq2Seq(Seq2SeqConfig(**{**TINY_MODEL, "vocab_size": tokenizer.vocab_size})).eval()
@@ -271,7 +273,12 @@ def test_span_pretraining_reads_a_prepared_folder_and_adds_sentinels(pair_data, 
     streamed = (len(train) - 1) // 22
     assert [rows[index] for index in range(streamed)] == [train[i * 22 : (i + 1) * 22] for i in range(streamed)]
     pairs = [json.loads(line) for line in (pair_data / "translate" / "train.jsonl").read_text().splitlines()]
-    assert len(rows) - streamed == len(span.bodies(loaded, [p[f] for p in pairs for f in ("src", "tgt")], 24)) > 100
+    chinese = span.packed_rows(loaded, [pair["src"] for pair in pairs], 22)
+    english = span.packed_rows(loaded, [pair["tgt"] for pair in pairs], 22)
+    assert len(rows) == streamed + len(chinese) + len(english) and len(english) > 20
+    assert all(len(rows[index]) == 22 for index in range(len(rows)))  # packed: every row is full
+    assert rows[streamed] == chinese[0] and rows[len(rows) - 1] == english[len(english) - 1]
+    assert loaded.decode(rows[len(rows) - 1]).replace(" ", "").isalpha()  # an English row holds only English
     # At most eval_windows * 4 validation rows, from the valid shards.
     assert len(valid_rows) == min(8, (len(valid) - 1) // 22) > 0 and valid_rows[0] == valid[:22]
 

@@ -1,26 +1,29 @@
 """Span-corruption pretraining of an encoder-decoder (T5's objective) on plain text.
 
-Texts are cut into rows of `max_length` tokens. In each row about 15% of the
-tokens are dropped, in spans of mean length 3; the encoder reads the row with
-each span replaced by one sentinel (`<extra_id_0>`, `<extra_id_1>`, ... of
-`data.tokenizer.SENTINEL_TOKENS`, 32 of them, appended to the tokenizer), and
-the decoder writes every sentinel followed by the span it stands for, then
-`<eos>` (Raffel et al., https://arxiv.org/abs/1910.10683 sec. 3.1.4). The loss
-is `seq2seq_loss`, the one translation and summarization train with, so the
-run folder is a Seq2Seq model folder they start from with `--base`.
+Texts are packed into rows of `max_length` tokens (T5's packing: one
+`<bos> text <eos>` stream cut into full rows, so no step pads). In each row
+about 15% of the tokens are dropped, in spans of mean length 3; the encoder
+reads the row with each span replaced by one sentinel (`<extra_id_0>`,
+`<extra_id_1>`, ... of `data.tokenizer.SENTINEL_TOKENS`, 32 of them, appended
+to the tokenizer), and the decoder writes every sentinel followed by the span
+it stands for, then `<eos>` (Raffel et al., https://arxiv.org/abs/1910.10683
+sec. 3.1.4). The loss is `seq2seq_loss`, the one translation and summarization
+train with, so the run folder is a Seq2Seq model folder they start from with
+`--base`.
 
 Data as for `mlm`: any text source, or a `lmforge data prepare` folder read
-lazily (its tokenizer, plus the sentinels; a row there is a stretch of the
-`<bos> text <eos>` stream and may span two documents). `extra_texts` adds the
-training split of pair data sets (e.g. `../shared/data/translation`, both `src`
-and `tgt`) as more rows, so the tokenizer and the model see the English a later
-translation needs; a tokenizer trained here is trained on every text the model
-sees (a prepared folder's is its own: prepare it from text that has English too).
+lazily (its tokenizer, plus the sentinels; its shards hold the same stream).
+`extra_texts` adds the training split of pair data sets (e.g.
+`../shared/data/translation`, both `src` and `tgt`) as more rows, so the
+tokenizer and the model see the English a later translation needs; a tokenizer
+trained here is trained on every text the model sees (a prepared folder's is
+its own: prepare it from text that has English too).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ import torch
 
 from lmforge.config import option
 from lmforge.data.tokenizer import SENTINEL_TOKENS, Tokenizer
-from lmforge.data.tokens import ShardedTokens, is_prepared
+from lmforge.data.tokens import ShardedTokens, encode_documents, is_prepared
 from lmforge.errors import UserError
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import RunFolder
@@ -45,7 +48,7 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.tasks.mlm import StreamRows, text_rows
+from lmforge.tasks.mlm import StreamRows
 from lmforge.tasks.text_to_text import collate, mean_loss
 from lmforge.train.objectives import seq2seq_loss
 from lmforge.train.trainer import TrainConfig
@@ -144,57 +147,65 @@ def _collate(tokenizer: Tokenizer, noise_density: float, mean_span_length: float
     return collate(tokenizer, examples)
 
 
-class Bodies:
-    """A prepared folder's stream rows (read lazily) followed by the extra texts' rows, as one sequence."""
+class Concatenated:
+    """Several sequences of rows read as one, in order (each may be read lazily)."""
 
-    def __init__(self, rows: Sequence[list[int]], extra: list[list[int]]) -> None:
-        self.rows, self.extra = rows, extra
+    def __init__(self, parts: list[Sequence[list[int]]]) -> None:
+        self.parts = parts
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.extra)
+        return sum(len(part) for part in self.parts)
 
     def __getitem__(self, index: int) -> list[int]:
-        return self.rows[index] if index < len(self.rows) else self.extra[index - len(self.rows)]
+        for part in self.parts:
+            if index < len(part):
+                return part[index]
+            index -= len(part)
+        raise IndexError(index)
 
 
-def extra_texts(recipe: Recipe) -> list[str]:
-    """Every `extra_fields` text of the training split of each `extra_texts` source (their held-out splits stay
-    unseen)."""
+def extra_texts(recipe: Recipe) -> dict[str, list[str]]:
+    """field -> its texts in the training split of every `extra_texts` source (their held-out splits stay unseen)."""
     fields = tuple(recipe.extra_fields)
-    return [record[name] for source in recipe.extra_texts
-            for record in task_records(TaskData(source=source), "train", fields) for name in fields]  # fmt: skip
+    records = [record for source in recipe.extra_texts for record in task_records(TaskData(source=source), "train",
+                                                                                   fields)]  # fmt: skip
+    return {name: [record[name] for record in records] for name in fields} if records else {}
 
 
-def bodies(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Every text as rows of at most max_length - 2 tokens (room for <bos> and <eos>); rows under 2 tokens have
-    nothing to corrupt and are left out."""
-    return [row[1:-1] for row in text_rows(tokenizer, texts, max_length) if len(row) >= 4]
+def packed_rows(tokenizer: Tokenizer, texts: list[str], length: int) -> StreamRows:
+    """Rows of `length` tokens cut from the texts as one `<bos> text <eos>` stream, the layout of a prepared
+    folder's shards: every row is full (no padding), short texts share a row, long ones run over several."""
+    stream = np.fromiter(itertools.chain.from_iterable(encode_documents(texts, tokenizer)), dtype=np.int64)
+    return StreamRows(stream, length)
 
 
 def training_rows(recipe: Recipe, setup: Setup) -> tuple[Tokenizer, Sequence[list[int]], list[list[int]]]:
-    """(tokenizer with sentinels, training rows, validation rows) of text tokens without <bos> / <eos>: from the
-    shards and tokenizer of a `lmforge data prepare` folder, or from texts with a tokenizer trained on them; the
-    extra texts' rows join the training rows either way."""
-    valid_count = recipe.train.eval_windows * 4
+    """(tokenizer with sentinels, training rows, validation rows) of max_length - 2 tokens (room for the encoder
+    input's <bos> and <eos>): from the shards and tokenizer of a `lmforge data prepare` folder, or from texts with a
+    tokenizer trained on them and on the extra texts, whose rows (one stream per field) join the training rows."""
+    length, valid_count = recipe.max_length - 2, recipe.train.eval_windows * 4
     extra = extra_texts(recipe)
     if is_prepared(recipe.data.source):
         prepared = Tokenizer.load(recipe.data.source)  # the shards' own: ShardedTokens checks its fingerprint
-        train, valid = (StreamRows(ShardedTokens(recipe.data.source, split, prepared), recipe.max_length - 2)
+        train, valid = (StreamRows(ShardedTokens(recipe.data.source, split, prepared), length)
                         for split in ("train", "valid"))  # fmt: skip
         tokenizer = prepared.with_sentinels()
-        rows = Bodies(train, bodies(tokenizer, extra, recipe.max_length))
-        return tokenizer, rows, [valid[index] for index in range(min(len(valid), valid_count))]
-    train_texts = [r["text"] for r in task_records(recipe.data, "train", FIELDS)] + extra
-    valid_texts = [r["text"] for r in task_records(recipe.data, "valid", FIELDS)]
-    tokenizer = setup.tokenizer(lambda: train_texts, recipe.vocab_size).with_sentinels()
-    rows = bodies(tokenizer, train_texts, recipe.max_length)
-    return tokenizer, rows, bodies(tokenizer, valid_texts, recipe.max_length)[:valid_count]
+    else:
+        texts = {split: [r["text"] for r in task_records(recipe.data, split, FIELDS)] for split in ("train", "valid")}
+        everything = texts["train"] + [text for field_texts in extra.values() for text in field_texts]
+        tokenizer = setup.tokenizer(lambda: everything, recipe.vocab_size).with_sentinels()
+        train, valid = (packed_rows(tokenizer, texts[split], length) for split in ("train", "valid"))
+    # One stream per field keeps each row in one language (src rows Chinese, tgt rows English).
+    rows = Concatenated([train, *(packed_rows(tokenizer, field_texts, length) for field_texts in extra.values())])
+    return tokenizer, rows, [valid[index] for index in range(min(len(valid), valid_count))]
 
 
 def prepare(recipe: Recipe, setup: Setup) -> Training:
     tokenizer, rows, valid_rows = training_rows(recipe, setup)
     if not valid_rows:
-        raise UserError(f"the valid split of {recipe.data.source} has no text to validate on")
+        raise UserError(
+            f"the valid split of {recipe.data.source} holds fewer than max_length tokens: nothing to validate"
+        )
     recipe.model.vocab_size = tokenizer.vocab_size
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
     spans = round(recipe.max_length * recipe.noise_density / recipe.mean_span_length)
