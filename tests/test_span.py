@@ -175,7 +175,9 @@ def test_a_tiny_encoder_decoder_learns_to_fill_dropped_spans(span_run, pair_data
     # The tokenizer was trained on the extra English too: each number word is one token.
     tokenizer = Tokenizer.load(folder)
     assert all(len(tokenizer.encode(" " + word)) == 1 for word in ("three", "seven"))
-    assert "span-corruption" in (folder / "report.md").read_text(encoding="utf-8")
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    assert "span-corruption" in report and "dropped spans" in report and "<extra_id_0>" in report
+    assert str(pair_data / "translate") in report  # the extra texts are named
 
 
 @pytest.mark.parametrize("module", [translate, summarize], ids=["translate", "summarize"])

@@ -36,9 +36,12 @@ from lmforge.config import option
 from lmforge.data.tokenizer import SENTINEL_TOKENS, Tokenizer
 from lmforge.data.tokens import ShardedTokens, encode_documents, is_prepared
 from lmforge.errors import UserError
+from lmforge.generate.seq2seq_search import greedy_search
+from lmforge.models import load_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training, validation_records
+from lmforge.tasks.encoding import pad_right
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -245,6 +248,34 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     )
 
 
+def filled_examples(model_dir: Path, data: TaskData, split: str, count: int = 4) -> list[dict[str, str]]:
+    """The first rows of a split, corrupted as validation corrupts them, beside the dropped spans and what the model
+    writes in their place (greedy), sentinels shown: the report's examples."""
+    task = RunFolder(model_dir).read_task()
+    tokenizer = Tokenizer.load(model_dir)
+    length = RunFolder(model_dir).read_recipe(default={}).get("max_length", 128) - 2
+    if is_prepared(data.source):
+        rows = StreamRows(ShardedTokens(data.source, split, Tokenizer.load(data.source)), length)
+    else:
+        rows = packed_rows(tokenizer, [r["text"] for r in task_records(data, split, FIELDS)][: count * 8], length)
+    rng = np.random.default_rng(VALID_SEED)
+    pairs = [corrupt(rows[index], tokenizer.sentinel_ids, task["noise_density"], task["mean_span_length"], rng)
+             for index in range(min(count, len(rows)))]  # fmt: skip
+    if not pairs:
+        return []
+    input_ids, attention_mask = pad_right(
+        tokenizer, [[tokenizer.bos_id, *inputs, tokenizer.eos_id] for inputs, _ in pairs]
+    )
+    longest = max(len(target) for _, target in pairs) + 1
+    with torch.inference_mode():
+        outputs = greedy_search(
+            load_model(model_dir), input_ids, attention_mask, tokenizer.bos_id, tokenizer.eos_id, longest
+        )
+    show = functools.partial(tokenizer.decode, skip_special_tokens=False)
+    return [{"input": show(inputs), "dropped spans": show(target), "model": show(output)}
+            for (inputs, target), output in zip(pairs, outputs)]  # fmt: skip
+
+
 def evaluate_run(
     model_dir: str | Path,
     data: TaskData,
@@ -257,6 +288,10 @@ def evaluate_run(
     model_dir, out_dir = report_folders(model_dir, out_dir)
     validations = validation_records(RunFolder(model_dir))
     before, after = validations[0], validations[-1]
+    task = RunFolder(model_dir).read_task()
+    extra_note = (
+        [f"Also trained on the train split of {', '.join(task['extra_texts'])}."] if task.get("extra_texts") else []
+    )
     metrics = {
         "task": "span",
         "steps": after["step"],
@@ -270,13 +305,16 @@ def evaluate_run(
         metrics,
         [(f"step {r['step']}", r) for r in (before, after)],
         [("loss", "target-token loss"), ("perplexity", "perplexity")],
-        [],
+        filled_examples(model_dir, data, split),
         f"{data.source}, the {split} shards of `lmforge data prepare`"
         if is_prepared(data.source)
         else describe_split(data, split, "text"),
         [
             "Validation on the same corrupted rows (seed fixed) at every evaluation; the loss is over the "
             f"sentinels and dropped spans the decoder writes, and <eos>. ![loss]({RunFolder.LOSS_PLOT})",
+            "Examples: validation rows with their spans dropped, the spans, and what the model writes for them "
+            "(greedy).",
+            *extra_note,
             "Start translation or summarization from this run: `lmforge finetune --task translate --base RUN`.",
         ],
     )
