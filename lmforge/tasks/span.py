@@ -34,7 +34,7 @@ import torch
 
 from lmforge.config import option
 from lmforge.data.tokenizer import SENTINEL_TOKENS, Tokenizer
-from lmforge.data.tokens import ShardedTokens, encode_documents, is_prepared
+from lmforge.data.tokens import ShardedTokens, encode_documents, is_prepared, token_dtype
 from lmforge.errors import UserError
 from lmforge.generate.seq2seq_search import greedy_search
 from lmforge.models import load_model
@@ -178,7 +178,8 @@ def extra_texts(recipe: Recipe) -> dict[str, list[str]]:
 def packed_rows(tokenizer: Tokenizer, texts: list[str], length: int) -> StreamRows:
     """Rows of `length` tokens cut from the texts as one `<bos> text <eos>` stream, the layout of a prepared
     folder's shards: every row is full (no padding), short texts share a row, long ones run over several."""
-    stream = np.fromiter(itertools.chain.from_iterable(encode_documents(texts, tokenizer)), dtype=np.int64)
+    ids = itertools.chain.from_iterable(encode_documents(texts, tokenizer))
+    stream = np.fromiter(ids, dtype=token_dtype(tokenizer.vocab_size))
     return StreamRows(stream, length)
 
 
