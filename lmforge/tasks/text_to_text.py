@@ -551,7 +551,9 @@ def evaluate_text_to_text(
     if "base" in task:
         metrics["base"] = task["base"]
         notes.insert(
-            0, f"Fine-tuned from the encoder-decoder run `{task['base']}` (`--base`): its weights and tokenizer."
+            0,
+            f"Fine-tuned from the encoder-decoder run `{task['base']}` (`--base`): its weights, its tokenizer and its "
+            "model shape, which replaced the recipe's vocab_size and model.",
         )
     examples = [
         {"source": source[:80], "reference": reference, "output": output}
