@@ -3,6 +3,7 @@ the `--base` of translate and summarize: its weights are the fine-tuned model's 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -22,7 +23,7 @@ from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import RunFolder
-from lmforge.tasks import span, summarize, translate
+from lmforge.tasks import TASKS, span, summarize, task_module, translate
 from lmforge.tasks.base import Setup, run_task
 from lmforge.tasks.encoding import encode_single
 from lmforge.tasks.examples import TaskData
@@ -178,6 +179,15 @@ def test_a_tiny_encoder_decoder_learns_to_fill_dropped_spans(span_run, pair_data
     report = (folder / "report.md").read_text(encoding="utf-8")
     assert "span-corruption" in report and "dropped spans" in report and "<extra_id_0>" in report
     assert str(pair_data / "translate") in report  # the extra texts are named
+
+
+def test_every_encoder_decoder_task_but_span_takes_a_base():
+    modules = {name: task_module(name) for name in TASKS}
+    seq2seq = {
+        name for name, module in modules.items() if getattr(module, "TASK", None) and module.TASK.family == "seq2seq"
+    }
+    with_base = {name for name in seq2seq if "base" in {f.name for f in dataclasses.fields(modules[name].Recipe)}}
+    assert seq2seq == {"span", "translate", "summarize"} and with_base == {"translate", "summarize"}
 
 
 @pytest.mark.parametrize("module", [translate, summarize], ids=["translate", "summarize"])
