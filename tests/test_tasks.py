@@ -358,6 +358,8 @@ def tiny_recipes(data, chat_data, base_run) -> dict:
                                   "model": tiny_encoder("classify"), "max_length": 24}),
         "qa": (qa, {"data": {"source": str(data / "qa")}, "vocab_size": 300, "model": tiny_encoder("span"),
                     "max_length": 40}),
+        "span": (task_module("span"), {"data": {"source": str(data / "text.jsonl"), "valid_fraction": 0.1},
+                                       "vocab_size": 300, "model": TINY_SEQ2SEQ, "max_length": 24}),
         "translate": (translate, {"data": {"source": str(data / "translate")}, **seq2seq}),
         "summarize": (summarize, {"data": {"source": str(data / "summarize")}, **seq2seq}),
         "chat": (chat, {"data": {"source": str(chat_data)}, "base": str(base_run), "lora": {"rank": 2},
@@ -369,8 +371,8 @@ def tiny_recipes(data, chat_data, base_run) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["pretrain", "mlm", "sentiment", "qa", "translate", "summarize", "chat", "dpo",
-                                  "distill"])  # fmt: skip
+@pytest.mark.parametrize("name", ["pretrain", "mlm", "sentiment", "qa", "span", "translate", "summarize", "chat",
+                                  "dpo", "distill"])  # fmt: skip
 def test_every_task_writes_the_same_run_folder(name, task_data, chat_data, base_run, tmp_path):
     module, values = tiny_recipes(task_data, chat_data, base_run)[name]
     recipe = from_dict(module.TASK.Recipe, {**values, "train": TWO_STEPS, "device": "cpu"})

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from lmforge.errors import UserError
@@ -37,6 +37,11 @@ from lmforge.run_folder import RunFolder, atomic_write_text, read_json, write_js
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>", "<mask>"]
 # Fill-in-the-middle markers in StarCoder's names, after SPECIAL_TOKENS in tokenizers trained for code.
 FIM_TOKENS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
+# Span-corruption sentinels in T5's names (https://arxiv.org/abs/1910.10683 sec. 3.1.4): each dropped span of an
+# encoder-decoder's input is replaced by the next one. 32 cover rows of up to ~640 tokens at T5's 15% noise in
+# spans of mean length 3. `Tokenizer.with_sentinels` appends them after a tokenizer's last id, so every existing
+# id (and every shard of a prepared folder) keeps its meaning.
+SENTINEL_TOKENS = [f"<extra_id_{index}>" for index in range(32)]
 # ChatML (https://github.com/openai/openai-python/blob/v0.28.1/chatml.md), as Qwen uses it, after our <bos>:
 # every message is "<|im_start|>{role}\n{content}<|im_end|>\n"; a reply starts with "<|im_start|>assistant\n".
 # Tools follow Hermes / Qwen2.5 (https://qwen.readthedocs.io/en/latest/framework/function_call.html): their
@@ -197,6 +202,9 @@ class Tokenizer:
         fim = (ids["fim_prefix"], ids["fim_suffix"], ids["fim_middle"])
         # (prefix, suffix, middle) ids of a tokenizer trained for fill-in-the-middle, else None.
         self.fim_ids: tuple[int, int, int] | None = fim if None not in fim else None
+        sentinels = [backend.token_to_id(name) for name in SENTINEL_TOKENS]
+        # The ids of SENTINEL_TOKENS in order where the tokenizer has them all, else None.
+        self.sentinel_ids: list[int] | None = sentinels if None not in sentinels else None
         # Jinja source saved beside the vocabulary (None: `data/chat.py` falls back to ChatML).
         self.chat_template: str | None = None
         self._token_bytes: list[bytes] | None = None
@@ -267,6 +275,14 @@ class Tokenizer:
             tokenizer.chat_template = template if isinstance(template, str) else None
         return tokenizer
 
+    def with_sentinels(self) -> Tokenizer:
+        """This tokenizer with `SENTINEL_TOKENS` as special tokens after its last id (itself if it has them)."""
+        if self.sentinel_ids is not None:
+            return self
+        backend = Backend.from_str(self.to_str())
+        backend.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in SENTINEL_TOKENS])
+        return Tokenizer.from_str(backend.to_str(), self.chat_template)
+
     def to_str(self) -> str:
         """The whole tokenizer as `tokenizer.json` text (the chat template travels separately)."""
         return self.backend.to_str()
@@ -304,7 +320,7 @@ class Tokenizer:
         if self.mask_id is not None:
             config["mask_token"] = token(self.mask_id)
         markers = [token(i) for i in (self.im_start_id, self.im_end_id) if i is not None and i != self.eos_id]
-        markers += [token(i) for i in self.fim_ids or ()]
+        markers += [token(i) for i in [*(self.fim_ids or ()), *(self.sentinel_ids or ())]]
         if markers:
             config["additional_special_tokens"] = markers
         if model_max_length is not None:

@@ -19,6 +19,7 @@ TASKS = {
     "mlm": "masked-LM pretraining of an encoder on plain text",
     "sentiment": "text classification with an encoder ({text, label})",
     "translate": "zh->en or en->zh translation with an encoder-decoder ({src, tgt})",
+    "span": "span-corruption pretraining of an encoder-decoder on plain text (T5); --base of translate, summarize",
     "summarize": "summarization with an encoder-decoder ({document, summary})",
     "qa": "extractive question answering with an encoder ({context, question, answers})",
     "chat": "chat fine-tuning of a decoder on conversations ({messages}); --lora-rank for LoRA",

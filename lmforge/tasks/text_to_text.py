@@ -1,7 +1,9 @@
 """What translation and summarization share: text pairs in, an encoder-decoder trained on them, text out.
 
 A task names which record field is the source and which the target; this
-module trains one byte-level BPE tokenizer on both sides, encodes sources as
+module trains one byte-level BPE tokenizer on both sides (or takes a `base`
+run's tokenizer and weights: an encoder-decoder pretrained by `lmforge finetune
+--task span`, or one already fine-tuned for a task), encodes sources as
 `<bos> source <eos>` and targets as decoder input `[bos] + target` with labels
 `target + [eos]` (`lmforge.models.seq2seq`'s convention), trains with the one
 trainer, decodes with greedy or beam search, and writes the run folder and the
@@ -10,6 +12,7 @@ report. It does not know metrics or baselines: each task passes its own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ from lmforge.models import load_model
 from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Training
-from lmforge.tasks.encoding import encode_single, pad_right
+from lmforge.tasks.encoding import encode_single, model_folder, pad_right
 from lmforge.tasks.examples import (
     ExampleBatches,
     TaskData,
@@ -54,10 +57,13 @@ class TextToTextRecipe:
     """The recipe keys every text-to-text task has; a task's `Recipe` adds its own and changes defaults."""
 
     data: TaskData = option(TaskData(source=""), "a folder with train/valid/test.jsonl of text pairs")
+    base: str | None = option(
+        None, "encoder-decoder run to start from, e.g. one of --task span (its tokenizer and shape; none = scratch)"
+    )
     vocab_size: int = option(8192, "tokenizer size; one tokenizer is trained on sources and targets together")
     model: Seq2SeqConfig = option(
         Seq2SeqConfig(hidden_size=256, num_encoder_layers=3, num_decoder_layers=3, num_heads=4, intermediate_size=1024),
-        "encoder-decoder shape",
+        "encoder-decoder shape (a base run's own shape replaces it)",
     )
     max_source_length: int = option(64, "source tokens, <bos> and <eos> included; longer sources are cut")
     max_target_length: int = option(64, "target tokens plus one (<bos> or <eos>); also the generation limit")
@@ -269,6 +275,50 @@ def task_decoding(recipe: TextToTextRecipe) -> dict[str, Any]:
     }
 
 
+def base_seq2seq(recipe: TextToTextRecipe, task_name: str) -> tuple[Seq2Seq, Tokenizer]:
+    """The encoder-decoder and tokenizer of the run `recipe.base`, in training mode.
+
+    The recipe's vocab_size and model become the base's, except that `model.copy: true` adds a new pointer head
+    (seeded by train.seed) to a base without one, as an encoder task adds its own head; source and target lengths
+    are cut to the base's learned positions.
+    """
+    folder = model_folder(recipe.base)
+    stored = RunFolder(folder).read_config()
+    imported = "model_type" in stored or "architectures" in stored
+    family = stored.get("family", "decoder")  # as read_model_config reads a folder from before families
+    if imported or family != "seq2seq":
+        what = "a Hugging Face model folder" if imported else f"an lmforge {family} run"
+        raise UserError(
+            f"--base {recipe.base} is {what}; {task_name} starts from an encoder-decoder (seq2seq) run, "
+            "e.g. one made by `lmforge finetune --task span`"
+        )
+    if stored.get("quantization"):
+        raise UserError(f"--base {recipe.base} is quantized; fine-tune from the full-precision run it was made from")
+    model = load_model(folder)
+    tokenizer = Tokenizer.load(folder)
+    notes = []
+    if recipe.model.copy and not model.config.copy:
+        torch.manual_seed(recipe.train.seed)
+        copying = Seq2Seq(dataclasses.replace(model.config, copy=True))
+        missing, unexpected = copying.load_state_dict(model.state_dict(), strict=False)
+        assert not unexpected and all(name.startswith("copy_") for name in missing), (missing, unexpected)
+        model = copying
+        notes.append("a new pointer head (model.copy)")
+    if model.config.position == "learned":
+        longest = model.config.max_position_embeddings
+        if max(recipe.max_source_length, recipe.max_target_length) > longest:
+            notes.append(f"sources and targets cut to its {longest} positions")
+        recipe.max_source_length = min(recipe.max_source_length, longest)
+        recipe.max_target_length = min(recipe.max_target_length, longest)
+    config = recipe.model = model.config
+    recipe.vocab_size = tokenizer.vocab_size
+    shape = f"hidden {config.hidden_size}, {config.num_encoder_layers}+{config.num_decoder_layers} layers"
+    print(f"starting from --base {recipe.base}: its tokenizer ({tokenizer.vocab_size:,} tokens) and model shape "
+          f"({shape}) replace the recipe's vocab_size and model; no tokenizer is trained"
+          + "".join(f"; {note}" for note in notes))  # fmt: skip
+    return model.train(), tokenizer
+
+
 def prepare_text_to_text(
     recipe: TextToTextRecipe,
     setup: Setup,
@@ -286,14 +336,19 @@ def prepare_text_to_text(
     """
     sources, targets = text_pairs(recipe.data, "train", task["source_field"], task["target_field"])
     valid_sources, valid_targets = text_pairs(recipe.data, "valid", task["source_field"], task["target_field"])
-    # One vocabulary for both sides: the embedding is shared by encoder, decoder and output layer.
-    tokenizer = setup.tokenizer(lambda: sources + targets, recipe.vocab_size)
-    recipe.model.vocab_size = tokenizer.vocab_size
-    recipe.model.max_position_embeddings = max(
-        recipe.model.max_position_embeddings, recipe.max_source_length, recipe.max_target_length
-    )
-    torch.manual_seed(recipe.train.seed)
-    model = Seq2Seq(recipe.model).to(setup.device)
+    if recipe.base:
+        model, tokenizer = base_seq2seq(recipe, task["task"])
+        task = {**task, "base": recipe.base}
+    else:
+        # One vocabulary for both sides: the embedding is shared by encoder, decoder and output layer.
+        tokenizer = setup.tokenizer(lambda: sources + targets, recipe.vocab_size)
+        recipe.model.vocab_size = tokenizer.vocab_size
+        recipe.model.max_position_embeddings = max(
+            recipe.model.max_position_embeddings, recipe.max_source_length, recipe.max_target_length
+        )
+        torch.manual_seed(recipe.train.seed)
+        model = Seq2Seq(recipe.model)
+    model.to(setup.device)
     print(f"encoder-decoder ({task['task']}): {model.num_parameters():,} parameters on {setup.device}; "
           f"{len(sources):,} pairs")  # fmt: skip
 
@@ -493,6 +548,13 @@ def evaluate_text_to_text(
     if "direction" in task:
         metrics["direction"] = task["direction"]
     notes = _notes(scoring, training_minutes, differences, names[final])
+    if "base" in task:
+        metrics["base"] = task["base"]
+        notes.insert(
+            0,
+            f"Fine-tuned from the encoder-decoder run `{task['base']}` (`--base`): its weights, its tokenizer and its "
+            "model shape, which replaced the recipe's vocab_size and model.",
+        )
     examples = [
         {"source": source[:80], "reference": reference, "output": output}
         for source, reference, output in list(zip(sources, references, outputs[final]))[:8]
