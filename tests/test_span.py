@@ -206,7 +206,9 @@ def test_a_span_run_is_the_start_of_translate_and_summarize(module, span_run, pa
     for key, tensor in pretrained.items():
         torch.testing.assert_close(started[key], tensor, rtol=0, atol=0, msg=key)
     assert training.tokenizer.to_str() == Tokenizer.load(base).to_str()
-    assert recipe.model == load_model(base).config and recipe.vocab_size == training.tokenizer.vocab_size
+    shape = dataclasses.replace(recipe.model, dropout=0.0)  # the base's shape; the recipe's dropout (0.1)
+    assert shape == load_model(base).config and recipe.vocab_size == training.tokenizer.vocab_size
+    assert recipe.model.dropout == training.model.config.dropout == 0.1
 
     # The first validation, before step 1, is the base model's loss on the validation pairs.
     run = tmp_path / "tuned"
@@ -300,11 +302,12 @@ def test_a_summarize_recipe_with_copy_adds_a_pointer_head_to_a_span_base(span_ru
     _, base = span_run
     values = {"data": {"source": str(pair_data / "summarize")}, "base": str(base), "model": {"copy": True},
               "max_source_length": 200, "device": "cpu"}  # fmt: skip
+    values["model"]["dropout"] = 0.2  # the base's is 0: fine-tuning's own dropout is kept
     recipe = from_dict(summarize.Recipe, values)
     training = summarize.TASK.prepare(recipe, Setup(RunFolder(tmp_path), torch.device("cpu"), False, False))
     pretrained = load_model(base).state_dict()
     started = training.model.state_dict()
-    assert training.model.config.copy and recipe.model.copy
+    assert training.model.config.copy and recipe.model.copy and training.model.config.dropout == 0.2
     assert {key for key in started if key not in pretrained} == {
         "copy_keys.weight", "copy_keys.bias", "copy_gate.weight", "copy_gate.bias"
     }  # fmt: skip

@@ -278,9 +278,9 @@ def task_decoding(recipe: TextToTextRecipe) -> dict[str, Any]:
 def base_seq2seq(recipe: TextToTextRecipe, task_name: str) -> tuple[Seq2Seq, Tokenizer]:
     """The encoder-decoder and tokenizer of the run `recipe.base`, in training mode.
 
-    The recipe's vocab_size and model become the base's, except that `model.copy: true` adds a new pointer head
-    (seeded by train.seed) to a base without one, as an encoder task adds its own head; source and target lengths
-    are cut to the base's learned positions.
+    The recipe's vocab_size and model shape become the base's; dropout stays the recipe's (a fine-tuning choice),
+    and `model.copy: true` adds a new pointer head (seeded by train.seed) to a base without one, as an encoder task
+    adds its own head; source and target lengths are cut to the base's learned positions.
     """
     folder = model_folder(recipe.base)
     stored = RunFolder(folder).read_config()
@@ -297,13 +297,18 @@ def base_seq2seq(recipe: TextToTextRecipe, task_name: str) -> tuple[Seq2Seq, Tok
     model = load_model(folder)
     tokenizer = Tokenizer.load(folder)
     notes = []
-    if recipe.model.copy and not model.config.copy:
-        torch.manual_seed(recipe.train.seed)
-        copying = Seq2Seq(dataclasses.replace(model.config, copy=True))
-        missing, unexpected = copying.load_state_dict(model.state_dict(), strict=False)
+    adding_copy = recipe.model.copy and not model.config.copy
+    if adding_copy or recipe.model.dropout != model.config.dropout:
+        torch.manual_seed(recipe.train.seed)  # a new pointer head starts from seeded weights
+        config = dataclasses.replace(model.config, copy=model.config.copy or recipe.model.copy,
+                                     dropout=recipe.model.dropout)  # fmt: skip
+        rebuilt = Seq2Seq(config)
+        missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
         assert not unexpected and all(name.startswith("copy_") for name in missing), (missing, unexpected)
-        model = copying
-        notes.append("a new pointer head (model.copy)")
+        model = rebuilt
+        notes.append(f"dropout {config.dropout} (the recipe's)")
+        if adding_copy:
+            notes.append("a new pointer head (model.copy)")
     if model.config.position == "learned":
         longest = model.config.max_position_embeddings
         if max(recipe.max_source_length, recipe.max_target_length) > longest:
@@ -314,7 +319,7 @@ def base_seq2seq(recipe: TextToTextRecipe, task_name: str) -> tuple[Seq2Seq, Tok
     recipe.vocab_size = tokenizer.vocab_size
     shape = f"hidden {config.hidden_size}, {config.num_encoder_layers}+{config.num_decoder_layers} layers"
     print(f"starting from --base {recipe.base}: its tokenizer ({tokenizer.vocab_size:,} tokens) and model shape "
-          f"({shape}) replace the recipe's vocab_size and model; no tokenizer is trained"
+          f"({shape}) replace the recipe's vocab_size and model shape; no tokenizer is trained"
           + "".join(f"; {note}" for note in notes))  # fmt: skip
     return model.train(), tokenizer
 
