@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from lmforge.data.instructions import CHECKABLE_KINDS
 from lmforge.data.sources import read_records, split_of
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.lm import load
 from lmforge.models import load_model
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.lora import load_adapter
@@ -476,3 +478,20 @@ def test_the_mix_reads_builtin_conversations_and_the_shared_chat_data(chat_data,
     fitting += chat.encode_conversations(tokenizer, builtin, 256)
     assert 20 < len(fitting) < 167 + len(builtin)  # the long shared conversations are left out
     assert sorted(mixed[16:]) == sorted(fitting) and all(len(ids) <= 256 for ids, _ in mixed)
+
+
+def test_replies_shown_for_unscored_data_are_decoded_within_the_evaluation_reply_limit(base_run, write_jsonl, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(base_run, model)
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 32}))  # half of its 64 positions
+    lm = load(model)
+    text = "第0句的颜色是"
+    while len(lm.encode_chat_prompt([{"role": "user", "content": text}], 8)) <= 32:
+        text += "红绿蓝"[len(text) % 3]  # a prompt too long for 32 new tokens, short enough for 8
+    records = [{"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "红"}]}] * 3
+    (tmp_path / "data").mkdir()
+    for split in ("train", "valid", "test"):
+        write_jsonl(tmp_path / "data" / f"{split}.jsonl", records)
+    metrics = chat.evaluate_run(model, TaskData(source=str(tmp_path / "data")), out_dir=tmp_path / "report",
+                                max_new_tokens=8, progress=False)  # fmt: skip
+    assert metrics["examples_scored"] == 0 and text in (tmp_path / "report" / "report.md").read_text()

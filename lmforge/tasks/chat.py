@@ -418,7 +418,7 @@ def evaluate_run(
     lm = load(model_dir)
     records = conversations(data, split)
     rows = packed_rows(lm.tokenizer, records, lm.model.config.max_position_embeddings, seed=0)
-    fitting = [r for r in records if fits_context(lm, r["messages"][:-1], max_new_tokens)]
+    fitting = [r for r in records if fits_context(lm, r["messages"][:-1], max_new_tokens, r.get("tools"))]
     checkable = [r for r in fitting if r.get("answer") and r.get("kind") in SCORED_KINDS]
     scores, replies = _held_out_scores(lm, rows, checkable, max_new_tokens)
     tool_records = [r for r in records if r.get("calls") is not None][:MAX_TOOL_RECORDS]
@@ -435,7 +435,10 @@ def evaluate_run(
     systems += _trivial_rows(data, checkable)
     shown = checkable or fitting
     if not checkable:
-        replies = [c.text for c in lm.chat_complete([r["messages"][:-1] for r in shown[:8]], temperature=0.0)]
+        first = shown[:8]
+        completions = lm.chat_complete([r["messages"][:-1] for r in first], tools=[r.get("tools") for r in first],
+                                       temperature=0.0, max_new_tokens=max_new_tokens)  # fmt: skip
+        replies = [c.text for c in completions]
     kinds = sorted(k for k in scores if k.startswith("accuracy_"))
     columns = [("assistant_loss", "held-out assistant loss"), ("accuracy", "exact match")]
     columns += [(k, k.removeprefix("accuracy_")) for k in kinds]
