@@ -121,6 +121,7 @@ def test_user_errors_are_one_line_with_exit_code_2(arguments, message, tmp_path)
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # end to end through subprocesses: `make test-all` (keeps `make test` under 10 minutes)
 def test_finetune_and_eval_a_task_through_the_cli(tmp_path):
     data = tmp_path / "reviews"
     data.mkdir()
@@ -168,6 +169,7 @@ def test_a_failed_pretrain_leaves_no_files_behind(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["one-line.txt"]
 
 
+@pytest.mark.slow  # end to end through subprocesses: `make test-all` (keeps `make test` under 10 minutes)
 def test_summarize_through_the_cli_prints_the_difference_from_the_lead(tmp_path):
     data = tmp_path / "posts"
     data.mkdir()
@@ -252,6 +254,7 @@ def test_import_of_a_bad_config_names_the_field(hf_folder, tmp_path, changes, me
     one_line_error(lmforge_cli("import", "--from", str(bad), "--out", str(tmp_path / "run")), "config.json", *messages)
 
 
+@pytest.mark.slow  # end to end through subprocesses: `make test-all` (keeps `make test` under 10 minutes)
 def test_a_billion_positions_import_and_generate_without_allocating_them(hf_folder, tmp_path):
     huge = edited_copy(hf_folder, tmp_path / "huge", max_position_embeddings=10**9)
     assert lmforge_cli("import", "--from", str(huge), "--out", str(tmp_path / "run")).returncode == 0

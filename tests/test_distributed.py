@@ -71,6 +71,7 @@ def test_fsdp_checkpoints_and_resumes_and_any_layout_reads_its_checkpoints(recip
     assert losses(out) == pytest.approx(uninterrupted, rel=1e-5)
 
 
+@pytest.mark.slow  # end to end through subprocesses: `make test-all` (keeps `make test` under 10 minutes)
 def test_chat_fine_tuning_runs_under_torchrun(base_run, chat_data, tmp_path):
     out = tmp_path / "chat"
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "LMFORGE_CACHE": str(tmp_path / "cache")}
