@@ -22,6 +22,17 @@ def write_jsonl():
     return _write_jsonl
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and a second thread stalls while another process holds a core.
+
+    Modules of tiny-model tests use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def chat_data(tmp_path_factory):
     """A checkable task a tiny model learns in seconds: answer the colour word the user's sentence ends with.

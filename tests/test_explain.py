@@ -23,13 +23,7 @@ from lmforge.models.seq2seq import Seq2Seq, Seq2SeqConfig
 TEXTS = ["第3句的颜色是红", "颜色是什么？", "第12句"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models of 32 wide gain nothing from a second thread, and lose much to it on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import _write_jsonl as write_jsonl
 
 from lmforge.config import from_dict
 from lmforge.data.batches import IGNORE_INDEX
@@ -38,16 +39,8 @@ TINY_MODEL = {"hidden_size": 64, "num_encoder_layers": 1, "num_decoder_layers": 
 TINY_TRAIN = {"batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "eval_every": 0, "save_every": 1000}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def write_jsonl(path, records) -> None:
-    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
 
 
 def counting_text(rng: random.Random) -> str:

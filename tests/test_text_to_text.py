@@ -36,13 +36,7 @@ TINY_MODEL = Seq2SeqConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from a second thread, and a second thread stalls while another process holds a core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_splits(folder, rows_by_split: dict[str, list[dict]]) -> str:
