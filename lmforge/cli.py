@@ -409,6 +409,10 @@ def evaluate(
         int | None,
         typer.Option(help="minimum Bayes risk decoding over this many samples, 0 = off (translate, summarize)"),
     ] = None,
+    compare: Annotated[
+        Path | None,
+        typer.Option(help="another run of the task as one more baseline, paired bootstrap (translate, summarize)"),
+    ] = None,
     baselines: BaselinesOption = None,
     allow_code_execution: Annotated[
         bool, typer.Option(help="run the model's code to score HumanEval pass@k (code; see the README first)")
@@ -431,6 +435,7 @@ def evaluate(
             length_penalty=length_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size,
             mbr_samples=mbr_samples,
+            compare=compare,
         )
         options = {key: value for key, value in decoding.items() if value is not None}
         code = dict(allow_code_execution=allow_code_execution or None, samples=samples, temperature=temperature)
@@ -479,7 +484,7 @@ def _evaluate_task(
     source = data or module.Recipe().data.source
     if set(options) - CODE_OPTIONS and task not in ("translate", "summarize"):
         raise UserError(
-            "--num-beams, --length-penalty, --no-repeat-ngram-size and --mbr-samples apply to translate and "
+            "--num-beams, --length-penalty, --no-repeat-ngram-size, --mbr-samples and --compare apply to translate and "
             f"summarize, not {task}"
         )
     if baselines is not None:

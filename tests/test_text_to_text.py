@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -112,6 +113,21 @@ def test_translate_learns_digits_and_beats_copying_the_source(tmp_path):
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     copy = metrics["baselines"]["copy the source"]
     assert metrics["bleu"] > copy["bleu"] + 30 and metrics["chrf"] > copy["chrf"] + 30
+    # sacrebleu's paired bootstrap against each baseline: the same corpus scores, a clear difference.
+    test = copy["difference"]["bleu"]
+    assert test["ours"] == pytest.approx(metrics["bleu"]) and test["theirs"] == pytest.approx(copy["bleu"])
+    assert test["p_value"] < 0.01 and "sacrebleu's paired bootstrap" in report
+
+    # --compare: another run of the task as one more baseline (this run itself: equal scores), the wrong task refused.
+    compared = translate.evaluate_run(run, TaskData(source=data), out_dir=tmp_path / "eval", progress=False,
+                                      compare=str(run))  # fmt: skip
+    itself = compared["baselines"][f"run {run}"]
+    assert itself["bleu"] == pytest.approx(compared["bleu"]) and itself["difference"]["chrf"]["theirs_ci"] > 0
+    shutil.copytree(run, tmp_path / "other")
+    (tmp_path / "other" / "task.json").write_text('{"task": "summarize"}')
+    with pytest.raises(UserError, match="is a run of 'summarize', not of translate zh-en"):
+        translate.evaluate_run(run, TaskData(source=data), out_dir=tmp_path / "eval", progress=False,
+                               compare=str(tmp_path / "other"))  # fmt: skip
 
 
 def test_summarize_trains_and_reports_rouge_beside_lead(tmp_path):

@@ -405,6 +405,8 @@ class Scoring:
 
     baselines: name -> function from the split's sources to its outputs. utility: the sentence metric MBR
     decoding maximises (none: no MBR). per_example: the metric per example, for paired differences from baselines.
+    paired: for a corpus metric without per-example values, (ours, theirs, references) -> metric -> a paired
+    bootstrap test of ours against a baseline (`evaluate.metrics.paired_bleu_chrf`'s shape).
     """
 
     score: Score
@@ -413,6 +415,7 @@ class Scoring:
     notes: list[str]
     utility: Utility | None = None
     per_example: PerExampleScore | None = None
+    paired: Callable[[list[str], list[str], list[str]], dict[str, dict[str, float]]] | None = None
 
 
 @dataclass
@@ -493,7 +496,9 @@ def score_outputs(
     if scoring.per_example is None:
         scores = {kind: scoring.score(texts, references) for kind, texts in outputs.items()}
         baseline_scores = {name: scoring.score(texts, references) for name, texts in baseline_outputs.items()}
-        return scores, baseline_scores, {}
+        final = outputs[list(outputs)[-1]]
+        tests = {name: scoring.paired(final, theirs, references) for name, theirs in baseline_outputs.items()}
+        return scores, baseline_scores, tests if scoring.paired else {}
     values = {kind: scoring.per_example(texts, references) for kind, texts in outputs.items()}
     baseline_values = {name: scoring.per_example(texts, references) for name, texts in baseline_outputs.items()}
     final = values[list(outputs)[-1]]
@@ -514,9 +519,12 @@ def evaluate_text_to_text(
     scoring: Scoring,
     training_minutes: float | None = None,
     progress: bool = True,
+    compare: str | Path | None = None,
     **overrides: Any,
 ) -> dict:
     """Decode a split greedily, with beam search and by MBR, score each beside the baselines, write the report.
+
+    compare: another run of the task, decoded as its task.json says, becomes one more baseline.
 
     overrides: num_beams, length_penalty, no_repeat_ngram_size or mbr_samples instead of the run's task.json;
     MBR decoding (`mbr_samples` > 0) needs the task's utility. The top-level scores in metrics.json are those
@@ -536,7 +544,10 @@ def evaluate_text_to_text(
     sources, references = text_pairs(data, split, task["source_field"], task["target_field"])
     outputs = decode_split(model, tokenizer, sources, decoding, scoring.utility, progress)
     final = list(outputs)[-1]  # the most thorough decoding asked for is the one reported
-    baseline_outputs = {name: baseline(sources) for name, baseline in scoring.baselines.items()}
+    baselines = dict(scoring.baselines)
+    if compare is not None:
+        baselines[f"run {compare}"] = run_baseline(compare, task_name, task, scoring.utility, progress)
+    baseline_outputs = {name: baseline(sources) for name, baseline in baselines.items()}
     scores, baseline_scores, differences = score_outputs(outputs, baseline_outputs, references, scoring)
     names = decoding.names()
     rows = [(names[kind], values) for kind, values in scores.items()]
@@ -577,6 +588,18 @@ def _notes(scoring: Scoring, training_minutes: float | None, differences: dict, 
             0, f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})"
         )
     for name, by_metric in differences.items():
+        if scoring.paired is not None:
+            spans = [
+                f"{heading} {t['ours']:.2f} ± {t['ours_ci']:.2f} against {t['theirs']:.2f} ± {t['theirs_ci']:.2f}, "
+                f"p = {t['p_value']:.3g}"
+                for key, heading in scoring.columns
+                if (t := by_metric.get(key))
+            ]
+            notes.append(
+                f"{final_name} against baseline '{name}', sacrebleu's paired bootstrap (1,000 resamples, 95% "
+                f"intervals): {'; '.join(spans)}. A p-value above 0.05 is no evidence of a difference."
+            )
+            continue
         spans = [
             f"{heading} {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
             for key, heading in scoring.columns
@@ -587,6 +610,21 @@ def _notes(scoring: Scoring, training_minutes: float | None, differences: dict, 
             f"{', '.join(spans)}. An interval that contains 0 is no evidence of a difference."
         )
     return notes
+
+
+def run_baseline(run: str | Path, task_name: str, task: dict, utility: Utility | None, progress: bool):
+    """Another run of the same task as a baseline: sources -> its outputs, decoded as its task.json says."""
+    theirs = RunFolder(model_folder(run)).read_task(default={})
+    if theirs.get("task") != task_name or theirs.get("direction") != task.get("direction"):
+        what = " ".join(str(theirs.get(key, "")) for key in ("task", "direction")).strip() or "no task"
+        raise UserError(f"--compare {run} is a run of {what!r}, not of {task_name} {task.get('direction', '')}")
+
+    def decode(sources: list[str]) -> list[str]:
+        model, tokenizer = load_model(model_folder(run), pick_device("auto")), Tokenizer.load(model_folder(run))
+        outputs = decode_split(model, tokenizer, sources, Decoding.of_run(theirs), utility, progress)
+        return outputs[list(outputs)[-1]]
+
+    return decode
 
 
 def _numbers(values: dict) -> dict[str, float]:

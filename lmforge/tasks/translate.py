@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from lmforge.config import option
-from lmforge.evaluate.metrics import bleu_chrf, chrf
+from lmforge.evaluate.metrics import bleu_chrf, chrf, paired_bleu_chrf
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.examples import TaskData
@@ -66,9 +66,11 @@ def evaluate_run(
     progress: bool = True,
     **decoding,
 ) -> dict:
-    """BLEU and chrF of greedy, beam-search (and MBR) translations of a split, beside copying the source.
+    """BLEU and chrF of greedy, beam-search (and MBR) translations of a split, beside copying the source, each
+    baseline with sacrebleu's paired bootstrap test against the last decoding.
 
-    decoding: num_beams, length_penalty, no_repeat_ngram_size or mbr_samples instead of the run's task.json.
+    decoding: num_beams, length_penalty, no_repeat_ngram_size or mbr_samples instead of the run's task.json;
+    compare: another translate run as one more baseline (e.g. the same recipe from scratch beside a --base run).
     """
     target_lang = RunFolder(model_dir).read_task().get("target_lang", "en")
     notes = [
@@ -81,6 +83,7 @@ def evaluate_run(
         baselines={"copy the source": lambda sources: list(sources)},
         notes=notes,
         utility=chrf,
+        paired=lambda ours, theirs, references: paired_bleu_chrf(ours, theirs, references, target_lang),
     )
     return evaluate_text_to_text(
         "translate", model_dir, data, split, out_dir, scoring, training_minutes, progress, **decoding
