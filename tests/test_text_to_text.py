@@ -120,7 +120,7 @@ def test_translate_learns_digits_and_beats_copying_the_source(tmp_path):
 
     # --compare: another run of the task as one more baseline (this run itself: equal scores), the wrong task refused.
     compared = translate.evaluate_run(run, TaskData(source=data), out_dir=tmp_path / "eval", progress=False,
-                                      compare=str(run))  # fmt: skip
+                                      compare=run)  # fmt: skip
     itself = compared["baselines"][f"run {run}"]
     assert itself["bleu"] == pytest.approx(compared["bleu"]) and itself["difference"]["chrf"]["theirs_ci"] > 0
     shutil.copytree(run, tmp_path / "other")

@@ -614,6 +614,7 @@ def _notes(scoring: Scoring, training_minutes: float | None, differences: dict, 
 
 def run_baseline(run: str | Path, task_name: str, task: dict, utility: Utility | None, progress: bool):
     """Another run of the same task as a baseline: sources -> its outputs, decoded as its task.json says."""
+    run = str(run)  # model_folder reads builtin: names from strings; the CLI passes a Path
     theirs = RunFolder(model_folder(run)).read_task(default={})
     if theirs.get("task") != task_name or theirs.get("direction") != task.get("direction"):
         what = " ".join(str(theirs.get(key, "")) for key in ("task", "direction")).strip() or "no task"
