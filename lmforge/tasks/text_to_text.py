@@ -496,9 +496,11 @@ def score_outputs(
     if scoring.per_example is None:
         scores = {kind: scoring.score(texts, references) for kind, texts in outputs.items()}
         baseline_scores = {name: scoring.score(texts, references) for name, texts in baseline_outputs.items()}
+        if scoring.paired is None:
+            return scores, baseline_scores, {}
         final = outputs[list(outputs)[-1]]
         tests = {name: scoring.paired(final, theirs, references) for name, theirs in baseline_outputs.items()}
-        return scores, baseline_scores, tests if scoring.paired else {}
+        return scores, baseline_scores, tests
     values = {kind: scoring.per_example(texts, references) for kind, texts in outputs.items()}
     baseline_values = {name: scoring.per_example(texts, references) for name, texts in baseline_outputs.items()}
     final = values[list(outputs)[-1]]
@@ -587,41 +589,39 @@ def _notes(scoring: Scoring, training_minutes: float | None, differences: dict, 
         notes.insert(
             0, f"Fine-tuning took {training_minutes:.1f} minutes. Training curve: ![loss]({RunFolder.LOSS_PLOT})"
         )
+    if scoring.paired is not None:  # corpus metrics: sacrebleu's test of the two systems
+        describe, joiner = _bootstrap_test, "; "
+        sentence = ("{final} against baseline '{name}', sacrebleu's paired bootstrap (1,000 resamples, 95% intervals): "
+                    "{spans}. A p-value above 0.05 is no evidence of a difference.")  # fmt: skip
+    else:  # per-example metrics: the interval of the mean difference
+        describe, joiner = _mean_difference, ", "
+        sentence = ("{final} minus baseline '{name}', per example, with a 95% paired bootstrap interval: {spans}. "
+                    "An interval that contains 0 is no evidence of a difference.")  # fmt: skip
     for name, by_metric in differences.items():
-        if scoring.paired is not None:
-            spans = [
-                f"{heading} {t['ours']:.2f} ± {t['ours_ci']:.2f} against {t['theirs']:.2f} ± {t['theirs_ci']:.2f}, "
-                f"p = {t['p_value']:.3g}"
-                for key, heading in scoring.columns
-                if (t := by_metric.get(key))
-            ]
-            notes.append(
-                f"{final_name} against baseline '{name}', sacrebleu's paired bootstrap (1,000 resamples, 95% "
-                f"intervals): {'; '.join(spans)}. A p-value above 0.05 is no evidence of a difference."
-            )
-            continue
-        spans = [
-            f"{heading} {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-            for key, heading in scoring.columns
-            if (d := by_metric.get(key))
-        ]
-        notes.append(
-            f"{final_name} minus baseline '{name}', per example, with a 95% paired bootstrap interval: "
-            f"{', '.join(spans)}. An interval that contains 0 is no evidence of a difference."
-        )
+        spans = [f"{heading} {describe(found)}" for key, heading in scoring.columns if (found := by_metric.get(key))]
+        notes.append(sentence.format(final=final_name, name=name, spans=joiner.join(spans)))
     return notes
+
+
+def _bootstrap_test(t: dict[str, float]) -> str:
+    ours, theirs = f"{t['ours']:.2f} ± {t['ours_ci']:.2f}", f"{t['theirs']:.2f} ± {t['theirs_ci']:.2f}"
+    return f"{ours} against {theirs}, p = {t['p_value']:.3g}"
+
+
+def _mean_difference(d: dict[str, float]) -> str:
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
 
 
 def run_baseline(run: str | Path, task_name: str, task: dict, utility: Utility | None, progress: bool):
     """Another run of the same task as a baseline: sources -> its outputs, decoded as its task.json says."""
-    run = str(run)  # model_folder reads builtin: names from strings; the CLI passes a Path
-    theirs = RunFolder(model_folder(run)).read_task(default={})
+    folder = model_folder(str(run))  # it reads builtin: names from strings; the CLI passes a Path
+    theirs = RunFolder(folder).read_task(default={})
     if theirs.get("task") != task_name or theirs.get("direction") != task.get("direction"):
         what = " ".join(str(theirs.get(key, "")) for key in ("task", "direction")).strip() or "no task"
         raise UserError(f"--compare {run} is a run of {what!r}, not of {task_name} {task.get('direction', '')}")
 
     def decode(sources: list[str]) -> list[str]:
-        model, tokenizer = load_model(model_folder(run), pick_device("auto")), Tokenizer.load(model_folder(run))
+        model, tokenizer = load_model(folder, pick_device("auto")), Tokenizer.load(folder)
         outputs = decode_split(model, tokenizer, sources, Decoding.of_run(theirs), utility, progress)
         return outputs[list(outputs)[-1]]
 
