@@ -9,11 +9,12 @@ skipped with a warning and the one before it is used.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,13 +174,18 @@ def _is_intact(folder: Path) -> bool:
         return False
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose files match their checksums; damaged ones are reported and skipped."""
+def intact_checkpoints(run_dir: Path) -> Iterator[Path]:
+    """The checkpoints whose files match their checksums, newest first; damaged ones are reported and skipped."""
     for folder in sorted((RunFolder(run_dir).checkpoints).glob("step_*"), reverse=True):
         if _is_intact(folder):
-            return folder
-        warnings.warn(f"checkpoint {folder} is damaged or incomplete; falling back to an earlier one", stacklevel=2)
-    return None
+            yield folder
+        else:
+            warnings.warn(f"checkpoint {folder} is damaged or incomplete; falling back to an earlier one", stacklevel=3)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose files match their checksums; damaged ones are reported and skipped."""
+    return next(intact_checkpoints(run_dir), None)
 
 
 def average_checkpoints(run_dir: Path, count: int) -> tuple[dict[str, torch.Tensor], list[int]]:
@@ -188,10 +194,9 @@ def average_checkpoints(run_dir: Path, count: int) -> tuple[dict[str, torch.Tens
     Averaging the last checkpoints of a run (Vaswani et al. 2017, sec. 6.1) smooths the noise of the final
     steps; floating-point tensors are averaged in fp32 and cast back, others (counters) come from the newest.
     """
-    folders = [f for f in sorted(RunFolder(run_dir).checkpoints.glob("step_*"), reverse=True) if _is_intact(f)]
-    if count < 1 or not folders:
+    folders = list(itertools.islice(intact_checkpoints(run_dir), max(count, 0)))[::-1]
+    if not folders:
         raise UserError(f"no intact checkpoint to average in {run_dir}")
-    folders = folders[:count][::-1]
     states = [load_tensors(folder / RunFolder.WEIGHTS) for folder in folders]
     averaged = {}
     for name, newest in states[-1].items():
