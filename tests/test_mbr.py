@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge.evaluate.metrics import rouge_l
-from lmforge.generate.mbr import minimum_bayes_risk
+from lmforge.generate.mbr import Symmetric, minimum_bayes_risk
 
 
 def test_the_candidate_sharing_most_with_the_others_wins():
@@ -33,3 +33,19 @@ def test_exact_match_utility_picks_the_most_frequent_and_ties_go_to_the_first_se
     assert minimum_bayes_risk(["only"], same) == "only"
     with pytest.raises(ValueError, match="at least one candidate"):
         minimum_bayes_risk([], same)
+
+
+def test_a_symmetric_utility_is_called_once_per_pair_and_chooses_as_the_full_table_does():
+    candidates = ["今天北京下雨", "北京下雨", "今天上海晴", "北京今天下大雨", "上海晴", "北京下雨"]
+    calls = []
+
+    def utility(hypothesis: str, evidence: str) -> float:
+        calls.append((hypothesis, evidence))
+        return rouge_l(hypothesis, evidence)
+
+    full = minimum_bayes_risk(candidates, utility)
+    assert len(calls) == 5 * 5  # distinct candidates, every ordered pair
+    calls.clear()
+    assert minimum_bayes_risk(candidates, Symmetric(utility)) == full == "今天北京下雨"
+    assert len(calls) == 5 * 6 // 2  # each unordered pair once, each candidate with itself once
+    assert rouge_l("北京下雨", "今天北京下雨") == rouge_l("今天北京下雨", "北京下雨")  # why ROUGE-L F1 may be wrapped

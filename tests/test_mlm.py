@@ -246,3 +246,16 @@ def test_masked_lm_reads_the_shards_of_a_prepared_folder(news, news_tokenizer, t
     result = run_task(mlm.TASK, from_dict(mlm.Recipe, values), tmp_path / "run", progress=False)
     assert result["masked_loss"] < result["masked_loss_before"]
     assert "shards of `lmforge data prepare`" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+
+
+def test_qa_with_question_match_grows_the_base_segments_by_a_copy_of_the_context_one(
+    mlm_run, encoder_task_data, tmp_path
+):
+    _, base = mlm_run
+    values = {"data": {"source": str(encoder_task_data / "qa")}, "base": str(base), "max_length": 64, "device": "cpu",
+              "question_match": True, "train": {**TINY_TRAIN, "max_steps": 2}}  # fmt: skip
+    training = qa.TASK.prepare(from_dict(qa.Recipe, values), Setup(RunFolder(tmp_path / "run"), None, False, False))
+    segments = training.model.embeddings.token_type_embeddings.weight
+    pretrained = load_model(base, torch.device("cpu")).embeddings.token_type_embeddings.weight
+    torch.testing.assert_close(segments, torch.cat([pretrained, pretrained[1:]]), rtol=0, atol=0)
+    assert training.model.config.type_vocab_size == 3

@@ -14,6 +14,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import choice_logprobs
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks import (
     base,
@@ -192,6 +193,29 @@ def test_qa_windows_map_every_answer_back_to_its_exact_characters(small_tokenize
         if span is not None:
             first, last = (index - window.context_start for index in span)
             assert context[window.offsets[first][0] : window.offsets[last][1]] == "王芳"
+
+
+def test_qa_question_match_marks_exactly_the_context_tokens_found_in_the_question(small_tokenizer):
+    recipe = qa.Recipe(max_length=64, question_match=True)
+    (window,) = qa.windows_of(small_tokenizer, "老师叫什么？", "小明的老师名叫王芳。", recipe)
+    question = set(small_tokenizer.encode("老师叫什么？"))
+    context = window.input_ids[window.context_start : -1]
+    assert window.token_type_ids[: window.context_start] == [0] * window.context_start
+    assert window.token_type_ids[window.context_start : -1] == [2 if t in question else 1 for t in context]
+    assert 2 in window.token_type_ids and window.token_type_ids[-1] == 1
+    (plain,) = qa.windows_of(small_tokenizer, "老师叫什么？", "小明的老师名叫王芳。", qa.Recipe(max_length=64))
+    assert plain.token_type_ids == [1 if t == 2 else t for t in window.token_type_ids]
+
+
+def test_a_loaded_encoder_given_the_match_segment_answers_as_before_until_fine_tuned():
+    torch.manual_seed(0)
+    model = Encoder(EncoderConfig(**tiny_encoder("span"), vocab_size=50)).eval()
+    input_ids = torch.randint(5, 50, (2, 12))
+    segments = torch.tensor([[0] * 4 + [1, 2, 1, 2, 2, 1, 1, 1]] * 2)
+    before = model(input_ids, None, segments.clamp(max=1))
+    qa.add_match_segment(model)
+    assert model.config.type_vocab_size == 3 and model.embeddings.token_type_embeddings.num_embeddings == 3
+    torch.testing.assert_close(model(input_ids, None, segments), before, rtol=0, atol=0)
 
 
 def test_qa_refuses_an_answer_that_is_not_where_it_says(small_tokenizer):

@@ -307,3 +307,32 @@ def test_a_bert_wordpiece_folder_loads_with_its_own_special_tokens():
         backend.token_to_id(token) for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")
     )
     assert bert.im_start_id is None
+
+
+@given(text=texts)
+@settings(max_examples=60, deadline=None)
+def test_a_han_character_tokenizer_never_merges_across_a_chinese_character(han_tokenizer, text):
+    assert han_tokenizer.decode(han_tokenizer.encode(text), skip_special_tokens=False) == text
+    for token in han_tokenizer.token_bytes():
+        piece = token.decode(errors="ignore")
+        assert not (any(_is_han(c) for c in piece) and len(piece) > 1), piece
+
+
+def test_a_han_character_tokenizer_puts_a_token_boundary_at_every_chinese_character(han_tokenizer):
+    text = "长城、故宫和天坛都是著名的旅游景点。The quick brown fox"
+    ids, offsets = han_tokenizer.encode_with_offsets(text)
+    starts = {start for start, _ in offsets}
+    assert all(index in starts for index, c in enumerate(text) if _is_han(c))
+    # Each Chinese character is exactly one token here, and Latin words still merge.
+    pieces = [han_tokenizer.decode([token]) for token in ids]
+    assert sum(len(piece) == 1 and _is_han(piece) for piece in pieces) == sum(_is_han(c) for c in text)
+    assert len(ids) < len(text) - 10
+
+
+@pytest.fixture(scope="module")
+def han_tokenizer():
+    return Tokenizer.train(PARAGRAPHS * 40, vocab_size=600, show_progress=False, han_characters=True)
+
+
+def _is_han(character: str) -> bool:
+    return "\u4e00" <= character <= "\u9fff"

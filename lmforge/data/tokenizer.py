@@ -151,11 +151,19 @@ def train_byte_level_bpe(
     min_frequency: int = 2,
     show_progress: bool = True,
     length: int | None = None,
+    han_characters: bool = False,
 ) -> Backend:
-    """A byte-level BPE learnt from `texts` (read once), split by Qwen2's pattern as Qwen2's tokenizer.json is."""
+    """A byte-level BPE learnt from `texts` (read once), split by Qwen2's pattern as Qwen2's tokenizer.json is.
+
+    `han_characters` first splits off every Chinese character, so no merge crosses one: each token is at most one
+    character of Chinese (runs of Latin letters and digits still merge), and every character boundary of Chinese
+    text is a token boundary, which an extractive answer span needs.
+    """
     backend = Backend(models.BPE())
+    splits = [pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated")] if han_characters else []
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            *splits,
             pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
@@ -220,10 +228,12 @@ class Tokenizer:
         min_frequency: int = 2,
         show_progress: bool = True,
         fill_in_the_middle: bool = False,
+        han_characters: bool = False,
     ) -> Tokenizer:
         """Learn merges from `texts` (any iterable of strings, read once) up to `vocab_size` ids.
 
-        `fill_in_the_middle` adds the `FIM_TOKENS` after the usual special tokens (code models).
+        `fill_in_the_middle` adds the `FIM_TOKENS` after the usual special tokens (code models);
+        `han_characters` keeps every Chinese character a token boundary (see `train_byte_level_bpe`).
         """
         if vocab_size < MIN_VOCAB_SIZE:
             raise UserError(
@@ -242,7 +252,9 @@ class Tokenizer:
         # No unk_token: the 256-byte alphabet covers every input. `<unk>` stays as a special for
         # compatibility with tools that expect one.
         specials = SPECIAL_TOKENS + (FIM_TOKENS if fill_in_the_middle else [])
-        backend = train_byte_level_bpe(counted(texts), vocab_size, specials, min_frequency, show_progress, length)
+        backend = train_byte_level_bpe(
+            counted(texts), vocab_size, specials, min_frequency, show_progress, length, han_characters
+        )
         if characters[0] == 0:
             raise UserError(
                 "no text to train a tokenizer on: the training data is empty or blank (check the file and the "

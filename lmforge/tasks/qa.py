@@ -1,6 +1,10 @@
 """Extractive question answering: an encoder points at the answer's first and last token in the context.
 
-The input is BERT's `<bos> question <eos> context <eos>` with segment ids 0/1.
+The input is BERT's `<bos> question <eos> context <eos>` with segment ids 0/1;
+with `question_match`, a context token whose id also occurs in the question
+gets segment 2 (DrQA's exact-match feature, https://arxiv.org/abs/1704.00051),
+so a small model need not first learn to match question and context to find
+where the answer is.
 A context longer than the window is read in overlapping windows; training uses
 the windows that hold the whole answer, and prediction takes the best-scoring
 span (start logit + end logit, at most `max_answer_tokens` long) over all
@@ -48,6 +52,10 @@ class Recipe:
     data: TaskData = option(TaskData(source="../shared/data/qa"), "SQuAD-style records")
     base: str | None = option(None, "encoder to start from: run folder, BERT folder or builtin:minilm (none = scratch)")
     vocab_size: int = option(8192, "tokenizer size when training from scratch")
+    han_characters: bool = option(
+        False, "scratch tokenizer: every Chinese character its own token boundary, so answer spans align"
+    )
+    question_match: bool = option(False, "context tokens that occur in the question get segment id 2")
     model: EncoderConfig = option(EncoderConfig(head="span", num_layers=4), "encoder shape (scratch)")
     max_length: int = option(256, "tokens per window, question and markers included")
     stride: int = option(96, "context tokens between the starts of two windows")
@@ -75,13 +83,14 @@ def windows_of(tokenizer: Tokenizer, question: str, context: str, recipe: Recipe
     if budget < 8:
         raise UserError(f"max_length {recipe.max_length} leaves no room for the context after the question")
     prefix = [tokenizer.bos_id, *question_ids, tokenizer.eos_id]
+    in_question = set(question_ids) if recipe.question_match else set()
     windows = []
     for start in range(0, max(len(context_ids), 1), min(recipe.stride, budget)):
         chunk = context_ids[start : start + budget]
         windows.append(
             Window(
                 input_ids=[*prefix, *chunk, tokenizer.eos_id],
-                token_type_ids=[0] * len(prefix) + [1] * (len(chunk) + 1),
+                token_type_ids=[0] * len(prefix) + [2 if token in in_question else 1 for token in chunk] + [1],
                 context_start=len(prefix),
                 offsets=offsets[start : start + budget],
             )
@@ -186,13 +195,16 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         folder = model_folder(recipe.base)
         tokenizer = Tokenizer.load(folder)
         model = load_encoder(folder, head="span")
+        if recipe.question_match:
+            add_match_segment(model)
     else:
         def texts():
             return (text for record in train_records for text in (record["question"], record["context"]))
 
-        tokenizer = setup.tokenizer(texts, recipe.vocab_size)
+        tokenizer = setup.tokenizer(texts, recipe.vocab_size, han_characters=recipe.han_characters)
         recipe.model.vocab_size = tokenizer.vocab_size
         recipe.model.head = "span"
+        recipe.model.type_vocab_size = max(recipe.model.type_vocab_size, 3 if recipe.question_match else 2)
         recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
         torch.manual_seed(recipe.train.seed)
         model = Encoder(recipe.model)
@@ -221,6 +233,25 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         max_length=recipe.max_length,
         title=f"extractive QA on {recipe.data.source}",
     )
+
+
+def add_match_segment(model: Encoder) -> None:
+    """Give a loaded encoder a third segment embedding, for context tokens found in the question.
+
+    It starts as a copy of the context segment, so the model's first outputs are the base's; fine-tuning then
+    learns what a match means.
+    """
+    old = model.embeddings.token_type_embeddings
+    if old is None:
+        raise UserError("question_match needs an encoder with segment embeddings (type_vocab_size 2 or more)")
+    if old.num_embeddings >= 3:
+        return
+    new = torch.nn.Embedding(3, old.embedding_dim).to(old.weight.device)
+    with torch.no_grad():
+        new.weight[:2] = old.weight
+        new.weight[2] = old.weight[1]
+    model.embeddings.token_type_embeddings = new
+    model.config.type_vocab_size = 3
 
 
 def answer_texts(record: dict) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from lmforge.config import option
 from lmforge.data.sources import read_split, record_text
 from lmforge.evaluate.metrics import rouge, rouge_l, rouge_per_example
+from lmforge.generate.mbr import Symmetric
 from lmforge.tasks.base import Setup, Task, Training
 from lmforge.tasks.examples import TaskData
 from lmforge.tasks.text_to_text import Scoring, TextToTextRecipe, evaluate_text_to_text, prepare_text_to_text
@@ -104,7 +105,7 @@ def evaluate_run(
         columns=COLUMNS,
         baselines={"lead": lambda documents: [lead(document) for document in documents]},
         notes=notes,
-        utility=rouge_l,
+        utility=Symmetric(rouge_l),  # F1 is symmetric: MBR scores each pair of samples once
         per_example=rouge_per_example,
     )
     return evaluate_text_to_text(
