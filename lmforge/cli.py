@@ -32,6 +32,9 @@ data_app = typer.Typer(help="Prepare corpora for training.", no_args_is_help=Tru
 app.add_typer(data_app, name="data")
 
 DataOption = Annotated[str, typer.Option("--data", help="builtin:peoples-daily, builtin:reviews, or a file path")]
+DataSources = Annotated[
+    list[str], typer.Option("--data", help="builtin:peoples-daily, builtin:reviews, or a file path; repeat for several")
+]
 ModelOption = Annotated[Path, typer.Option("--model", help="a run folder (config.json, model.safetensors, ...)")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")]
 CompileOption = Annotated[
@@ -67,9 +70,12 @@ def demo(
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    data: DataOption,
+    data: DataSources,
     out: Annotated[Path, typer.Option(help="folder for tokenizer.json and tokenizer_config.json")],
     vocab_size: Annotated[int, typer.Option(help="vocabulary size, special tokens included")] = 8192,
+    han_characters: Annotated[
+        bool, typer.Option(help="no merge crosses a Chinese character (one token per character: QA spans align)")
+    ] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer on the train split and report characters/bytes per token.
 
@@ -78,9 +84,12 @@ def tokenizer_train(
     from lmforge.data.sources import read_split, record_text
     from lmforge.data.tokenizer import Tokenizer, tokenizer_stats
 
-    tokenizer = Tokenizer.train((record_text(r) for r in read_split(data, "train")), vocab_size)
+    def texts(split: str):
+        return (record_text(record) for source in data for record in read_split(source, split))
+
+    tokenizer = Tokenizer.train(texts("train"), vocab_size, han_characters=han_characters)
     tokenizer.save(out)
-    stats = tokenizer_stats(tokenizer, (record_text(r) for r in read_split(data, "valid")))
+    stats = tokenizer_stats(tokenizer, texts("valid"))
     typer.echo(f"saved a {tokenizer.vocab_size}-token tokenizer to {out}")
     for language, numbers in stats.items():
         typer.echo(
@@ -91,7 +100,7 @@ def tokenizer_train(
 
 @data_app.command("prepare")
 def data_prepare(
-    data: DataOption,
+    data: DataSources,
     tokenizer: Annotated[Path, typer.Option(help="folder with tokenizer.json: a run folder or `tokenizer train`'s")],
     out: Annotated[Path, typer.Option(help="folder for the shards, index.json and a copy of the tokenizer")],
     workers: Annotated[int, typer.Option(help="tokenizer processes (the output is the same for any number)")] = 1,
@@ -103,7 +112,7 @@ def data_prepare(
 ) -> None:
     """Tokenize a corpus of any size into memory-mapped shards that training reads lazily: pretrain with --data OUT.
 
-    Example: lmforge data prepare --data corpus.jsonl --tokenizer runs/tok --out data/corpus --workers 4
+    Example: lmforge data prepare --data corpus.jsonl --data builtin:peoples-daily --tokenizer runs/tok --out data/c
     """
     import time
 

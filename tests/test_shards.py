@@ -158,3 +158,26 @@ def test_cli_prepares_and_errors_are_one_line(corpus, tokenizer, tmp_path, monke
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: no tokenizer folder {tmp_path / 'nothing'}: ") and error.count("\n") == 1
+
+
+def test_several_sources_are_one_corpus_read_in_turn(corpus, tokenizer, tmp_path):
+    lines = corpus.read_text(encoding="utf-8").split("\n")
+    first, second, both = tmp_path / "first.txt", tmp_path / "second.txt", tmp_path / "both.txt"
+    first.write_text("\n".join(lines[:150]), encoding="utf-8")
+    second.write_text("\n".join(lines[150:]), encoding="utf-8")
+    both.write_text("\n".join(lines), encoding="utf-8")
+    options = {"splits": ("train", "valid"), "shard_tokens": SHARD_TOKENS, "valid_fraction": 0.1, "progress": False}
+    index = prepare_shards([str(first), str(second)], tokenizer, tmp_path / "two", **options)
+    reference = prepare_shards(str(both), tokenizer, tmp_path / "one", **options)
+    assert index["source"] == f"{first} + {second}" and index["source_fingerprint"].count(" + ") == 1
+    for split in ("train", "valid"):
+        assert np.array_equal(ShardedTokens(tmp_path / "two", split, tokenizer)[:],
+                              ShardedTokens(tmp_path / "one", split, tokenizer)[:])  # fmt: skip
+    assert index["splits"]["train"]["documents"] == reference["splits"]["train"]["documents"] > 200
+    # The CLI takes --data more than once, for `tokenizer train` and `data prepare` alike.
+    arguments = ["--data", str(first), "--data", str(second), "--out"]
+    result = CliRunner().invoke(app, ["tokenizer", "train", "--vocab-size", "300", *arguments, f"{tmp_path}/t"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["data", "prepare", "--tokenizer", f"{tmp_path}/t", *arguments, f"{tmp_path}/cli"])
+    assert result.exit_code == 0, result.output
+    assert read_index(tmp_path / "cli")["source"] == f"{first} + {second}"

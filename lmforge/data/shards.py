@@ -50,7 +50,7 @@ _DESCRIPTION_KEYS = (
 
 
 def prepare_shards(
-    source: str,
+    source: str | Sequence[str],
     tokenizer: Tokenizer,
     out_dir: str | Path,
     splits: Sequence[str] = ("train", "valid"),
@@ -62,6 +62,9 @@ def prepare_shards(
     progress: bool = True,
 ) -> dict:
     """Tokenize `source` into shards under `out_dir` and return the index written to `out_dir/index.json`.
+
+    Several sources are one corpus, read one after another (People's Daily and a folder of other text, say);
+    each record still goes to its split by its own key.
 
     The shards are the same whatever `workers` is. A folder that already holds
     these shards (same source, tokenizer and settings) is returned as it is; one
@@ -75,12 +78,16 @@ def prepare_shards(
         raise UserError(
             f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) must be >= 0 and sum to at most 1"
         )
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise UserError("prepare needs at least one data source")
     out_dir = Path(out_dir)
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     description = {
         "format": SHARDS_FORMAT,
-        "source": source,
-        "source_fingerprint": source_fingerprint(source),  # raises for an unknown source, before any work
+        "source": " + ".join(sources),
+        # Raises for an unknown source, before any work.
+        "source_fingerprint": " + ".join(source_fingerprint(one) for one in sources),
         "tokenizer": tokenizer.fingerprint,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
@@ -95,8 +102,8 @@ def prepare_shards(
 
     writers = {split: _ShardWriter(out_dir, split, shard_tokens, dtype) for split in splits}
     source_hash = hashlib.sha256()
-    batches = _split_batches(source, splits, valid_fraction, test_fraction, source_hash)
-    bar = tqdm(desc=f"prepare {source}", unit=" docs", unit_scale=True, disable=not progress)
+    batches = _split_batches(sources, splits, valid_fraction, test_fraction, source_hash)
+    bar = tqdm(desc=f"prepare {description['source']}", unit=" docs", unit_scale=True, disable=not progress)
     tokens = 0
     try:
         for split, documents, ids in _encoded(batches, tokenizer, dtype, workers):
@@ -146,14 +153,15 @@ def _claim_folder(out_dir: Path, description: dict, splits: list[str], overwrite
 
 
 def _split_batches(
-    source: str, splits: Sequence[str], valid_fraction: float, test_fraction: float, source_hash
+    sources: list[str], splits: Sequence[str], valid_fraction: float, test_fraction: float, source_hash
 ) -> Iterator[tuple[str, list[str]]]:
-    """(split, texts) batches in record order within each split, from one pass over the source.
+    """(split, texts) batches in record order within each split, from one pass over the sources in turn.
 
     Every record's text, kept or not, goes into `source_hash` (length-prefixed, so texts cannot run together).
     """
     pending: dict[str, list[str]] = {split: [] for split in splits}
-    for number, record in enumerate(read_records(source), start=1):
+    records = ((source, number, record) for source in sources for number, record in enumerate(read_records(source), 1))
+    for source, number, record in records:
         where = f"{source} record {number}"
         text = record_text(record, where=where)
         encoded = text.encode("utf-8")
