@@ -57,6 +57,12 @@ class Setup:
             return Tokenizer.load(self.folder.path)
         return Tokenizer.train(texts(), vocab_size, show_progress=self.progress, **options)
 
+    def first_phase(self, model: nn.Module, objective: Objective, batch_for: Callable[[int], Any], config) -> None:
+        """Train `model` in place on a task's own first phase (self-supervised pairs or questions), in the run's
+        `warm-up` folder with its own checkpoints, so a resumed run resumes or skips it too; `Training.warm_up`."""
+        train(model, objective, batch_for, config, self.folder / "warm-up", resume=self.resume, progress=self.progress)
+        model.train()
+
 
 @dataclass
 class Training:

@@ -45,7 +45,7 @@ from lmforge.tasks.examples import (
     write_task_report,
 )
 from lmforge.train.objectives import seq2seq_loss
-from lmforge.train.trainer import TrainConfig, train
+from lmforge.train.trainer import TrainConfig
 
 Score = Callable[[list[str], list[str]], dict[str, float]]  # (hypotheses, references) -> metrics
 # (hypotheses, references) -> each metric's value for every example; its means are the metrics
@@ -370,10 +370,7 @@ def prepare_text_to_text(
             warm_sources, warm_targets = warm_up_pairs(sources)
             print(f"warm-up phase: {warm_up.max_steps} steps on {len(warm_sources):,} self-supervised pairs")
             warm_batches = ExampleBatches(examples(warm_sources, warm_targets), warm_up.batch_size, batch_collate)
-            loss = functools.partial(seq2seq_loss, **objective)
-            train(model, loss, warm_batches.batch, warm_up, setup.folder / "warm-up", resume=setup.resume,
-                  progress=setup.progress)  # fmt: skip
-            model.train()
+            setup.first_phase(model, functools.partial(seq2seq_loss, **objective), warm_batches.batch, warm_up)
 
     batches = ExampleBatches(examples(sources, targets), recipe.train.batch_size, batch_collate, seed=recipe.train.seed)
     valid_batches = [
