@@ -195,15 +195,20 @@ def test_qa_windows_map_every_answer_back_to_its_exact_characters(small_tokenize
             assert context[window.offsets[first][0] : window.offsets[last][1]] == "王芳"
 
 
-def test_qa_question_match_marks_exactly_the_context_tokens_found_in_the_question(small_tokenizer):
-    recipe = qa.Recipe(max_length=64, question_match=True)
-    (window,) = qa.windows_of(small_tokenizer, "老师叫什么？", "小明的老师名叫王芳。", recipe)
-    question = set(small_tokenizer.encode("老师叫什么？"))
-    context = window.input_ids[window.context_start : -1]
+def test_qa_question_match_marks_the_context_tokens_in_pairs_the_question_holds(small_tokenizer):
+    assert qa.question_matches([1, 2, 3, 9], [5, 1, 2, 6, 3, 9, 2, 7]) == [0, 1, 1, 0, 1, 1, 0, 0]  # a lone 2: no
+    recipe = qa.Recipe(max_length=128, question_match=True)
+    question, context = "小明的老师叫什么？", "王芳是小明的老师，她叫王芳。"
+    (window,) = qa.windows_of(small_tokenizer, question, context, recipe)
+    matched = qa.question_matches(small_tokenizer.encode(question), small_tokenizer.encode(context))
     assert window.token_type_ids[: window.context_start] == [0] * window.context_start
-    assert window.token_type_ids[window.context_start : -1] == [2 if t in question else 1 for t in context]
-    assert 2 in window.token_type_ids and window.token_type_ids[-1] == 1
-    (plain,) = qa.windows_of(small_tokenizer, "老师叫什么？", "小明的老师名叫王芳。", qa.Recipe(max_length=64))
+    assert window.token_type_ids[window.context_start :] == [1 + m for m in matched] + [1]
+    marked = [span for span, segment in zip(window.offsets, window.token_type_ids[window.context_start :]) if segment == 2]
+    covered = {index for start, end in marked for index in range(start, end)}
+    phrase = context.index("小明的老师")
+    assert set(range(phrase, phrase + 5)) <= covered  # the phrase the question restates
+    assert not covered & {0, 1, len(context) - 3, len(context) - 2}  # never the answer, 王芳
+    (plain,) = qa.windows_of(small_tokenizer, question, context, qa.Recipe(max_length=128))
     assert plain.token_type_ids == [1 if t == 2 else t for t in window.token_type_ids]
 
 

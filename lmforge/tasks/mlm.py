@@ -58,6 +58,7 @@ class Recipe:
         "text, or a `lmforge data prepare` folder (its shards and tokenizer; vocab_size is then the tokenizer's)",
     )
     vocab_size: int = option(8192, "tokenizer size")
+    han_characters: bool = option(False, "every Chinese character its own token boundary (what qa's spans need)")
     model: EncoderConfig = option(EncoderConfig(head="mlm"), "encoder shape")
     max_length: int = option(128, "tokens per row, <bos> and <eos> included")
     mask_probability: float = option(0.15, "share of tokens the model must predict")
@@ -169,7 +170,7 @@ def training_rows(recipe: Recipe, setup: Setup) -> tuple[Tokenizer, Sequence[lis
         return tokenizer, train, [valid[index] for index in range(min(len(valid), valid_count))]
     train_texts = [r["text"] for r in task_records(recipe.data, "train", FIELDS)]
     valid_texts = [r["text"] for r in task_records(recipe.data, "valid", FIELDS)]
-    tokenizer = setup.tokenizer(lambda: train_texts, recipe.vocab_size)
+    tokenizer = setup.tokenizer(lambda: train_texts, recipe.vocab_size, han_characters=recipe.han_characters)
     rows = text_rows(tokenizer, train_texts, recipe.max_length)
     return tokenizer, rows, text_rows(tokenizer, valid_texts, recipe.max_length)[:valid_count]
 

@@ -1,9 +1,9 @@
 """Extractive question answering: an encoder points at the answer's first and last token in the context.
 
 The input is BERT's `<bos> question <eos> context <eos>` with segment ids 0/1;
-with `question_match`, a context token whose id also occurs in the question
-gets segment 2 (DrQA's exact-match feature, https://arxiv.org/abs/1704.00051),
-so a small model need not first learn to match question and context to find
+with `question_match`, a context token in a pair of tokens the question also
+holds gets segment 2 (after DrQA's exact-match feature,
+https://arxiv.org/abs/1704.00051), so a small model need not first learn to match question and context to find
 where the answer is. With `cloze_steps`, training starts with a phase on cloze
 questions made from the training contexts (and `cloze_source`'s text): a clause
 with a phrase replaced by "什么" asks for that phrase (`data/cloze.py`). The
@@ -93,14 +93,14 @@ def windows_of(tokenizer: Tokenizer, question: str, context: str, recipe: Recipe
     if budget < 8:
         raise UserError(f"max_length {recipe.max_length} leaves no room for the context after the question")
     prefix = [tokenizer.bos_id, *question_ids, tokenizer.eos_id]
-    in_question = set(question_ids) if recipe.question_match else set()
+    matched = question_matches(question_ids, context_ids) if recipe.question_match else [False] * len(context_ids)
     windows = []
     for start in range(0, max(len(context_ids), 1), min(recipe.stride, budget)):
         chunk = context_ids[start : start + budget]
         windows.append(
             Window(
                 input_ids=[*prefix, *chunk, tokenizer.eos_id],
-                token_type_ids=[0] * len(prefix) + [2 if token in in_question else 1 for token in chunk] + [1],
+                token_type_ids=[0] * len(prefix) + [1 + match for match in matched[start : start + budget]] + [1],
                 context_start=len(prefix),
                 offsets=offsets[start : start + budget],
             )
@@ -108,6 +108,17 @@ def windows_of(tokenizer: Tokenizer, question: str, context: str, recipe: Recipe
         if start + budget >= len(context_ids):
             break
     return windows
+
+
+def question_matches(question_ids: list[int], context_ids: list[int]) -> list[bool]:
+    """For each context token: does it begin or end a pair of tokens that also stands in the question?
+
+    Pairs, not single tokens: with one token per Chinese character, "的" or "在" of the question would mark half
+    the context, while a shared pair marks the phrase the question restates.
+    """
+    pairs = set(zip(question_ids, question_ids[1:]))
+    shared = [pair in pairs for pair in zip(context_ids, context_ids[1:])]  # shared[k]: tokens k and k + 1
+    return [(k > 0 and shared[k - 1]) or (k < len(shared) and shared[k]) for k in range(len(context_ids))]
 
 
 def answer_tokens(window: Window, answer_start: int, answer_end: int) -> tuple[int, int] | None:
