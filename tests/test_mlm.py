@@ -188,7 +188,7 @@ def electra_recipe(data, **train) -> mlm.Recipe:
 @pytest.fixture(scope="module")
 def electra_run(pattern_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("electra") / "run"
-    recipe = electra_recipe(pattern_data, max_steps=100, eval_every=50, save_every=100)
+    recipe = electra_recipe(pattern_data, max_steps=100, eval_every=100, save_every=100)
     return run_task(mlm.TASK, recipe, folder, progress=False), folder
 
 
