@@ -137,6 +137,16 @@ def test_masked_lm_loss_on_whole_word_masks_equals_its_definition(news, news_tok
     assert tokens == int(batch["attention_mask"].sum())
 
 
+def test_electra_batches_are_the_masked_lm_batches_plus_the_generator_draws(news, news_tokenizer):
+    rows = [[news_tokenizer.bos_id, *ids[:62], news_tokenizer.eos_id] for ids in news_tokenizer.encode_batch(news[:8])]
+    words = WordGroups(news_tokenizer)
+    plain = mlm._collate(news_tokenizer, 0.15, words, rows, np.random.default_rng(3))
+    electra = mlm._collate(news_tokenizer, 0.15, words, rows, np.random.default_rng(3), draws=True)
+    assert all(torch.equal(plain[key], electra[key]) for key in plain)  # whole-word masks, unchanged
+    assert electra["draws"].shape == plain["input_ids"].shape and electra["draws"].dtype == torch.float32
+    assert electra["draws"].min() >= 0 and electra["draws"].max() < 1 and electra["draws"].std() > 0.25
+
+
 @pytest.fixture(scope="module")
 def mlm_run(news, tmp_path_factory):
     """A tiny whole-word masked-LM run on 10 People's Daily articles, seen many times (so 150 steps learn them)."""

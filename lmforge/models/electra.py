@@ -59,7 +59,7 @@ class Electra(nn.Module):
             shared[f"generator.{copy}"] = shared[f"generator.{source}"]
         return shared
 
-    def num_parameters(self) -> tuple[int, int]:
+    def parameter_counts(self) -> tuple[int, int]:
         """(discriminator, generator without the shared embeddings)."""
         discriminator = {id(parameter) for parameter in self.discriminator.parameters()}
         generator = sum(p.numel() for p in self.generator.parameters() if id(p) not in discriminator)

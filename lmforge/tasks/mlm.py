@@ -267,7 +267,7 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     torch.manual_seed(recipe.train.seed)
     if electra:
         model = Electra(recipe.model, recipe.generator_size).to(setup.device)
-        discriminator, generator = model.num_parameters()
+        discriminator, generator = model.parameter_counts()
         print(f"ELECTRA: a {discriminator:,}-parameter encoder (the discriminator) and a generator of {generator:,} "
               f"more (embeddings shared) on {setup.device}; {len(rows):,} training rows")  # fmt: skip
         weight = recipe.discriminator_weight
