@@ -15,7 +15,9 @@ prepare` is read lazily instead: its tokenizer, and rows cut from its shards.
 with tokens sampled from a small generator, and a discriminator that learns for
 every token whether it was replaced. The run folder keeps the discriminator as
 its encoder (that is what ELECTRA fine-tunes); the generator, needed only to
-pretrain, lives in the checkpoints.
+pretrain, lives in the checkpoints. NOTE: the generator's input is BERT's
+80/10/10 corruption, the masks masked LM uses (whole_word too); ELECTRA's code
+puts <mask> at 85% of the chosen tokens and leaves 15% as they are.
 """
 
 from __future__ import annotations
