@@ -7,7 +7,7 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.models import load_model, save_model
-from lmforge.models.bert import load_bert, load_encoder
+from lmforge.models.bert import BACKBONE_NAMES, load_bert, load_encoder
 from lmforge.models.decoder import Decoder, DecoderConfig
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import save_tensors
@@ -81,6 +81,42 @@ def test_matches_transformers_bert_through_a_saved_folder(head, tmp_path):
     else:
         difference = (actual - torch.stack([expected.start_logits, expected.end_logits], dim=-1))[real]
     assert difference.abs().max().item() < 1e-5
+
+
+# transformers' ELECTRA head names -> ours (the backbone's are BERT's).
+ELECTRA_HEAD_NAMES = {
+    "generator_predictions.dense.": "mlm_head.dense.",
+    "generator_predictions.LayerNorm.": "mlm_head.norm.",
+    "generator_lm_head.": "mlm_head.decoder.",
+    "discriminator_predictions.": "replaced_token_head.",
+}
+
+
+@pytest.mark.parametrize("head", ["mlm", "replaced_token"])
+def test_matches_transformers_electra_generator_and_discriminator(head):
+    # The generator: embeddings wider than its blocks, projected in, predicted through; the discriminator's head.
+    hidden_size, heads, intermediate_size = (32, 2, 48) if head == "mlm" else (64, 4, 96)
+    config = transformers.ElectraConfig(vocab_size=VOCAB, embedding_size=64, hidden_size=hidden_size,
+                                        num_hidden_layers=2, num_attention_heads=heads,
+                                        intermediate_size=intermediate_size, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(1)
+    reference_class = transformers.ElectraForMaskedLM if head == "mlm" else transformers.ElectraForPreTraining
+    reference = reference_class(config).eval()
+    ours = tiny_encoder(hidden_size=hidden_size, embedding_size=64, num_heads=heads,
+                        intermediate_size=intermediate_size, max_position_embeddings=64, head=head)  # fmt: skip
+    state = {}
+    for name, tensor in reference.state_dict().items():
+        name = name.removeprefix("electra.")
+        for theirs, mine in [*ELECTRA_HEAD_NAMES.items(), *BACKBONE_NAMES]:
+            name = name.replace(theirs, mine)
+        state[name] = tensor
+    ours.load_state_dict(state, strict=True)  # every name maps, both ways
+    input_ids, attention_mask = right_padded_batch([7, 12, 3])
+    with torch.no_grad():
+        expected = reference(input_ids, attention_mask=attention_mask).logits
+        actual = ours(input_ids, attention_mask=attention_mask)
+    assert actual.shape == expected.shape
+    assert (actual - expected)[attention_mask.bool()].abs().max().item() < 1e-5
 
 
 def test_all_minilm_l6_v2_matches_transformers():

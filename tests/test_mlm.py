@@ -1,8 +1,10 @@
-"""Masked-LM pretraining (tasks/mlm.py) with whole-word masking (data/words.py), and an MLM run folder as the
-`--base` of every encoder task: its weights are the fine-tuned encoder's starting weights, its tokenizer is reused."""
+"""Masked-LM pretraining (tasks/mlm.py) with whole-word masking (data/words.py) or ELECTRA's replaced-token
+detection, and an mlm run folder as the `--base` of every encoder task: its weights (ELECTRA: the discriminator's)
+are the fine-tuned encoder's starting weights, its tokenizer is reused."""
 
 import dataclasses
 import json
+import math
 import random
 
 import jieba
@@ -18,10 +20,11 @@ from lmforge.data.sources import read_split
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.data.words import WordGroups
 from lmforge.models import load_model
+from lmforge.models.bert import OUR_HEAD_PREFIXES
 from lmforge.models.encoder import Encoder, EncoderConfig
-from lmforge.run_folder import RunFolder
+from lmforge.run_folder import RunFolder, load_tensors
 from lmforge.tasks import TASKS, mlm, qa, sentiment, task_module
-from lmforge.tasks.base import Setup, run_task
+from lmforge.tasks.base import Setup, run_task, validation_records
 from lmforge.tasks.examples import TaskData, task_records
 from lmforge.train.objectives import masked_lm_loss
 
@@ -134,6 +137,16 @@ def test_masked_lm_loss_on_whole_word_masks_equals_its_definition(news, news_tok
     assert tokens == int(batch["attention_mask"].sum())
 
 
+def test_electra_batches_are_the_masked_lm_batches_plus_the_generator_draws(news, news_tokenizer):
+    rows = [[news_tokenizer.bos_id, *ids[:62], news_tokenizer.eos_id] for ids in news_tokenizer.encode_batch(news[:8])]
+    words = WordGroups(news_tokenizer)
+    plain = mlm._collate(news_tokenizer, 0.15, words, rows, np.random.default_rng(3))
+    electra = mlm._collate(news_tokenizer, 0.15, words, rows, np.random.default_rng(3), draws=True)
+    assert all(torch.equal(plain[key], electra[key]) for key in plain)  # whole-word masks, unchanged
+    assert electra["draws"].shape == plain["input_ids"].shape and electra["draws"].dtype == torch.float32
+    assert electra["draws"].min() >= 0 and electra["draws"].max() < 1 and electra["draws"].std() > 0.25
+
+
 @pytest.fixture(scope="module")
 def mlm_run(news, tmp_path_factory):
     """A tiny whole-word masked-LM run on 10 People's Daily articles, seen many times (so 150 steps learn them)."""
@@ -159,6 +172,82 @@ def test_a_tiny_encoder_learns_with_whole_word_masking(mlm_run):
     result, folder = mlm_run
     assert result["masked_loss"] < result["masked_loss_before"] - 1.0
     assert json.loads((folder / "task.json").read_text())["masking"] == "whole_word"
+
+
+@pytest.fixture(scope="module")
+def pattern_data(tmp_path_factory):
+    """A repeated pattern: every text the same 20 characters, so that 100 steps can learn where a token is out of
+    place (the replacements themselves are new at every step: masks and samples differ)."""
+    folder = tmp_path_factory.mktemp("pattern")
+    pattern = "春夏秋冬东南西北金木水火土"
+    text = (pattern * 2)[:20]
+    write_jsonl(folder / "train.jsonl", [{"text": text}] * 160)
+    write_jsonl(folder / "valid.jsonl", [{"text": text}] * 10)
+    return folder
+
+
+def electra_recipe(data, **train) -> mlm.Recipe:
+    # A small vocabulary keeps most characters as several byte tokens: rows of ~60 tokens.
+    return from_dict(mlm.Recipe, {
+        "data": {"source": str(data)}, "vocab_size": 280, "objective": "replaced_token_detection",
+        "model": tiny_encoder("mlm"), "max_length": 64, "device": "cpu",
+        "train": {**TINY_TRAIN, "lr": 1e-3, "eval_windows": 4, **train},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def electra_run(pattern_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("electra") / "run"
+    recipe = electra_recipe(pattern_data, max_steps=100, eval_every=100, save_every=100)
+    return run_task(mlm.TASK, recipe, folder, progress=False), folder
+
+
+def test_a_tiny_electra_learns_to_detect_replaced_tokens(electra_run):
+    result, folder = electra_run
+    last = validation_records(RunFolder(folder))[-1]
+    assert result["discriminator_loss"] == last["discriminator_loss"] < 0.2 * result["discriminator_loss_before"]
+    # Better than knowing only how many tokens are replaced (the entropy of that share) ...
+    share = last["replaced_share"]
+    assert 0.05 < share < 0.15  # 15% masked, minus the samples that reproduce the original token
+    assert last["discriminator_loss"] < 0.5 * -(share * math.log(share) + (1 - share) * math.log(1 - share))
+    # ... it finds the replaced tokens, and the generator learned the pattern too.
+    assert last["replaced_recall"] > 0.8 and last["replaced_precision"] > 0.8 and result["replaced_f1"] > 0.8
+    assert result["generator_accuracy"] > 0.5
+
+    # The run folder's encoder is the discriminator: the last checkpoint's discriminator, tensor for tensor.
+    saved = load_model(folder).state_dict()
+    checkpoint = load_tensors(sorted(RunFolder(folder).checkpoints.glob("step_*"))[-1] / RunFolder.WEIGHTS)
+    discriminator = {
+        name.removeprefix("discriminator."): tensor
+        for name, tensor in checkpoint.items()
+        if name.startswith("discriminator.")
+    }
+    assert saved.keys() == discriminator.keys()
+    assert all(torch.equal(saved[name], discriminator[name]) for name in saved)
+    assert any(name.startswith("generator.layers.") for name in checkpoint)  # resume needs the generator too
+    config = RunFolder(folder).read_config()
+    assert config["family"] == "encoder" and config["head"] == "replaced_token" and config["hidden_size"] == 64
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    assert "replaced-token detection (ELECTRA)" in report and "replaced-token F1" in report
+
+
+def test_a_resumed_electra_run_equals_an_uninterrupted_one(pattern_data, tmp_path):
+    def recipe(steps: int) -> mlm.Recipe:
+        # A constant learning rate: the stopped run's schedule must not depend on its shorter max_steps.
+        values = {"max_steps": steps, "save_every": 2, "warmup_steps": 0, "min_lr_ratio": 1.0}
+        recipe = electra_recipe(pattern_data, **values)
+        recipe.model.dropout = 0.1  # so the restored random state matters as well as the batches' draws
+        return recipe
+
+    run_task(mlm.TASK, recipe(4), tmp_path / "whole", progress=False)
+    run_task(mlm.TASK, recipe(2), tmp_path / "parts", progress=False)
+    run_task(mlm.TASK, recipe(4), tmp_path / "parts", resume=True, progress=False)
+    losses = [[r["loss"] for r in RunFolder(tmp_path / name).read_metrics_log() if "loss" in r]
+              for name in ("whole", "parts")]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    for path in ("model.safetensors", "checkpoints/step_00000004/model.safetensors"):  # generator included
+        whole, parts = (load_tensors(tmp_path / name / path) for name in ("whole", "parts"))
+        assert whole.keys() == parts.keys() and all(torch.equal(whole[key], parts[key]) for key in whole)
 
 
 def qa_record(rng: random.Random, text: str) -> dict:
@@ -200,9 +289,15 @@ def test_every_encoder_task_with_a_base_is_listed():
     assert with_base == set(ENCODER_TASKS) and encoder == {*ENCODER_TASKS, "mlm"}
 
 
+PRETRAINING_RUNS = {"masked_lm": "mlm_run", "replaced_token_detection": "electra_run"}  # fixtures
+
+
+@pytest.mark.parametrize("objective", sorted(PRETRAINING_RUNS))
 @pytest.mark.parametrize("name", sorted(ENCODER_TASKS))
-def test_an_mlm_run_is_the_starting_encoder_of_every_encoder_task(name, mlm_run, encoder_task_data, tmp_path):
-    _, base = mlm_run
+def test_an_mlm_run_is_the_starting_encoder_of_every_encoder_task(
+    name, objective, request, encoder_task_data, tmp_path
+):
+    _, base = request.getfixturevalue(PRETRAINING_RUNS[objective])
     module, head = ENCODER_TASKS[name]
     values = {"data": {"source": str(encoder_task_data / name)}, "base": str(base), "max_length": 64, "device": "cpu",
               "train": {**TINY_TRAIN, "max_steps": 2}}  # fmt: skip
@@ -210,7 +305,7 @@ def test_an_mlm_run_is_the_starting_encoder_of_every_encoder_task(name, mlm_run,
     training = module.TASK.prepare(recipe, Setup(RunFolder(tmp_path / "run"), torch.device("cpu"), False, False))
     pretrained = load_model(base, torch.device("cpu")).state_dict()
     started = training.model.state_dict()
-    backbone = [key for key in pretrained if not key.startswith("mlm_head.")]
+    backbone = [key for key in pretrained if not key.startswith(OUR_HEAD_PREFIXES)]
     assert len(backbone) > 20 and all(key in started for key in backbone)
     for key in backbone:
         torch.testing.assert_close(started[key], pretrained[key], rtol=0, atol=0, msg=key)

@@ -8,6 +8,8 @@ from torch import nn
 
 from lmforge.data.batches import IGNORE_INDEX
 from lmforge.models.decoder import Decoder, DecoderConfig
+from lmforge.models.electra import Electra
+from lmforge.models.encoder import EncoderConfig
 from lmforge.train.objectives import (
     causal_lm_loss,
     chat_sft_loss,
@@ -15,6 +17,8 @@ from lmforge.train.objectives import (
     distillation_loss,
     dpo_loss,
     masked_lm_loss,
+    replaced_token_detection_loss,
+    sample_tokens,
     seq2seq_loss,
     sequence_logprobs,
     span_loss,
@@ -96,6 +100,58 @@ def test_masked_lm_loss_averages_over_the_chosen_positions_only(generator):
     expected = (nll(logits[0, 1], 4) + nll(logits[1, 3], 2) + nll(logits[1, 0], 6)) / 3
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert tokens == 8
+
+
+def test_sample_tokens_draws_from_the_softmax():
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    cumulative = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+    # By hand: the first token whose cumulative probability passes the draw.
+    for row in range(2):
+        for u in (0.0, 0.3, 0.5, 0.74, 0.76, 0.9, 0.999999, 1.0):
+            expected = next((v for v in range(4) if cumulative[row, v] > u), 3)
+            assert sample_tokens(logits[row : row + 1], torch.tensor([u])).item() == expected
+    draws = torch.rand(40_000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(sample_tokens(logits[:1].expand(40_000, 4), draws), minlength=4)
+    torch.testing.assert_close(counts / 40_000, torch.softmax(logits[0], dim=-1), atol=0.01, rtol=0)
+
+
+def test_replaced_token_detection_loss_equals_its_definition():
+    torch.manual_seed(0)
+    vocab = 6  # so that some samples reproduce the original token, which then counts as original
+    config = EncoderConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                           dropout=0.0)  # fmt: skip
+    model = Electra(config, generator_size=0.5)
+    original = torch.randint(0, vocab, (4, 12))
+    attention_mask = torch.ones(4, 12, dtype=torch.long)
+    attention_mask[1, 8:] = 0
+    chosen = (torch.rand(4, 12) < 0.4) & attention_mask.bool()
+    labels = torch.where(chosen, original, IGNORE_INDEX)
+    masked = torch.where(chosen, 5, original)  # 5 plays <mask>
+    draws = torch.rand(4, 12)
+    batch = {"input_ids": masked, "attention_mask": attention_mask, "labels": labels, "draws": draws}
+    loss, tokens = replaced_token_detection_loss(model, batch, discriminator_weight=50.0)
+
+    generator_logits = model.generator(masked, attention_mask)  # (B, T, vocab): the MLM head everywhere
+    corrupted, generator_terms = original.clone(), []
+    for b, t in chosen.nonzero().tolist():
+        generator_terms.append(-torch.log_softmax(generator_logits[b, t], dim=-1)[original[b, t]])
+        cumulative = torch.softmax(generator_logits[b, t], dim=-1).cumsum(dim=-1).tolist()
+        corrupted[b, t] = next((v for v in range(vocab) if cumulative[v] > draws[b, t]), vocab - 1)
+    replaced = (corrupted != original).float()
+    assert 0 < int((chosen & (corrupted == original)).sum()) < int(chosen.sum())  # both cases occur
+    scores = torch.sigmoid(model.discriminator(corrupted, attention_mask))  # (B, T)
+    real = attention_mask.bool()
+    discriminator_terms = -(replaced * torch.log(scores) + (1 - replaced) * torch.log(1 - scores))[real]
+    expected = torch.stack(generator_terms).mean() + 50.0 * discriminator_terms.mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert tokens == 44
+
+    # No gradient flows through the sampling: the generator's own layers learn from its MLM loss alone.
+    loss.backward()
+    through_total = model.generator.layers[0].mlp.up_proj.weight.grad.clone()
+    model.zero_grad()
+    torch.stack(generator_terms).mean().backward()
+    torch.testing.assert_close(through_total, model.generator.layers[0].mlp.up_proj.weight.grad)
 
 
 def test_classification_loss_is_the_mean_nll_of_each_label(generator):

@@ -8,7 +8,7 @@ import torch
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.export.onnx import decoder_names, export
+from lmforge.export.onnx import ENCODER_OUTPUTS, decoder_names, export
 from lmforge.generate.engine import left_pad
 from lmforge.models import save_model
 from lmforge.models.decoder import Decoder, DecoderConfig
@@ -115,11 +115,12 @@ def test_one_decode_step_with_past_matches(decoder, tokenizer, decoder_session):
     assert step["present.0.key"].shape[2] == attention_mask.shape[1]
 
 
-def test_encoder_hidden_states_with_padding_match(tmp_path, tokenizer):
+@pytest.mark.parametrize("head", ["none", "replaced_token"])
+def test_encoder_hidden_states_with_padding_match(head, tmp_path, tokenizer):
     torch.manual_seed(0)
     config = EncoderConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-        max_position_embeddings=64,
+        max_position_embeddings=64, head=head,
     )  # fmt: skip
     encoder = Encoder(config).eval()
     out = export(_run_folder(tmp_path / "run", encoder, tokenizer), tmp_path / "onnx")
@@ -133,7 +134,7 @@ def test_encoder_hidden_states_with_padding_match(tmp_path, tokenizer):
         hidden = encoder(input_ids, attention_mask, token_type_ids)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
     outputs = _run(session, inputs)
-    assert np.abs(outputs["last_hidden_state"] - hidden.numpy()).max() < TOLERANCE
+    assert np.abs(outputs[ENCODER_OUTPUTS[head]] - hidden.numpy()).max() < TOLERANCE  # ELECTRA's: (B, T) logits
     assert json.loads((out / "config.json").read_text())["family"] == "encoder"
 
 

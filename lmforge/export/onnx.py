@@ -39,7 +39,8 @@ from lmforge.run_folder import RunFolder, atomic_write_bytes
 MODEL_FILE = "model.onnx"
 # Copied next to model.onnx so the folder is all a runtime needs.
 COMPANION_FILES = (RunFolder.CONFIG, *RunFolder.COMPANIONS)
-ENCODER_OUTPUTS = {"none": "last_hidden_state", "mlm": "logits", "classify": "logits", "span": "logits"}
+ENCODER_OUTPUTS = {"none": "last_hidden_state", "mlm": "logits", "classify": "logits", "span": "logits",
+                   "replaced_token": "logits"}  # fmt: skip
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for a model with its weights inside
 
 

@@ -65,7 +65,7 @@ HEAD_NAMES: dict[str, dict[str, str]] = {
     "span": {"qa_outputs.": "span_head."},
 }
 HF_HEAD_PREFIXES = ("pooler.", "classifier.", "qa_outputs.", "cls.")
-OUR_HEAD_PREFIXES = ("mlm_head.", "classification_head.", "span_head.")
+OUR_HEAD_PREFIXES = ("mlm_head.", "classification_head.", "span_head.", "replaced_token_head.")
 
 
 def read_bert_config(folder: str | Path) -> EncoderConfig:

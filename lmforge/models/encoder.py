@@ -3,9 +3,12 @@
 The backbone is BERT's (https://arxiv.org/abs/1810.04805): word + position (+
 segment) embeddings, then blocks of x = norm(x + attention(x)), x = norm(x +
 mlp(x)). Positions are learned (BERT) or rotary. `config.head` picks what the
-forward pass returns: hidden states, masked-LM logits, class logits or answer
-span logits. Hugging Face BERT weights map onto these names one to one
-(`lmforge.models.bert`). This module knows the network, not tokenizers or training.
+forward pass returns: hidden states, masked-LM logits, class logits, answer
+span logits or per-token replaced-token logits (ELECTRA's discriminator,
+`models/electra.py`). Embeddings narrower or wider than the blocks are projected
+to their width, as in ELECTRA's generator. Hugging Face BERT weights map onto
+these names one to one (`lmforge.models.bert`). This module knows the network,
+not tokenizers or training.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from torch import nn
 from lmforge.config import option, require_divisible, require_positive
 from lmforge.models.layers import Attention, GELUFeedForward, RotaryEmbedding, padding_mask_for
 
-Head = Literal["none", "mlm", "classify", "span"]
+Head = Literal["none", "mlm", "classify", "span", "replaced_token"]
 
 
 @dataclass
 class EncoderConfig:
     vocab_size: int = option(8192, "tokens in the vocabulary (set from the tokenizer when training)")
     hidden_size: int = option(256, "width of the residual stream")
+    embedding_size: int = option(
+        0, "width of the token/position/segment embeddings, projected to hidden_size (0 = hidden_size, no projection)"
+    )
     num_layers: int = option(4, "transformer blocks")
     num_heads: int = option(4, "attention heads")
     intermediate_size: int = option(1024, "feed-forward hidden width")
@@ -36,7 +42,9 @@ class EncoderConfig:
     layer_norm_eps: float = option(1e-12, "LayerNorm epsilon")
     dropout: float = option(0.1, "dropout on embeddings, attention output and feed-forward output")
     initializer_range: float = option(0.02, "std of the normal weight init")
-    head: Head = option("none", "none (hidden states), mlm, classify or span (extractive QA)")
+    head: Head = option(
+        "none", "none (hidden states), mlm, classify, span (extractive QA) or replaced_token (ELECTRA's discriminator)"
+    )
     num_labels: int = option(2, "classes, for the classify head")
     pooling: Literal["cls", "mean"] = option("cls", "classify from the first token or the mean of real tokens")
     norm: Literal["post", "pre"] = option("post", "post-norm blocks (BERT) or pre-norm (easier to train from scratch)")
@@ -49,10 +57,16 @@ class EncoderConfig:
         )
         require_divisible(self, "hidden_size", "num_heads")
         require_learnable_positions(self)
+        if isinstance(self.embedding_size, bool) or not isinstance(self.embedding_size, int) or self.embedding_size < 0:
+            raise ValueError(f"model.embedding_size must be 0 (= hidden_size) or positive, not {self.embedding_size!r}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def embedding_width(self) -> int:
+        return self.embedding_size or self.hidden_size
 
 
 # A learned position table is a weight allocated when the model is built; past this it is surely a typo.
@@ -72,22 +86,21 @@ class Embeddings(nn.Module):
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        width = config.embedding_width
+        self.word_embeddings = nn.Embedding(config.vocab_size, width)
         self.position_embeddings = (
-            nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.position == "learned" else None
+            nn.Embedding(config.max_position_embeddings, width) if config.position == "learned" else None
         )
-        self.token_type_embeddings = (
-            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size else None
-        )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size else None
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = self.word_embeddings(input_ids)  # (B, T, hidden)
+        x = self.word_embeddings(input_ids)  # (B, T, embedding width)
         if self.position_embeddings is not None:
-            x = x + self.position_embeddings(position_ids)  # (T, hidden), broadcast over the batch
+            x = x + self.position_embeddings(position_ids)  # (T, width), broadcast over the batch
         if self.token_type_embeddings is not None:
             # Sentence A / B ids (B, T); without them every token is sentence A, as in BERT.
             x = x + self.token_type_embeddings(
@@ -123,17 +136,33 @@ class EncoderLayer(nn.Module):
 
 
 class MaskedLMHead(nn.Module):
-    """BERT's prediction head: dense, GELU, LayerNorm, then the (tied) vocabulary projection with a bias."""
+    """BERT's prediction head: dense, GELU, LayerNorm, then the (tied) vocabulary projection with a bias.
+
+    The dense layer maps to the embedding width, so the projection can be the token embeddings even where they are
+    wider than the blocks (ELECTRA's generator predicts through its discriminator's embeddings).
+    """
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.dense = nn.Linear(config.hidden_size, config.embedding_width)
+        self.norm = nn.LayerNorm(config.embedding_width, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.embedding_width, config.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # (B, T, hidden) -> (B, T, vocab); `decoder` is BERT's name for this output projection, kept for its weights.
         return self.decoder(self.norm(nn.functional.gelu(self.dense(hidden))))
+
+
+class ReplacedTokenHead(nn.Module):
+    """ELECTRA's discriminator head (Hugging Face's names): dense, GELU, then one logit per token, > 0 = replaced."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense_prediction = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dense_prediction(nn.functional.gelu(self.dense(hidden))).squeeze(-1)  # (B, T, hidden) -> (B, T)
 
 
 class ClassificationHead(nn.Module):
@@ -159,12 +188,23 @@ class ClassificationHead(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Token ids (B, T) and a padding mask -> hidden states (B, T, hidden), then the one head `config.head` picks."""
+    """Token ids (B, T) and a padding mask -> hidden states (B, T, hidden), then the one head `config.head` picks.
 
-    def __init__(self, config: EncoderConfig) -> None:
+    `embeddings`, given, are another encoder's, shared rather than copied (ELECTRA's generator reads and predicts
+    through its discriminator's); their width must be `config.embedding_width`.
+    """
+
+    def __init__(self, config: EncoderConfig, embeddings: Embeddings | None = None) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = Embeddings(config)
+        if embeddings is not None and embeddings.word_embeddings.embedding_dim != config.embedding_width:
+            raise ValueError(
+                f"shared embeddings are {embeddings.word_embeddings.embedding_dim} wide; "
+                f"model.embedding_size says {config.embedding_width}"
+            )
+        self.embeddings = Embeddings(config) if embeddings is None else None
+        width = config.embedding_width
+        self.embeddings_project = nn.Linear(width, config.hidden_size) if width != config.hidden_size else None
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         # Pre-norm blocks leave the residual stream unnormalised; one LayerNorm closes it.
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm == "pre" else None
@@ -177,7 +217,10 @@ class Encoder(nn.Module):
         self.mlm_head = MaskedLMHead(config) if config.head == "mlm" else None
         self.classification_head = ClassificationHead(config) if config.head == "classify" else None
         self.span_head = nn.Linear(config.hidden_size, 2) if config.head == "span" else None  # start, end logits
+        self.replaced_token_head = ReplacedTokenHead(config) if config.head == "replaced_token" else None
         self.apply(self._init_weights)
+        if embeddings is not None:
+            self.embeddings = embeddings  # after the init: shared weights are their owner's to initialise
         if self.mlm_head is not None:
             # Tied as in BERT: predicting a token reuses the vector that embeds it.
             self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight
@@ -207,7 +250,9 @@ class Encoder(nn.Module):
         Right padding is expected (positions count from the first column, as in BERT).
         """
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
-        x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, hidden)
+        x = self.embeddings(input_ids, position_ids, token_type_ids)  # (B, T, embedding width)
+        if self.embeddings_project is not None:
+            x = self.embeddings_project(x)  # (B, T, hidden)
         rotary = None
         if self.rotary is not None:
             self.rotary.ensure(input_ids.shape[1])
@@ -224,7 +269,7 @@ class Encoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ):
         """What the head gives: hidden (B, T, hidden) | MLM logits (B, T, vocab) | class logits (B, labels) |
-        span logits (B, T, 2) with padding positions at -inf."""
+        span logits (B, T, 2) with padding positions at -inf | replaced-token logits (B, T)."""
         hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
         if self.mlm_head is not None:
             return self.mlm_head(hidden)
@@ -236,4 +281,6 @@ class Encoder(nn.Module):
             if attention_mask is not None:
                 logits = logits.masked_fill(~attention_mask.bool().unsqueeze(-1), float("-inf"))
             return logits
+        if self.replaced_token_head is not None:
+            return self.replaced_token_head(hidden)
         return hidden

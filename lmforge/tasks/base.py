@@ -81,6 +81,8 @@ class Training:
     batches_are_local: bool = False  # batch_for already reads only this process's rows (torchrun)
     evaluate_options: dict[str, Any] = field(default_factory=dict)  # extra arguments of the final evaluate_run
     warm_up: Callable[[], None] | None = None  # a first training phase of the task's own, timed with the rest
+    objective: Objective | None = None  # the recipe's choice where the task offers several; else the Task's
+    saved_model: nn.Module | None = None  # the part of `model` the run folder keeps (ELECTRA: its discriminator)
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ def _run_task(task: Task, recipe: Any, folder: RunFolder, resume: bool, progress
     if training.warm_up is not None:
         training.warm_up()
     options = training.objective_options
-    objective = functools.partial(task.objective, **options) if options else task.objective
+    objective = training.objective or task.objective
+    objective = functools.partial(objective, **options) if options else objective
     train(
         training.model,
         objective,
@@ -199,7 +202,7 @@ def save_trained(folder: RunFolder, training: Training, recipe: Any) -> None:
     if training.lora is not None:
         save_adapter(folder.path, training.model, training.lora, base=str(recipe.base))
         merge_lora(training.model)  # the run folder also holds the merged model, so every command can use it as is
-    save_model(folder.path, training.model)
+    save_model(folder.path, training.model if training.saved_model is None else training.saved_model)
     if training.generation is not None:
         save_generation_config(folder.path, training.generation, training.tokenizer)
 

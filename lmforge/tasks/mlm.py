@@ -9,6 +9,15 @@ https://arxiv.org/abs/1906.08101). The loss is cross-entropy on the chosen
 positions only. The result is the starting point for encoder fine-tuning
 (`lmforge finetune --task sentiment --base RUN`). A folder made by `lmforge data
 prepare` is read lazily instead: its tokenizer, and rows cut from its shards.
+
+`objective: replaced_token_detection` trains ELECTRA instead
+(https://arxiv.org/abs/2003.10555, `models/electra.py`): the same masks, filled
+with tokens sampled from a small generator, and a discriminator that learns for
+every token whether it was replaced. The run folder keeps the discriminator as
+its encoder (that is what ELECTRA fine-tunes); the generator, needed only to
+pretrain, lives in the checkpoints. NOTE: the generator's input is BERT's
+80/10/10 corruption, the masks masked LM uses (whole_word too); ELECTRA's code
+puts <mask> at 85% of the chosen tokens and leaves 15% as they are.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from lmforge.data.tokens import LMWindows, ShardedTokens, is_prepared
 from lmforge.data.words import WordGroups
 from lmforge.device import evaluating
 from lmforge.errors import UserError
+from lmforge.models.electra import Electra
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.run_folder import RunFolder
 from lmforge.tasks.base import Setup, Task, Training, validation_records
@@ -44,11 +54,13 @@ from lmforge.tasks.examples import (
     task_records,
     write_task_report,
 )
-from lmforge.train.objectives import masked_lm_loss
+from lmforge.train.objectives import masked_lm_loss, replaced_token_detection_loss, replaced_token_outputs
 from lmforge.train.trainer import TrainConfig
 
 FIELDS = ("text",)
 Masking = Literal["token", "whole_word"]
+PretrainingObjective = Literal["masked_lm", "replaced_token_detection"]
+OBJECTIVE_NAMES = {"masked_lm": "masked-LM", "replaced_token_detection": "replaced-token detection (ELECTRA)"}
 
 
 @dataclass
@@ -63,11 +75,28 @@ class Recipe:
     max_length: int = option(128, "tokens per row, <bos> and <eos> included")
     mask_probability: float = option(0.15, "share of tokens the model must predict")
     masking: Masking = option("token", "token (BERT) or whole_word (all tokens of a jieba word together)")
+    objective: PretrainingObjective = option(
+        "masked_lm",
+        "masked_lm (BERT) or replaced_token_detection (ELECTRA: a small generator fills the masks, the encoder "
+        "learns which tokens were replaced)",
+    )
+    generator_size: float = option(
+        0.25, "replaced_token_detection: the generator's width as a share of the encoder's (ELECTRA: 1/4 to 1/3)"
+    )
+    discriminator_weight: float = option(
+        50.0, "replaced_token_detection: lambda in loss = generator's MLM loss + lambda x discriminator's (ELECTRA: 50)"
+    )
     train: TrainConfig = option(
         TrainConfig(max_steps=1000, batch_size=32, lr=5e-4, warmup_steps=100, eval_every=250, save_every=250),
         "optimisation",
     )
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.generator_size <= 1:
+            raise ValueError(f"generator_size must be in (0, 1], not {self.generator_size}")
+        if not self.discriminator_weight > 0:
+            raise ValueError(f"discriminator_weight must be > 0, not {self.discriminator_weight}")
 
 
 def text_rows(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
@@ -117,12 +146,16 @@ def word_start_tensor(words: WordGroups, rows: list[list[int]], width: int) -> t
 
 
 def _collate(
-    tokenizer: Tokenizer, probability: float, words: WordGroups | None, rows: list, rng
+    tokenizer: Tokenizer, probability: float, words: WordGroups | None, rows: list, rng, draws: bool = False
 ) -> dict[str, torch.Tensor]:
+    """Masked rows; with `draws`, also the uniform draws (B, T) that pick ELECTRA's generator samples."""
     input_ids, attention_mask = pad_right(tokenizer, rows)
     word_starts = None if words is None else word_start_tensor(words, rows, input_ids.shape[1])
     corrupted, labels = mask_tokens(input_ids, attention_mask, tokenizer, probability, rng, word_starts)
-    return {"input_ids": corrupted, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": corrupted, "attention_mask": attention_mask, "labels": labels}
+    if draws:  # drawn after the masks, so the masks are those of masked LM with the same seed
+        batch["draws"] = torch.from_numpy(rng.random(tuple(input_ids.shape), dtype=np.float32))
+    return batch
 
 
 def evaluate_mlm(model: Encoder, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -140,6 +173,52 @@ def evaluate_mlm(model: Encoder, batches: list[dict[str, torch.Tensor]]) -> dict
             count += int(chosen.sum())
     loss = total_loss / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "accuracy": correct / max(count, 1)}
+
+
+def evaluate_replaced_tokens(
+    model: Electra, batches: list[dict[str, torch.Tensor]], discriminator_weight: float
+) -> dict[str, float]:
+    """ELECTRA's losses and how well each half does, on fixed validation batches (the same masks and draws).
+
+    loss = generator_loss + discriminator_weight x discriminator_loss, as in training; generator_accuracy is on
+    the masked positions; discriminator_accuracy on every real token, and replaced_precision / recall / f1 take
+    "replaced" as the positive class (replaced_share of the real tokens were replaced: 1 - replaced_share is the
+    accuracy of calling every token original).
+    """
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(("generator_loss", "correct", "masked", "discriminator_loss", "right", "real"), 0.0)
+    sums.update(dict.fromkeys(("true_positive", "predicted", "replaced"), 0.0))
+    with evaluating(model):
+        for batch in batches:
+            outputs = replaced_token_outputs(model, {name: tensor.to(device) for name, tensor in batch.items()})
+            logits, targets = outputs.generator_logits.float(), outputs.targets
+            sums["generator_loss"] += F.cross_entropy(logits, targets, reduction="sum").item()
+            sums["correct"] += (logits.argmax(-1) == targets).sum().item()
+            sums["masked"] += len(targets)
+            scores, replaced = outputs.discriminator_logits.float()[outputs.real], outputs.replaced[outputs.real]
+            loss = F.binary_cross_entropy_with_logits(scores, replaced.float(), reduction="sum")
+            sums["discriminator_loss"] += loss.item()
+            predicted = scores > 0
+            sums["right"] += (predicted == replaced).sum().item()
+            sums["real"] += len(replaced)
+            sums["true_positive"] += (predicted & replaced).sum().item()
+            sums["predicted"] += predicted.sum().item()
+            sums["replaced"] += replaced.sum().item()
+    generator_loss = sums["generator_loss"] / max(sums["masked"], 1)
+    discriminator_loss = sums["discriminator_loss"] / max(sums["real"], 1)
+    precision = sums["true_positive"] / max(sums["predicted"], 1)
+    recall = sums["true_positive"] / max(sums["replaced"], 1)
+    return {
+        "loss": generator_loss + discriminator_weight * discriminator_loss,
+        "generator_loss": generator_loss,
+        "generator_accuracy": sums["correct"] / max(sums["masked"], 1),
+        "discriminator_loss": discriminator_loss,
+        "discriminator_accuracy": sums["right"] / max(sums["real"], 1),
+        "replaced_precision": precision,
+        "replaced_recall": recall,
+        "replaced_f1": 2 * precision * recall / max(precision + recall, 1e-12),
+        "replaced_share": sums["replaced"] / max(sums["real"], 1),
+    }
 
 
 class StreamRows:
@@ -177,27 +256,41 @@ def training_rows(recipe: Recipe, setup: Setup) -> tuple[Tokenizer, Sequence[lis
 
 def prepare(recipe: Recipe, setup: Setup) -> Training:
     tokenizer, rows, valid_rows = training_rows(recipe, setup)
+    electra = recipe.objective == "replaced_token_detection"
     recipe.model.vocab_size = tokenizer.vocab_size
-    recipe.model.head = "mlm"
+    recipe.model.head = "replaced_token" if electra else "mlm"  # the saved encoder's head
     recipe.model.max_position_embeddings = max(recipe.model.max_position_embeddings, recipe.max_length)
 
     words = WordGroups(tokenizer) if recipe.masking == "whole_word" else None
-    collate = functools.partial(_collate, tokenizer, recipe.mask_probability, words)
+    collate = functools.partial(_collate, tokenizer, recipe.mask_probability, words, draws=electra)
     batches = ExampleBatches(rows, recipe.train.batch_size, collate, seed=recipe.train.seed)
-    valid_rng = np.random.default_rng(12345)  # the same masks at every evaluation
+    valid_rng = np.random.default_rng(12345)  # the same masks (and generator draws) at every evaluation
     valid_batches = [collate(chunk, valid_rng) for chunk in in_batches(valid_rows, recipe.train.batch_size)]
 
     torch.manual_seed(recipe.train.seed)
-    model = Encoder(recipe.model).to(setup.device)
-    print(f"encoder (masked LM): {model.num_parameters():,} parameters on {setup.device}; {len(rows):,} training rows")
+    if electra:
+        model = Electra(recipe.model, recipe.generator_size).to(setup.device)
+        discriminator, generator = model.parameter_counts()
+        print(f"ELECTRA: a {discriminator:,}-parameter encoder (the discriminator) and a generator of {generator:,} "
+              f"more (embeddings shared) on {setup.device}; {len(rows):,} training rows")  # fmt: skip
+        weight = recipe.discriminator_weight
+        validate = functools.partial(evaluate_replaced_tokens, batches=valid_batches, discriminator_weight=weight)
+        specific = {"objective": replaced_token_detection_loss, "objective_options": {"discriminator_weight": weight},
+                    "saved_model": model.discriminator}  # fmt: skip
+    else:
+        model = Encoder(recipe.model).to(setup.device)
+        print(f"encoder (masked LM): {model.num_parameters():,} parameters on {setup.device}; "
+              f"{len(rows):,} training rows")  # fmt: skip
+        validate, specific = functools.partial(evaluate_mlm, batches=valid_batches), {}
     return Training(
         model,
         tokenizer,
         batches.batch,
-        functools.partial(evaluate_mlm, batches=valid_batches),
-        task_info={"task": "mlm", "masking": recipe.masking},
+        validate,
+        task_info={"task": "mlm", "masking": recipe.masking, "objective": recipe.objective},
         max_length=recipe.max_length,
-        title=f"masked-LM pretraining on {recipe.data.source}",
+        title=f"{OBJECTIVE_NAMES[recipe.objective]} pretraining on {recipe.data.source}",
+        **specific,
     )
 
 
@@ -209,29 +302,42 @@ def evaluate_run(
     training_minutes: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """Masked-token loss and accuracy before and after training, on the validation masks of metrics.jsonl."""
+    """Validation results before and after training, from metrics.jsonl: masked-token loss and accuracy, or for
+    ELECTRA the discriminator's loss, accuracy and replaced-token F1 beside the generator's."""
     model_dir, out_dir = report_folders(model_dir, out_dir)
-    validations = validation_records(RunFolder(model_dir))
+    run = RunFolder(model_dir)
+    validations = validation_records(run)
     before, after = validations[0], validations[-1]
-    metrics = {
-        "task": "mlm",
-        "steps": after["step"],
-        "masked_loss": after["loss"],
-        "masked_accuracy": after["accuracy"],
-        "masked_loss_before": before["loss"],
-        "training_minutes": training_minutes,
-    }
+    objective = run.read_task({}).get("objective", "masked_lm")
+    if objective == "replaced_token_detection":
+        metrics = {"discriminator_loss": after["discriminator_loss"], "replaced_f1": after["replaced_f1"],
+                   "discriminator_accuracy": after["discriminator_accuracy"],
+                   "discriminator_loss_before": before["discriminator_loss"],
+                   "generator_accuracy": after["generator_accuracy"]}  # fmt: skip
+        columns = [("loss", "loss"), ("discriminator_loss", "discriminator loss"),
+                   ("discriminator_accuracy", "discriminator accuracy"), ("replaced_f1", "replaced-token F1"),
+                   ("replaced_share", "replaced share"), ("generator_accuracy", "generator accuracy")]  # fmt: skip
+        note = ("Validation on the same masked positions and generator draws at every evaluation; the loss is the "
+                "generator's masked-LM loss plus its weight times the discriminator's. The run folder's model is the "
+                "discriminator.")  # fmt: skip
+    else:
+        metrics = {"masked_loss": after["loss"], "masked_accuracy": after["accuracy"],
+                   "masked_loss_before": before["loss"]}  # fmt: skip
+        columns = [("loss", "masked-token loss"), ("perplexity", "perplexity"), ("accuracy", "accuracy")]
+        note = "Validation on the same masked positions at every evaluation."
+    metrics = {"task": "mlm", "objective": objective, "steps": after["step"], **metrics,
+               "training_minutes": training_minutes}  # fmt: skip
     write_task_report(
         out_dir,
-        f"masked-LM pretraining — {model_dir}",
+        f"{OBJECTIVE_NAMES[objective]} pretraining — {model_dir}",
         metrics,
         [(f"step {r['step']}", r) for r in (before, after)],
-        [("loss", "masked-token loss"), ("perplexity", "perplexity"), ("accuracy", "accuracy")],
+        columns,
         [],
         f"{data.source}, the {split} shards of `lmforge data prepare`"
         if is_prepared(data.source)
         else describe_split(data, split, "text"),
-        [f"Validation on the same masked positions at every evaluation. ![loss]({RunFolder.LOSS_PLOT})"],
+        [f"{note} ![loss]({RunFolder.LOSS_PLOT})"],
     )
     return metrics
 

@@ -9,6 +9,8 @@ The token count is what the batch processed (for tokens/s), not only what was sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,71 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     # NOTE: the vocabulary projection runs on the ~15% chosen positions only: most of the work, saved.
     logits = model.mlm_head(hidden[chosen])  # (chosen, vocab)
     return F.cross_entropy(logits.float(), batch["labels"][chosen]), int(batch["attention_mask"].sum())
+
+
+def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row drawn from p = softmax(logits): the smallest v with p_0 + ... + p_v > u, inverting the
+    cumulative distribution at a given uniform draw u. logits (N, V), uniforms (N,) in [0, 1) -> tokens (N,).
+
+    The draws come with the batch, so a sample is a function of the batch and the weights (exact resume, and
+    validation sees the same samples for the same weights).
+    """
+    cumulative = torch.softmax(logits.float(), dim=-1).cumsum(dim=-1)  # (N, V)
+    tokens = torch.searchsorted(cumulative, uniforms.float().unsqueeze(-1), right=True).squeeze(-1)  # (N,)
+    return tokens.clamp(max=logits.shape[-1] - 1)  # a draw above the rounded total of the probabilities
+
+
+@dataclass
+class ReplacedTokens:
+    """The two halves of an ELECTRA step: what the generator predicted and what the discriminator saw and said."""
+
+    generator_logits: torch.Tensor  # (M, V) at the M masked positions
+    targets: torch.Tensor  # (M,) the original tokens there
+    discriminator_logits: torch.Tensor  # (B, T) > 0 = "replaced"
+    replaced: torch.Tensor  # (B, T) bool: the discriminator's input differs from the original text there
+    real: torch.Tensor  # (B, T) bool: not padding
+
+
+def replaced_token_outputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> ReplacedTokens:
+    """The generator fills the masked positions with tokens sampled from its distribution; the discriminator reads
+    the result. model: `models.electra.Electra`; batch: as masked_lm_loss's, plus `draws` (B, T), uniform in [0, 1).
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    chosen = labels != IGNORE_INDEX  # (B, T)
+    hidden = model.generator.hidden_states(input_ids, attention_mask)  # (B, T, generator hidden)
+    generator_logits = model.generator.mlm_head(hidden[chosen])  # (M, V)
+    # NOTE: sampling is not differentiable and ELECTRA does not try (no REINFORCE): the generator learns from its
+    # MLM loss alone, the discriminator from the samples.
+    with torch.no_grad():
+        sampled = sample_tokens(generator_logits.detach(), batch["draws"][chosen])  # (M,)
+    corrupted = input_ids.masked_scatter(chosen, sampled)  # (B, T): elsewhere input_ids are the original tokens
+    # A sample that happens to be the original token counts as original, not replaced (the paper, sec. 2).
+    replaced = chosen & (corrupted != labels)
+    return ReplacedTokens(
+        generator_logits=generator_logits,
+        targets=labels[chosen],
+        discriminator_logits=model.discriminator(corrupted, attention_mask),
+        replaced=replaced,
+        real=attention_mask.bool(),
+    )
+
+
+def replaced_token_detection_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor], discriminator_weight: float = 50.0
+) -> tuple[torch.Tensor, int]:
+    """ELECTRA (https://arxiv.org/abs/2003.10555, eq. 1): L = L_G + lambda L_D, lambda = discriminator_weight.
+
+    L_G = -1/|M| sum_{t in M} log p_G(x_t | x^masked), the generator's masked-LM loss on the masked positions M;
+    x^corrupt_t = x^_t ~ p_G(. | x^masked) for t in M (sampled with batch["draws"], no gradient), x_t elsewhere;
+    L_D = -1/N sum_{t real} [r_t log s(D_t) + (1 - r_t) log(1 - s(D_t))] with s the sigmoid, D_t the
+    discriminator's logit on x^corrupt, r_t = 1[x^corrupt_t != x_t], N the non-padding tokens.
+    """
+    outputs = replaced_token_outputs(model, batch)
+    generator_loss = F.cross_entropy(outputs.generator_logits.float(), outputs.targets)
+    discriminator_loss = F.binary_cross_entropy_with_logits(
+        outputs.discriminator_logits.float()[outputs.real], outputs.replaced[outputs.real].float()
+    )
+    return generator_loss + discriminator_weight * discriminator_loss, int(batch["attention_mask"].sum())
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
