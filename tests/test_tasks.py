@@ -203,7 +203,8 @@ def test_qa_question_match_marks_the_context_tokens_in_pairs_the_question_holds(
     matched = qa.question_matches(small_tokenizer.encode(question), small_tokenizer.encode(context))
     assert window.token_type_ids[: window.context_start] == [0] * window.context_start
     assert window.token_type_ids[window.context_start :] == [1 + m for m in matched] + [1]
-    marked = [span for span, segment in zip(window.offsets, window.token_type_ids[window.context_start :]) if segment == 2]
+    segments = window.token_type_ids[window.context_start :]
+    marked = [span for span, segment in zip(window.offsets, segments) if segment == 2]
     covered = {index for start, end in marked for index in range(start, end)}
     phrase = context.index("小明的老师")
     assert set(range(phrase, phrase + 5)) <= covered  # the phrase the question restates
