@@ -13,6 +13,21 @@ from lmforge.models.decoder import Decoder, DecoderConfig
 COLOURS = ["红", "绿", "蓝", "黄"]
 
 
+def run_whole_and_in_parts(task, recipe_for_steps, tmp_path, steps=4) -> list[float]:
+    """Run `task` for `steps` steps in one go (tmp_path/whole), and for half of them then resumed to all
+    (tmp_path/parts); asserts both logged the same losses and returns them."""
+    from lmforge.run_folder import RunFolder
+    from lmforge.tasks.base import run_task
+
+    run_task(task, recipe_for_steps(steps), tmp_path / "whole", progress=False)
+    run_task(task, recipe_for_steps(steps // 2), tmp_path / "parts", progress=False)
+    run_task(task, recipe_for_steps(steps), tmp_path / "parts", resume=True, progress=False)
+    losses = [[r["loss"] for r in RunFolder(tmp_path / name).read_metrics_log() if "loss" in r]
+              for name in ("whole", "parts")]  # fmt: skip
+    assert losses[0] == losses[1] and len(losses[0]) == steps
+    return losses[0]
+
+
 def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 

@@ -5,13 +5,13 @@ import re
 
 import pytest
 import torch
+from conftest import run_whole_and_in_parts
 from safetensors.torch import load_file
 
 from lmforge.config import from_dict
 from lmforge.data.batches import IGNORE_INDEX
 from lmforge.errors import UserError
 from lmforge.models.decoder import Decoder, DecoderConfig
-from lmforge.run_folder import RunFolder
 from lmforge.tasks import grpo
 from lmforge.tasks.base import run_task
 from lmforge.tasks.dpo import collate_replies
@@ -132,11 +132,6 @@ def test_a_run_resumed_on_a_group_boundary_equals_an_uninterrupted_one(chat_data
             "group_size": 4, "max_new_tokens": 2, "device": "cpu",
         })  # fmt: skip
 
-    run_task(grpo.TASK, recipe(4), tmp_path / "whole", progress=False)
-    run_task(grpo.TASK, recipe(2), tmp_path / "parts", progress=False)
-    run_task(grpo.TASK, recipe(4), tmp_path / "parts", resume=True, progress=False)
-    losses = [[r["loss"] for r in RunFolder(tmp_path / name).read_metrics_log() if "loss" in r]
-              for name in ("whole", "parts")]  # fmt: skip
-    assert losses[0] == losses[1] and len(losses[0]) == 4
+    run_whole_and_in_parts(grpo.TASK, recipe, tmp_path)
     whole, parts = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "parts"))
     assert all(torch.equal(whole[key], parts[key]) for key in whole)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_whole_and_in_parts
 
 from lmforge.config import from_dict
 from lmforge.data.batches import IGNORE_INDEX
@@ -239,12 +240,7 @@ def test_a_resumed_electra_run_equals_an_uninterrupted_one(pattern_data, tmp_pat
         recipe.model.dropout = 0.1  # so the restored random state matters as well as the batches' draws
         return recipe
 
-    run_task(mlm.TASK, recipe(4), tmp_path / "whole", progress=False)
-    run_task(mlm.TASK, recipe(2), tmp_path / "parts", progress=False)
-    run_task(mlm.TASK, recipe(4), tmp_path / "parts", resume=True, progress=False)
-    losses = [[r["loss"] for r in RunFolder(tmp_path / name).read_metrics_log() if "loss" in r]
-              for name in ("whole", "parts")]  # fmt: skip
-    assert losses[0] == losses[1] and len(losses[0]) == 4
+    run_whole_and_in_parts(mlm.TASK, recipe, tmp_path)
     for path in ("model.safetensors", "checkpoints/step_00000004/model.safetensors"):  # generator included
         whole, parts = (load_tensors(tmp_path / name / path) for name in ("whole", "parts"))
         assert whole.keys() == parts.keys() and all(torch.equal(whole[key], parts[key]) for key in whole)
