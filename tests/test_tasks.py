@@ -258,7 +258,16 @@ def test_qa_finetune_writes_a_report(tmp_path):
     )
     metrics = run_task(qa.TASK, recipe, tmp_path / "run", progress=False)
     assert metrics["f1"] > 50  # the answer always follows 名叫; an untrained model scores near 0
-    assert "exact match" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert "exact match" in report and "best clause" in report
+    # The best clause is all of a context before its "。": the answer and the filler before it.
+    assert 5 < metrics["baselines"]["best clause"]["f1"] < 40 < metrics["f1"]
+
+    # With a cloze phase first and cloze windows among the real ones, the run still learns the real questions.
+    recipe.cloze_steps, recipe.cloze_share = 10, 0.3
+    metrics = run_task(qa.TASK, recipe, tmp_path / "cloze", progress=False)
+    cloze_log = RunFolder(tmp_path / "cloze" / "warm-up").read_metrics_log()
+    assert max(r["step"] for r in cloze_log) == 10 and metrics["f1"] > 50
 
 
 def test_mcq_picks_the_likeliest_choice(tmp_path, small_tokenizer):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,11 @@ class Recipe:
     cloze_steps: int = option(0, "a first phase of this many steps on cloze questions made from the contexts")
     cloze_per_text: int = option(8, "cloze questions made from each context (and each cloze_source text)")
     cloze_source: str = option("", "more text for cloze questions (its train split), e.g. builtin:peoples-daily")
+    cloze_share: float = option(0.0, "share of cloze windows among the real ones after the first phase, 0 to 0.9")
     model: EncoderConfig = option(EncoderConfig(head="span", num_layers=4), "encoder shape (scratch)")
     max_length: int = option(256, "tokens per window, question and markers included")
     stride: int = option(96, "context tokens between the starts of two windows")
-    max_question_tokens: int = option(48, "longer questions are cut")
+    max_question_tokens: int = option(48, "longer questions are cut (and to half of max_length)")
     max_answer_tokens: int = option(32, "longest span considered at prediction")
     train: TrainConfig = option(
         TrainConfig(max_steps=800, batch_size=16, lr=3e-4, warmup_steps=80, eval_every=200, save_every=200),
@@ -87,7 +89,8 @@ class Window:
 
 
 def windows_of(tokenizer: Tokenizer, question: str, context: str, recipe: Recipe) -> list[Window]:
-    question_ids = tokenizer.encode(question)[: recipe.max_question_tokens]
+    # A question never takes more than half the window, so a long one (a cloze clause) leaves room for context.
+    question_ids = tokenizer.encode(question)[: min(recipe.max_question_tokens, recipe.max_length // 2)]
     context_ids, offsets = tokenizer.encode_with_offsets(context)
     budget = recipe.max_length - len(question_ids) - 3
     if budget < 8:
@@ -231,7 +234,12 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         model = Encoder(recipe.model)
     model.to(setup.device)
     recipe.max_length = min(recipe.max_length, model.config.max_position_embeddings)
+    cloze = cloze_windows(tokenizer, train_records, recipe) if recipe.cloze_steps or recipe.cloze_share else []
     examples = training_examples(tokenizer, train_records, recipe)
+    if recipe.cloze_share:
+        # Cloze questions beside the real ones keep a few thousand questions from being learnt by heart.
+        wanted = round(len(examples) * recipe.cloze_share / (1 - recipe.cloze_share))
+        examples += random.Random(recipe.train.seed).sample(cloze, min(wanted, len(cloze)))
     print(
         f"span QA encoder: {model.num_parameters():,} parameters on {setup.device}; {len(examples):,} training windows"
     )
@@ -239,10 +247,6 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     batches = ExampleBatches(examples, recipe.train.batch_size, collate, recipe.train.seed)
 
     def cloze_phase() -> None:
-        # Only the training split of an extra source: its validation and test text stay unseen.
-        texts = [*dict.fromkeys(r["context"] for r in train_records)]
-        texts += [record_text(r) for r in read_split(recipe.cloze_source, "train")] if recipe.cloze_source else []
-        cloze = training_examples(tokenizer, cloze_questions(texts, recipe.cloze_per_text, recipe.train.seed), recipe)
         print(f"cloze phase: {recipe.cloze_steps} steps on {len(cloze):,} windows of cloze questions")
         config = dataclasses.replace(
             recipe.train, max_steps=recipe.cloze_steps, eval_every=0, max_minutes=0.0, best_metric=""
@@ -266,6 +270,16 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         title=f"extractive QA on {recipe.data.source}",
         warm_up=cloze_phase if recipe.cloze_steps else None,
     )
+
+
+def cloze_windows(tokenizer: Tokenizer, train_records: list[dict], recipe: Recipe) -> list[tuple[Window, int, int]]:
+    """Training windows of cloze questions made from the training contexts and `cloze_source`'s train split (its
+    validation and test text stay unseen)."""
+    if not 0 <= recipe.cloze_share <= 0.9:
+        raise UserError(f"cloze_share must be between 0 and 0.9, not {recipe.cloze_share}")
+    texts = [*dict.fromkeys(r["context"] for r in train_records)]
+    texts += [record_text(r) for r in read_split(recipe.cloze_source, "train")] if recipe.cloze_source else []
+    return training_examples(tokenizer, cloze_questions(texts, recipe.cloze_per_text, recipe.train.seed), recipe)
 
 
 def add_match_segment(model: Encoder) -> None:
