@@ -3,8 +3,8 @@
 The input is BERT's `<bos> question <eos> context <eos>` with segment ids 0/1;
 with `question_match`, a context token in a pair of tokens the question also
 holds gets segment 2 (after DrQA's exact-match feature,
-https://arxiv.org/abs/1704.00051), so a small model need not first learn to match question and context to find
-where the answer is. With `cloze_steps`, training starts with a phase on cloze
+https://arxiv.org/abs/1704.00051), so a small model need not first learn to
+match question and context to find where the answer is. With `cloze_steps`, training starts with a phase on cloze
 questions made from the training contexts (and `cloze_source`'s text): a clause
 with a phrase replaced by "什么" asks for that phrase (`data/cloze.py`). The
 report's baseline answers with the context clause sharing the most character
@@ -63,7 +63,7 @@ class Recipe:
     han_characters: bool = option(
         False, "scratch tokenizer: every Chinese character its own token boundary, so answer spans align"
     )
-    question_match: bool = option(False, "context tokens that occur in the question get segment id 2")
+    question_match: bool = option(False, "context tokens in a token pair the question also holds get segment id 2")
     cloze_steps: int = option(0, "a first phase of this many steps on cloze questions made from the contexts")
     cloze_per_text: int = option(8, "cloze questions made from each context (and each cloze_source text)")
     cloze_source: str = option("", "more text for cloze questions (its train split), e.g. builtin:peoples-daily")
