@@ -206,8 +206,12 @@ def render_chat(
     template = _compiled(template_text)
     try:
         return render_budgeted(
-            template, seconds, messages=list(messages), add_generation_prompt=add_generation_prompt,
-            tools=tools or None, **special,
+            template,
+            seconds,
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            tools=tools or None,
+            **special,
         )
     except TemplateRaised as error:
         raise UserError(f"the chat template refused this conversation: {error}") from None

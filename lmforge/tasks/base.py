@@ -14,6 +14,7 @@ order of a training job, not any task's data, model or metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 import time
@@ -36,7 +37,7 @@ from lmforge.models.lora import LoRAConfig, merge_lora
 from lmforge.run_folder import RunFolder, atomic_write_bytes
 from lmforge.train.distributed import world
 from lmforge.train.lora import save_adapter
-from lmforge.train.trainer import Objective, train
+from lmforge.train.trainer import Objective, TrainConfig, train
 
 Family = Literal["decoder", "encoder", "seq2seq"]
 
@@ -57,9 +58,14 @@ class Setup:
             return Tokenizer.load(self.folder.path)
         return Tokenizer.train(texts(), vocab_size, show_progress=self.progress, **options)
 
-    def first_phase(self, model: nn.Module, objective: Objective, batch_for: Callable[[int], Any], config) -> None:
-        """Train `model` in place on a task's own first phase (self-supervised pairs or questions), in the run's
-        `warm-up` folder with its own checkpoints, so a resumed run resumes or skips it too; `Training.warm_up`."""
+    def first_phase(
+        self, model: nn.Module, objective: Objective, batch_for: Callable[[int], Any], config: TrainConfig, steps: int
+    ) -> None:
+        """Train `model` in place for `steps` of a task's own first phase (self-supervised pairs or questions), with
+        the main phase's optimisation settings (`config`) but no clock, validation or best checkpoint of its own, in
+        the run's `warm-up` folder with its own checkpoints, so a resumed run resumes or skips it too;
+        `Training.warm_up`."""
+        config = dataclasses.replace(config, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="")
         train(model, objective, batch_for, config, self.folder / "warm-up", resume=self.resume, progress=self.progress)
         model.train()
 

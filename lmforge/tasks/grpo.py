@@ -78,8 +78,9 @@ class Recipe(ChatRecipe):
     group_size: int = option(8, "replies sampled per prompt")
     updates_per_group: int = option(2, "optimizer steps on each sampled group (1: strictly on-policy, no clipping)")
     oversample: int = option(
-        1, "prompts sampled per group trained on: with N > 1, N times the prompts are sampled and groups whose "
-        "rewards differ are trained on first (DAPO's dynamic sampling); 1: every sampled group is trained on"
+        1,
+        "prompts sampled per group trained on: with N > 1, N times the prompts are sampled and groups whose "
+        "rewards differ are trained on first (DAPO's dynamic sampling); 1: every sampled group is trained on",
     )
     temperature: float = option(1.0, "sampling temperature of the groups")
     max_new_tokens: int = option(32, "reply length limit, sampled and scored")

@@ -18,7 +18,6 @@ context. Scores are exact match and F1 over characters, CMRC 2018 style.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 from dataclasses import dataclass
@@ -222,6 +221,7 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         if recipe.question_match:
             add_match_segment(model)
     else:
+
         def texts():
             return (text for record in train_records for text in (record["question"], record["context"]))
 
@@ -248,11 +248,8 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
 
     def cloze_phase() -> None:
         print(f"cloze phase: {recipe.cloze_steps} steps on {len(cloze):,} windows of cloze questions")
-        config = dataclasses.replace(
-            recipe.train, max_steps=recipe.cloze_steps, eval_every=0, max_minutes=0.0, best_metric=""
-        )
-        cloze_batches = ExampleBatches(cloze, config.batch_size, collate, config.seed)
-        setup.first_phase(model, span_loss, cloze_batches.batch, config)
+        cloze_batches = ExampleBatches(cloze, recipe.train.batch_size, collate, recipe.train.seed)
+        setup.first_phase(model, span_loss, cloze_batches.batch, recipe.train, recipe.cloze_steps)
 
     def validate(model: Encoder) -> dict[str, float]:
         predictions = predict(

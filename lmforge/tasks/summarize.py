@@ -10,7 +10,6 @@ baseline: the document's first sentence, cut to 30 characters.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,13 +64,6 @@ def lead_bias_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
 
 
 def prepare(recipe: Recipe, setup: Setup) -> Training:
-    # The first phase uses the main phase's optimisation settings, over its own number of steps.
-    steps = recipe.lead_pretraining_steps
-    warm_up = (
-        dataclasses.replace(recipe.train, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="")
-        if steps
-        else None
-    )
     extra = recipe.lead_pretraining_source
 
     def warm_up_pairs(documents: list[str]) -> tuple[list[str], list[str]]:
@@ -79,7 +71,9 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         more = [record_text(r) for r in read_split(extra, "train")] if extra else []
         return lead_bias_pairs(documents + more)
 
-    return prepare_text_to_text(recipe, setup, TASK_INFO, rouge, warm_up_pairs=warm_up_pairs, warm_up=warm_up)
+    return prepare_text_to_text(
+        recipe, setup, TASK_INFO, rouge, warm_up_pairs=warm_up_pairs, warm_up_steps=recipe.lead_pretraining_steps
+    )
 
 
 def evaluate_run(

@@ -330,14 +330,14 @@ def prepare_text_to_text(
     task: dict,
     score: Score,
     warm_up_pairs: Callable[[list[str]], tuple[list[str], list[str]]] | None = None,
-    warm_up: TrainConfig | None = None,
+    warm_up_steps: int = 0,
 ) -> Training:
     """A tokenizer and an encoder-decoder for a task's pairs, its training batches and its validation.
 
     task: what task.json records about the task, at least {"task", "source_field", "target_field"}.
     score: the task's metric on decoded validation text, watched during training.
-    warm_up_pairs, warm_up: an optional first phase on self-supervised pairs made from the training sources
-    (e.g. summarization's lead-bias pretraining), trained with `warm_up` in `out_dir/warm-up` before the task's pairs.
+    warm_up_pairs, warm_up_steps: an optional first phase of that many steps on self-supervised pairs made from the
+    training sources (e.g. summarization's lead-bias pretraining), in `out_dir/warm-up` before the task's pairs.
     """
     sources, targets = text_pairs(recipe.data, "train", task["source_field"], task["target_field"])
     valid_sources, valid_targets = text_pairs(recipe.data, "valid", task["source_field"], task["target_field"])
@@ -364,13 +364,14 @@ def prepare_text_to_text(
     batch_collate = functools.partial(collate, tokenizer)
     objective = {"label_smoothing": recipe.label_smoothing}  # validation loss stays plain cross-entropy
     first_phase = None
-    if warm_up_pairs is not None and warm_up is not None:
+    if warm_up_pairs is not None and warm_up_steps:
 
         def first_phase() -> None:
             warm_sources, warm_targets = warm_up_pairs(sources)
-            print(f"warm-up phase: {warm_up.max_steps} steps on {len(warm_sources):,} self-supervised pairs")
-            warm_batches = ExampleBatches(examples(warm_sources, warm_targets), warm_up.batch_size, batch_collate)
-            setup.first_phase(model, functools.partial(seq2seq_loss, **objective), warm_batches.batch, warm_up)
+            print(f"warm-up phase: {warm_up_steps} steps on {len(warm_sources):,} self-supervised pairs")
+            warm_batches = ExampleBatches(examples(warm_sources, warm_targets), recipe.train.batch_size, batch_collate)
+            loss = functools.partial(seq2seq_loss, **objective)
+            setup.first_phase(model, loss, warm_batches.batch, recipe.train, warm_up_steps)
 
     batches = ExampleBatches(examples(sources, targets), recipe.train.batch_size, batch_collate, seed=recipe.train.seed)
     valid_batches = [
