@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check lmforge tests bench
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15  # the slowest tests in every CI log: the suite must stay under 10 minutes
 
 test-all: $(STAMP)
 	# llama.cpp's Python binding compiles from source (about 30 minutes on 2 cores): the GGUF tests run it.

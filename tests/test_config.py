@@ -1,11 +1,14 @@
 """Recipes and overrides: typed, and every mistake names the key."""
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
-from lmforge.config import from_dict, option, parse_overrides
+from lmforge.config import from_dict, load_yaml, option, parse_overrides
 from lmforge.errors import UserError
+from lmforge.tasks import task_module
 from lmforge.tasks.causal_lm import load_recipe
 
 
@@ -55,3 +58,18 @@ def test_a_partial_section_keeps_the_recipes_own_defaults_for_that_section():
         data: Data = option(Data(source="qa.jsonl"), "data")
 
     assert from_dict(Recipe, {"data": {"limit": 5}}).data == Data(source="qa.jsonl", limit=5)
+
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[path.name for path in RECIPES])
+def test_every_shipped_recipe_is_a_valid_recipe_of_the_command_its_header_shows(path):
+    # A recipe's header says how to run it; a key that drifted from its task's Recipe would only fail at run time.
+    header = path.read_text()
+    task = re.search(rf"--task (\w+) --config recipes/{re.escape(path.name)}", header)
+    if task:
+        from_dict(task_module(task.group(1)).TASK.Recipe, load_yaml(path))
+    else:  # causal-LM pretraining, from `lmforge pretrain` or a benchmark
+        assert re.search(rf"pretrain --config recipes/{re.escape(path.name)}|python bench/", header), path.name
+        load_recipe(path)
