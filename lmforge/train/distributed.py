@@ -28,13 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from lmforge.device import pick_device
 from lmforge.errors import UserError
@@ -150,6 +143,14 @@ def rows_of_rank(batch: Any) -> Any:
     return batch
 
 
+def _state_dicts() -> Any:
+    """torch.distributed.checkpoint.state_dict, imported on first use: it takes about a second to import, which every
+    lmforge command that never trains (generate, eval, serve, --help) would otherwise pay at start-up."""
+    import torch.distributed.checkpoint.state_dict as state_dicts
+
+    return state_dicts
+
+
 class Replicas:
     """The model as the training step sees it (a DDP wrapper, or an FSDP-sharded copy) beside the plain model.
 
@@ -187,29 +188,32 @@ class Replicas:
         """Full weights by parameter name (on rank 0; other ranks get {} when sharded)."""
         if world().size == 1:
             return self.plain.state_dict()
-        return get_model_state_dict(self.training, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        api = _state_dicts()
+        return api.get_model_state_dict(
+            self.training, options=api.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def full_optimizer_state(self, optimizer: Optimizers) -> dict[str, Any]:
         """{"state": {parameter name: {exp_avg, ...}}, "param_groups": [...]}: full tensors, names not indices.
 
         With two optimizers (Muon + AdamW) this is one state: every parameter belongs to exactly one of them.
         """
-        options = StateDictOptions(full_state_dict=True, cpu_offload=world().size > 1)
-        return get_optimizer_state_dict(self.training, optimizer.parts, options=options)
+        api = _state_dicts()
+        options = api.StateDictOptions(full_state_dict=True, cpu_offload=world().size > 1)
+        return api.get_optimizer_state_dict(self.training, optimizer.parts, options=options)
 
     def load_full_state(self, model_state: dict, optimizer: Optimizers, optimizer_state: dict) -> None:
         """Restore weights and optimizer from full state dicts that rank 0 read; the other ranks pass {}."""
-        if world().size == 1:
-            options = StateDictOptions(full_state_dict=True)
-        else:
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(self.training, model_state, options=options)
-        set_optimizer_state_dict(self.training, optimizer.parts, optimizer_state, options=options)
+        api = _state_dicts()
+        options = api.StateDictOptions(full_state_dict=True, broadcast_from_rank0=world().size > 1)
+        api.set_model_state_dict(self.training, model_state, options=options)
+        api.set_optimizer_state_dict(self.training, optimizer.parts, optimizer_state, options=options)
 
     def finish(self) -> nn.Module:
         """The plain model with the trained weights (FSDP: gathered from the shards on every rank)."""
         if self.fsdp:
-            full = get_model_state_dict(self.training, options=StateDictOptions(full_state_dict=True))
+            api = _state_dicts()
+            full = api.get_model_state_dict(self.training, options=api.StateDictOptions(full_state_dict=True))
             self.plain.load_state_dict(full)
             self.plain.to(self.device)
         return self.plain
