@@ -103,6 +103,47 @@ def test_sentiment_learns_and_reports_beside_its_baselines(sentiment_data, tmp_p
     assert again["accuracy"] == metrics["accuracy"]
 
 
+def test_a_first_phase_on_another_labelled_source_is_what_teaches_the_classifier(sentiment_data, tmp_path):
+    # The task's own training split is two texts and the main phase one step at a tiny rate: what the classifier
+    # knows at the end, it learnt in the first phase on the other source's 400 reviews.
+    few = tmp_path / "few"
+    few.mkdir()
+    write_jsonl(few / "train.jsonl", [{"text": "很好", "label": 1}, {"text": "太差", "label": 0}])
+    for split in ("valid", "test"):
+        (few / f"{split}.jsonl").write_text((sentiment_data / f"{split}.jsonl").read_text("utf-8"), "utf-8")
+    shared = {
+        "data": {"source": str(few)},
+        "base": None,
+        "vocab_size": 300,
+        "model": tiny_encoder("classify"),
+        "max_length": 32,
+        "baselines": "none",
+        "train": {**TINY_TRAIN, "max_steps": 1},
+    }
+    with_first = from_dict(
+        sentiment.Recipe,
+        {**shared, "first_phase_source": str(sentiment_data / "train.jsonl"), "first_phase_steps": 60},
+    )
+    metrics = run_task(sentiment.TASK, with_first, tmp_path / "first", progress=False)
+    assert metrics["accuracy"] > 0.9
+    assert (tmp_path / "first" / "warm-up").is_dir()
+    without = run_task(sentiment.TASK, from_dict(sentiment.Recipe, shared), tmp_path / "without", progress=False)
+    assert without["accuracy"] < 0.75
+
+    odd = tmp_path / "odd.jsonl"
+    write_jsonl(odd, [{"text": "还行吧", "label": "neutral"}] * 20)
+    recipe = from_dict(sentiment.Recipe, {**shared, "first_phase_source": str(odd), "first_phase_steps": 5})
+    with pytest.raises(UserError, match="neutral"):
+        run_task(sentiment.TASK, recipe, tmp_path / "odd", progress=False)
+    with pytest.raises(UserError, match="first_phase_source"):
+        run_task(
+            sentiment.TASK,
+            from_dict(sentiment.Recipe, {**shared, "first_phase_steps": 5}),
+            tmp_path / "no",
+            progress=False,
+        )
+
+
 def test_labels_unseen_in_training_are_named(sentiment_data, tmp_path):
     recipe = from_dict(
         sentiment.Recipe,

@@ -61,6 +61,10 @@ class Recipe:
         EncoderConfig(head="classify", num_layers=4, hidden_size=256, intermediate_size=1024), "encoder shape (scratch)"
     )
     max_length: int = option(128, "tokens per text, <bos> and <eos> included")
+    first_phase_source: str = option(
+        "", "more labelled text, same labels, trained on first (its train split only), e.g. builtin:reviews"
+    )
+    first_phase_steps: int = option(0, "steps of the first phase on first_phase_source")
     train: TrainConfig = option(
         TrainConfig(max_steps=600, batch_size=32, lr=1e-4, warmup_steps=60, eval_every=200, save_every=200),
         "optimisation",
@@ -87,16 +91,18 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     print(
         f"encoder classifier: {model.num_parameters():,} parameters on {setup.device}; {len(train_records):,} examples"
     )
-    label_index = {name: index for index, name in enumerate(recipe.labels)}
-    examples = list(
-        zip(
-            encode_single(tokenizer, [r["text"] for r in train_records], recipe.max_length),
-            (label_index[label_name(r["label"])] for r in train_records),
-        )
-    )
+    collate = functools.partial(_collate, tokenizer)
     batches = ExampleBatches(
-        examples, recipe.train.batch_size, functools.partial(_collate, tokenizer), seed=recipe.train.seed
+        _examples(tokenizer, train_records, recipe), recipe.train.batch_size, collate, seed=recipe.train.seed
     )
+
+    first_examples = _first_phase_examples(tokenizer, recipe) if recipe.first_phase_steps else []
+
+    def first_phase() -> None:
+        print(f"first phase: {recipe.first_phase_steps} steps on {len(first_examples):,} labelled texts")
+        first = ExampleBatches(first_examples, recipe.train.batch_size, collate, recipe.train.seed)
+        setup.first_phase(model, classification_loss, first.batch, recipe.train, recipe.first_phase_steps)
+
     valid_texts = [r["text"] for r in valid_records]
     valid_labels = [label_name(r["label"]) for r in valid_records]
 
@@ -114,7 +120,29 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         max_length=recipe.max_length,
         title=f"sentiment on {recipe.data.source}",
         evaluate_options={"baselines": recipe.baselines},
+        warm_up=first_phase if recipe.first_phase_steps else None,
     )
+
+
+def _first_phase_examples(tokenizer: Tokenizer, recipe: Recipe) -> list[tuple[list[int], int]]:
+    """The first phase's examples: `first_phase_source`'s train split, checked to use the task's labels."""
+    if not recipe.first_phase_source:
+        raise UserError("first_phase_steps needs first_phase_source: the labelled text to train on first")
+    records = task_records(TaskData(source=recipe.first_phase_source), "train", FIELDS)
+    unknown = {label_name(r["label"]) for r in records} - set(recipe.labels)
+    if unknown:
+        raise UserError(
+            f"first_phase_source {recipe.first_phase_source} has labels {sorted(unknown)} that "
+            f"{recipe.data.source} does not have ({', '.join(recipe.labels)})"
+        )
+    return _examples(tokenizer, records, recipe)
+
+
+def _examples(tokenizer: Tokenizer, records: list[dict], recipe: Recipe) -> list[tuple[list[int], int]]:
+    """(token ids, label index) per record."""
+    label_index = {name: index for index, name in enumerate(recipe.labels)}
+    texts = encode_single(tokenizer, [r["text"] for r in records], recipe.max_length)
+    return list(zip(texts, (label_index[label_name(r["label"])] for r in records)))
 
 
 def _encoder(recipe: Recipe, setup: Setup, train_records: list[dict]) -> tuple[Encoder, Tokenizer]:
