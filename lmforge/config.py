@@ -76,7 +76,9 @@ def parse_overrides(arguments: list[str]) -> dict[str, Any]:
         *sections, leaf = key.replace("-", "_").split(".")
         for section in sections:
             target = target.setdefault(section, {})
-        target[leaf] = yaml.safe_load(value)  # so "1e-3", "true" and "[q, v]" get their natural types
+        # YAML gives "1e-3", "true" and "[q, v]" their natural types; an empty value stays the empty string (YAML
+        # reads it as null), so `--train.best_metric=` clears a recipe's string.
+        target[leaf] = yaml.safe_load(value) if value else ""
     return nested
 
 

@@ -27,6 +27,13 @@ def test_recipe_file_plus_overrides(tmp_path):
     assert (recipe.model.num_layers, recipe.train.max_steps, recipe.train.lr) == (3, 20, 1e-3)
 
 
+def test_an_empty_override_clears_a_recipe_string(tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("train:\n  best_metric: valid_loss\n")
+    for arguments in (["--train.best_metric="], ["--train.best_metric", ""]):
+        assert load_recipe(recipe_file, parse_overrides(arguments)).train.best_metric == ""
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
