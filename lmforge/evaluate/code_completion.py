@@ -2,9 +2,12 @@
 HumanEval-style functional correctness (pass@k).
 
 Next line follows the CodeXGLUE line-completion protocol (https://arxiv.org/abs/2102.04664): given a file up to a
-line, predict that line; exact match and edit similarity compare the stripped lines. As there (where INDENT tokens
-are dropped), the line's indentation is part of the prompt, not of the prediction. Fill-in-the-middle hides one
-line between its prefix and suffix. Whether a completion parses is checked on the whole file with the completion in
+line, predict that line; exact match and edit similarity compare the stripped lines, so (as there, where INDENT
+tokens are dropped) indentation is not scored. The prompt ends at the line's start, not after its indentation: the
+tokenizer joins a word to the space before it (`"   ", " print"`), so a prompt ending in the whole indentation
+(`"    "`) ends on a token the model never saw before a word, and it then mostly writes nothing or a wrong line
+(exact match 1.5% against 10% on the same 200 lines). Fill-in-the-middle hides one line between its prefix and
+suffix, cut the same way. Whether a completion parses is checked on the whole file with the completion in
 place, for files that parsed before.
 
 Knows source text, an `LM`, and the sandbox of `execution.py`; does not know training.
@@ -37,14 +40,15 @@ HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
 class LineExample:
     file: CodeFile
     line: int  # index into the file's lines
-    before: str  # the file up to the line, with the line's indentation
+    before: str  # the file up to the line's start
+    indent: str  # the line's indentation
     after: str  # the rest of the file after the line (from its newline on)
     target: str  # the line, stripped
     previous: str  # the last non-blank line before it, stripped
 
     def with_line(self, completion: str) -> str:
-        """The whole file with `completion` in place of the line."""
-        return self.before + completion + self.after
+        """The whole file with `completion`, stripped and at the line's indentation, in place of the line."""
+        return self.before + self.indent + completion.strip() + self.after
 
 
 def line_examples(files: Sequence[CodeFile], count: int, seed: int = 0) -> list[LineExample]:
@@ -60,8 +64,8 @@ def line_examples(files: Sequence[CodeFile], count: int, seed: int = 0) -> list[
         line = lines[i]
         indent = line[: len(line) - len(line.lstrip())]
         previous = next((text.strip() for text in reversed(lines[:i]) if text.strip()), "")
-        before, after = "".join(lines[:i]) + indent, line[len(line.rstrip("\r\n")) :] + "".join(lines[i + 1 :])
-        examples.append(LineExample(files[f], i, before, after, line.strip(), previous))
+        before, after = "".join(lines[:i]), line[len(line.rstrip("\r\n")) :] + "".join(lines[i + 1 :])
+        examples.append(LineExample(files[f], i, before, indent, after, line.strip(), previous))
     return examples
 
 
@@ -146,7 +150,7 @@ def score_lines(examples: Sequence[LineExample], predictions: Sequence[str]) -> 
         predicted = prediction.strip()
         scores["exact_match"].append(float(predicted == example.target))
         scores["edit_similarity"].append(edit_similarity(predicted, example.target))
-        parsed = parses(example.with_line(prediction.rstrip("\r\n"))) if example.file.parses else float("nan")
+        parsed = parses(example.with_line(prediction)) if example.file.parses else float("nan")
         scores["parses"].append(float(parsed))
     return scores
 

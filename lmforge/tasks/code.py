@@ -213,10 +213,11 @@ def tokenizer_comparison(tokenizer: Tokenizer, files: list, task: dict) -> dict[
 def _notes(metrics: dict, training_minutes: float | None) -> list[str]:
     intervals = metrics["intervals"]
     notes = [
-        "Next line: the CodeXGLUE line-completion protocol on held-out files: the file so far plus the line's "
-        "indentation is the prompt; exact match and edit similarity compare stripped lines. FIM: the same line "
-        "hidden between its prefix and suffix. Parses: the whole file with the completion in place is valid Python "
-        "(files that parsed before).",
+        "Next line: the CodeXGLUE line-completion protocol on held-out files: the file up to the line's start is "
+        "the prompt (not its indentation: the tokenizer joins a word to the space before it); exact match and edit "
+        "similarity compare stripped lines. FIM: the same line hidden between its prefix and suffix. Parses: the "
+        "whole file with the stripped completion in place, at the line's indentation, is valid Python (files that "
+        "parsed before).",
         "95% bootstrap intervals: exact match {low:.1f}–{high:.1f}, ".format(**intervals["exact_match"])
         + "edit similarity {low:.1f}–{high:.1f}.".format(**intervals["edit_similarity"]),
         "Characters per token on the held-out code: "
