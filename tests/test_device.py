@@ -1,5 +1,7 @@
 """Precision: auto picks bf16 on a CPU only where a (cached, per-CPU) probe measures bf16 matmuls faster."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,14 +77,30 @@ def test_the_key_names_the_cpu_model_and_flags():
     assert "flags " in key and f"torch {torch.__version__}" in key
 
 
-@pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX2", reason="an AVX2-only CPU, where bf16 matmuls are slow"
-)
-def test_the_real_probe_picks_fp32_on_an_avx2_only_cpu(tmp_path, monkeypatch):
+def _real_probe(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     device_module.cpu_matmul_speeds.cache_clear()
     try:
-        chosen = choose_precision(CPU, "auto")
+        return choose_precision(CPU, "auto")
     finally:
         device_module.cpu_matmul_speeds.cache_clear()
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX2", reason="runs only on an AVX2-only CPU (bf16 matmuls slow)"
+)
+def test_the_real_probe_picks_fp32_on_an_avx2_only_cpu(tmp_path, monkeypatch):
+    chosen = _real_probe(tmp_path, monkeypatch)
     assert chosen.dtype is None, str(chosen)
+
+
+@pytest.mark.skipif("amx_bf16" not in _cpu_flags(), reason="runs only on a CPU with AMX (bf16 matmuls fast)")
+def test_the_real_probe_picks_bf16_on_a_cpu_with_amx(tmp_path, monkeypatch):
+    chosen = _real_probe(tmp_path, monkeypatch)
+    assert chosen.dtype is torch.bfloat16, str(chosen)
