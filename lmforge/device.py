@@ -88,18 +88,24 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return choose_precision(device, precision).dtype
 
 
-def cpu_key() -> str:
-    """This CPU as the probe cache knows it: model name, instruction-set flags (hashed), threads, torch version."""
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ("model name", "flags" on x86, "Features" on ARM); {} off Linux."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             name, _, value = line.partition(":")
-            fields.setdefault(name.strip(), value.strip())  # the first processor's
-    except OSError:  # not Linux: the capability torch detected stands in for the flags
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
         pass
+    return fields
+
+
+def cpu_key() -> str:
+    """This CPU as the probe cache knows it: model name, instruction-set flags (hashed), threads, torch version."""
+    fields = cpu_info()
     model = fields.get("model name") or platform.processor() or platform.machine()
     flags = fields.get("flags") or fields.get("Features", "")  # x86 | ARM
-    flags = flags or torch.backends.cpu.get_cpu_capability()
+    flags = flags or torch.backends.cpu.get_cpu_capability()  # not Linux: torch's detected capability stands in
     digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
     return f"{model} | flags {digest} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 

@@ -1,7 +1,5 @@
 """Precision: auto picks bf16 on a CPU only where a (cached, per-CPU) probe measures bf16 matmuls faster."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -86,12 +84,6 @@ def _real_probe(tmp_path, monkeypatch):
         device_module.cpu_matmul_speeds.cache_clear()
 
 
-def _cpu_flags() -> set[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-
-
 @pytest.mark.skipif(
     torch.backends.cpu.get_cpu_capability() != "AVX2", reason="runs only on an AVX2-only CPU (bf16 matmuls slow)"
 )
@@ -100,7 +92,10 @@ def test_the_real_probe_picks_fp32_on_an_avx2_only_cpu(tmp_path, monkeypatch):
     assert chosen.dtype is None, str(chosen)
 
 
-@pytest.mark.skipif("amx_bf16" not in _cpu_flags(), reason="runs only on a CPU with AMX (bf16 matmuls fast)")
+@pytest.mark.skipif(
+    "amx_bf16" not in device_module.cpu_info().get("flags", "").split(),
+    reason="runs only on a CPU with AMX (bf16 matmuls fast)",
+)
 def test_the_real_probe_picks_bf16_on_a_cpu_with_amx(tmp_path, monkeypatch):
     chosen = _real_probe(tmp_path, monkeypatch)
     assert chosen.dtype is torch.bfloat16, str(chosen)

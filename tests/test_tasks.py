@@ -104,8 +104,8 @@ def test_sentiment_learns_and_reports_beside_its_baselines(sentiment_data, tmp_p
 
 
 def test_a_first_phase_on_another_labelled_source_is_what_teaches_the_classifier(sentiment_data, tmp_path):
-    # The task's own training split is two texts and the main phase one step at a tiny rate: what the classifier
-    # knows at the end, it learnt in the first phase on the other source's 400 reviews.
+    # The task's own training split is two texts and the main phase one warm-up step: what the classifier knows at
+    # the end, it learnt in the first phase on the other source's 400 reviews.
     few = tmp_path / "few"
     few.mkdir()
     write_jsonl(few / "train.jsonl", [{"text": "很好", "label": 1}, {"text": "太差", "label": 0}])
@@ -113,7 +113,6 @@ def test_a_first_phase_on_another_labelled_source_is_what_teaches_the_classifier
         (few / f"{split}.jsonl").write_text((sentiment_data / f"{split}.jsonl").read_text("utf-8"), "utf-8")
     shared = {
         "data": {"source": str(few)},
-        "base": None,
         "vocab_size": 300,
         "model": tiny_encoder("classify"),
         "max_length": 32,
