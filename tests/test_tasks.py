@@ -31,6 +31,7 @@ from lmforge.tasks import (
     translate,
 )
 from lmforge.tasks.base import run_task
+from lmforge.tasks.encoding import encode_single
 from lmforge.tasks.examples import TaskData, task_records
 from lmforge.train.trainer import TrainConfig
 
@@ -141,6 +142,36 @@ def test_a_first_phase_on_another_labelled_source_is_what_teaches_the_classifier
             tmp_path / "no",
             progress=False,
         )
+
+
+def test_keep_tail_keeps_the_end_of_a_long_text_where_its_verdict_is(tmp_path):
+    rng = random.Random(1)
+
+    def long_review() -> dict:  # 40 characters of filler, then the verdict: past max_length's 16 tokens
+        positive = rng.random() < 0.5
+        return {"text": "".join(rng.choice(FILLER) for _ in range(40)) + ("很好" if positive else "太差"),
+                "label": int(positive)}  # fmt: skip
+
+    for split, count in (("train", 300), ("valid", 40), ("test", 60)):
+        write_jsonl(tmp_path / f"{split}.jsonl", [long_review() for _ in range(count)])
+    shared = {"data": {"source": str(tmp_path)}, "vocab_size": 300, "model": tiny_encoder("classify"),
+              "max_length": 16, "baselines": "none", "train": {**TINY_TRAIN, "max_steps": 60}}  # fmt: skip
+    tail = run_task(sentiment.TASK, from_dict(sentiment.Recipe, {**shared, "keep_tail": 4}), tmp_path / "tail",
+                    progress=False)  # fmt: skip
+    assert tail["accuracy"] > 0.9
+    # The saved run cuts test texts the way it was trained: its task.json keeps keep_tail.
+    again = sentiment.evaluate_run(tmp_path / "tail", TaskData(source=str(tmp_path)), "test", tmp_path / "again",
+                                   None, False)  # fmt: skip
+    assert again["accuracy"] == tail["accuracy"]
+    cut_end = run_task(sentiment.TASK, from_dict(sentiment.Recipe, shared), tmp_path / "end", progress=False)
+    assert cut_end["accuracy"] < 0.75
+
+    tokenizer = Tokenizer.load(tmp_path / "tail")
+    ids = tokenizer.encode("很好" * 30)
+    [row] = encode_single(tokenizer, ["很好" * 30], 10, tail=3)
+    assert row == [tokenizer.bos_id, *ids[:5], *ids[-3:], tokenizer.eos_id]
+    with pytest.raises(UserError, match="tail"):
+        encode_single(tokenizer, ["很好"], 10, tail=8)
 
 
 def test_labels_unseen_in_training_are_named(sentiment_data, tmp_path):

@@ -39,9 +39,17 @@ def model_folder(base: str) -> Path:
     return folder
 
 
-def encode_single(tokenizer: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """`<bos> text <eos>` per text, the text cut so the row fits `max_length`."""
-    return [[tokenizer.bos_id, *ids[: max_length - 2], tokenizer.eos_id] for ids in tokenizer.encode_batch(texts)]
+def encode_single(tokenizer: Tokenizer, texts: list[str], max_length: int, tail: int = 0) -> list[list[int]]:
+    """`<bos> text <eos>` per text, the text cut so the row fits `max_length`: a text too long keeps its start and,
+    with `tail`, its last `tail` tokens too (the middle goes)."""
+    body = max_length - 2
+    if not 0 <= tail < body:
+        raise UserError(f"the kept tail ({tail} tokens) must be at least 0 and under max_length - 2 ({body})")
+    rows = []
+    for ids in tokenizer.encode_batch(texts):
+        kept = ids if len(ids) <= body else ids[: body - tail] + ids[len(ids) - tail :]
+        rows.append([tokenizer.bos_id, *kept, tokenizer.eos_id])
+    return rows
 
 
 def pad_right(tokenizer: Tokenizer, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,9 @@ class Recipe:
         EncoderConfig(head="classify", num_layers=4, hidden_size=256, intermediate_size=1024), "encoder shape (scratch)"
     )
     max_length: int = option(128, "tokens per text, <bos> and <eos> included")
+    keep_tail: int = option(
+        0, "a text longer than max_length keeps its last keep_tail tokens and its start, losing the middle (0: the end)"
+    )
     first_phase_source: str = option(
         "", "more labelled text, same labels, trained on first (its train split only), e.g. builtin:reviews"
     )
@@ -107,7 +110,7 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     valid_labels = [label_name(r["label"]) for r in valid_records]
 
     def validate(model: Encoder) -> dict[str, float]:
-        predictions = predict(model, tokenizer, valid_texts, recipe.labels, recipe.max_length)
+        predictions = predict(model, tokenizer, valid_texts, recipe.labels, recipe.max_length, recipe.keep_tail)
         scores = classification_metrics(predictions, valid_labels, recipe.labels)
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
@@ -116,7 +119,12 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
         tokenizer,
         batches.batch,
         validate,
-        task_info={"task": "sentiment", "labels": recipe.labels, "max_length": recipe.max_length},
+        task_info={
+            "task": "sentiment",
+            "labels": recipe.labels,
+            "max_length": recipe.max_length,
+            "keep_tail": recipe.keep_tail,
+        },
         max_length=recipe.max_length,
         title=f"sentiment on {recipe.data.source}",
         evaluate_options={"baselines": recipe.baselines},
@@ -141,7 +149,7 @@ def _first_phase_examples(tokenizer: Tokenizer, recipe: Recipe) -> list[tuple[li
 def _examples(tokenizer: Tokenizer, records: list[dict], recipe: Recipe) -> list[tuple[list[int], int]]:
     """(token ids, label index) per record."""
     label_index = {name: index for index, name in enumerate(recipe.labels)}
-    texts = encode_single(tokenizer, [r["text"] for r in records], recipe.max_length)
+    texts = encode_single(tokenizer, [r["text"] for r in records], recipe.max_length, recipe.keep_tail)
     return list(zip(texts, (label_index[label_name(r["label"])] for r in records)))
 
 
@@ -168,13 +176,19 @@ def _collate(tokenizer: Tokenizer, examples: list, rng) -> dict[str, torch.Tenso
 
 
 def predict(
-    model: Encoder, tokenizer: Tokenizer, texts: list[str], labels: list[str], max_length: int, batch_size: int = 64
+    model: Encoder,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    labels: list[str],
+    max_length: int,
+    keep_tail: int = 0,
+    batch_size: int = 64,
 ) -> list[str]:
     device = next(model.parameters()).device
     predictions = []
     # Sorting by length keeps padding, and so wasted work, small.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    rows = encode_single(tokenizer, [texts[i] for i in order], max_length)
+    rows = encode_single(tokenizer, [texts[i] for i in order], max_length, keep_tail)
     with evaluating(model):
         for chunk in in_batches(rows, batch_size):
             input_ids, attention_mask = pad_right(tokenizer, chunk)
@@ -279,7 +293,8 @@ def evaluate_run(
     unseen = sorted(set(truth) - set(labels))
     if unseen:
         raise UserError(f"labels {unseen} in the {split} split were never seen in training (known: {labels})")
-    predictions = predict(model, tokenizer, texts, labels, task["max_length"])
+    cut = (task["max_length"], task.get("keep_tail", 0))  # runs made before keep_tail cut the end
+    predictions = predict(model, tokenizer, texts, labels, *cut)
     scores = classification_metrics(predictions, truth, labels)
     plot_confusion_matrix(scores["confusion_matrix"], labels, out_dir / "confusion_matrix.png", title="sentiment")
 
@@ -304,7 +319,7 @@ def evaluate_run(
     notes.insert(
         0, "Confusion matrix (rows = true label, columns = predicted): ![confusion matrix](confusion_matrix.png)"
     )
-    notes.append(_explained_examples(model, tokenizer, texts, predictions, labels, task["max_length"]))
+    notes.append(_explained_examples(model, tokenizer, texts, predictions, labels, *cut))
     if training_minutes is not None:
         notes.insert(0, f"Fine-tuning took {training_minutes:.1f} minutes.")
     write_task_report(
@@ -324,7 +339,13 @@ EXPLAINED_PER_LABEL = 2  # test examples per predicted label whose decisive word
 
 
 def _explained_examples(
-    model: Encoder, tokenizer: Tokenizer, texts: list[str], predictions: list[str], labels: list[str], max_length: int
+    model: Encoder,
+    tokenizer: Tokenizer,
+    texts: list[str],
+    predictions: list[str],
+    labels: list[str],
+    max_length: int,
+    keep_tail: int,
 ) -> str:
     """A Markdown section: for the first test texts predicted as each label, the words that pushed the model toward
     its prediction and against it (integrated gradients, 32 steps)."""
@@ -335,7 +356,7 @@ def _explained_examples(
     ]
     if not chosen:
         return ""
-    rows = encode_single(tokenizer, [texts[i] for i in chosen], max_length)
+    rows = encode_single(tokenizer, [texts[i] for i in chosen], max_length, keep_tail)
     found = strongest_tokens(model, tokenizer, rows, [labels.index(predictions[i]) for i in chosen])
 
     def words(pairs: list[tuple[str, float]]) -> str:
