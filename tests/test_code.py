@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from lmforge.config import from_dict
-from lmforge.data.code import STDLIB, CodeFile, fim_prompt_ids, line_chunks, python_files, training_ids
+from lmforge.data.code import (
+    STDLIB,
+    CodeFile,
+    fim_prompt_ids,
+    fim_span,
+    line_chunks,
+    python_files,
+    training_ids,
+)
 from lmforge.data.tokenizer import FIM_TOKENS, Tokenizer
 from lmforge.errors import UserError
 from lmforge.evaluate import code_completion as completion
@@ -100,6 +108,19 @@ def test_fim_documents_hold_the_whole_text_in_psm_or_spm_order(tokenizer):
     assert orders == {True, False}
     plain = training_ids(tokenizer, SOURCE, np.random.default_rng(0), fim_rate=0.0, spm_rate=0.5)
     assert plain == tokenizer.encode(SOURCE, add_bos=True, add_eos=True)
+
+
+def test_line_middles_are_whole_lines_and_random_ones_are_not_always():
+    lines_only, characters = set(), set()
+    for seed in range(60):
+        start, end = fim_span(SOURCE, np.random.default_rng(seed), line_rate=1.0)
+        # A middle starts at a line's start and ends before a newline (or at the end), spanning 1-3 lines.
+        assert (start == 0 or SOURCE[start - 1] == "\n") and (end == len(SOURCE) or SOURCE[end] == "\n")
+        lines_only.add(SOURCE[start:end].count("\n") + 1)
+        start, end = fim_span(SOURCE, np.random.default_rng(seed), line_rate=0.0)
+        characters.add((start == 0 or SOURCE[start - 1] == "\n") and (end == len(SOURCE) or SOURCE[end] == "\n"))
+    assert lines_only == {1, 2, 3}
+    assert False in characters
 
 
 def test_line_chunks_cover_the_file_within_the_limit(tokenizer):

@@ -9,7 +9,8 @@ training and evaluation.
 
 Fill-in-the-middle follows Bavarian et al. (https://arxiv.org/abs/2207.14255) as StarCoder trains it: a document
 is cut at two random character positions into prefix / middle / suffix and rearranged as PSM
-(`<fim_prefix> P <fim_suffix> S <fim_middle> M`) or SPM (`<fim_prefix> <fim_suffix> S <fim_middle> P M`).
+(`<fim_prefix> P <fim_suffix> S <fim_middle> M`) or SPM (`<fim_prefix> <fim_suffix> S <fim_middle> P M`). A share
+of the middles can be whole lines instead (`fim_span`), the kind of middle that filling in one line asks for.
 
 Knows text and token ids; does not know models or metrics.
 """
@@ -150,13 +151,34 @@ def fim_prompt_ids(tokenizer: Tokenizer, prefix: str, suffix: str) -> list[int]:
     return [tokenizer.bos_id, prefix_id, *tokenizer.encode(prefix), suffix_id, *tokenizer.encode(suffix), middle_id]
 
 
-def training_ids(tokenizer: Tokenizer, text: str, rng: np.random.Generator, fim_rate: float, spm_rate: float):
+MAX_MIDDLE_LINES = 3
+
+
+def fim_span(text: str, rng: np.random.Generator, line_rate: float) -> tuple[int, int]:
+    """(start, end) of a FIM middle: two random characters, or with probability `line_rate` one to MAX_MIDDLE_LINES
+    whole lines without their last newline, the middle that filling in a line (what the evaluation hides) needs.
+    Random characters make middles a third of a chunk long on average, rarely one line."""
+    lines = text.splitlines(keepends=True)
+    if lines and rng.random() < line_rate:
+        first = int(rng.integers(len(lines)))
+        count = int(rng.integers(1, MAX_MIDDLE_LINES + 1))
+        start = sum(map(len, lines[:first]))
+        middle = "".join(lines[first : first + count])
+        return start, start + len(middle.rstrip("\r\n"))
+    start, end = np.sort(rng.integers(0, len(text) + 1, size=2))
+    return int(start), int(end)
+
+
+def training_ids(
+    tokenizer: Tokenizer, text: str, rng: np.random.Generator, fim_rate: float, spm_rate: float, line_rate: float = 0.0
+):
     """One training document: `<bos> text <eos>` left to right, or with probability `fim_rate` a FIM rearrangement
-    (SPM with probability `spm_rate`, else PSM) whose middle ends with `<eos>`, so a completion knows where to stop."""
+    (SPM with probability `spm_rate`, else PSM) whose middle ends with `<eos>`, so a completion knows where to stop.
+    The middle is cut at two random characters, or with probability `line_rate` is whole lines (`fim_span`)."""
     if fim_rate <= 0 or rng.random() >= fim_rate:
         return tokenizer.encode(text, add_bos=True, add_eos=True)
     prefix_id, suffix_id, middle_id = fim_ids(tokenizer)
-    start, end = np.sort(rng.integers(0, len(text) + 1, size=2))
+    start, end = fim_span(text, rng, line_rate)
     prefix, middle, suffix = (tokenizer.encode(part) for part in (text[:start], text[start:end], text[end:]))
     if rng.random() < spm_rate:
         ids = [prefix_id, suffix_id, *suffix, middle_id, *prefix, *middle]

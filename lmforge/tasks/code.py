@@ -55,10 +55,13 @@ class CorpusConfig:
     context: int = option(256, "tokens per training chunk")
     fim_rate: float = option(0.5, "share of training chunks rearranged for fill-in-the-middle (0 = left to right)")
     spm_rate: float = option(0.5, "share of those in SPM order (suffix first), the rest PSM")
+    fim_line_rate: float = option(
+        0.0, "share of those whose middle is 1-3 whole lines, not the text between two random characters"
+    )
     compare_tokenizer: str | None = option(None, "folder of a tokenizer to compare characters per token with")
 
     def __post_init__(self) -> None:
-        for name in ("fim_rate", "spm_rate"):
+        for name in ("fim_rate", "spm_rate", "fim_line_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, not {getattr(self, name)}")
 
@@ -109,7 +112,8 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
           f"chunks; decoder of {model.num_parameters():,} parameters on {setup.device}")  # fmt: skip
 
     def collate(picked: list[str], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        documents = [training_ids(tokenizer, text, rng, settings.fim_rate, settings.spm_rate) for text in picked]
+        documents = [training_ids(tokenizer, text, rng, settings.fim_rate, settings.spm_rate, settings.fim_line_rate)
+                     for text in picked]  # fmt: skip
         documents = [(ids[: settings.context], [True] * min(len(ids), settings.context)) for ids in documents]
         return {k: torch.as_tensor(v) for k, v in pack_documents(documents, settings.context, tokenizer.pad_id).items()}
 
@@ -118,7 +122,8 @@ def prepare(recipe: Recipe, setup: Setup) -> Training:
     valid_rows = {k: torch.as_tensor(v) for k, v in
                   pack_documents(valid_documents, settings.context, tokenizer.pad_id).items()}  # fmt: skip
     task_info = {"task": "code", "fim_rate": settings.fim_rate, "spm_rate": settings.spm_rate,
-                 "files": dict(corpus.counts), "compare_tokenizer": settings.compare_tokenizer}  # fmt: skip
+                 "fim_line_rate": settings.fim_line_rate, "files": dict(corpus.counts),
+                 "compare_tokenizer": settings.compare_tokenizer}  # fmt: skip
     return Training(
         model,
         tokenizer,
