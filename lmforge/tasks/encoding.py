@@ -43,8 +43,8 @@ def encode_single(tokenizer: Tokenizer, texts: list[str], max_length: int, tail:
     """`<bos> text <eos>` per text, the text cut so the row fits `max_length`: a text too long keeps its start and,
     with `tail`, its last `tail` tokens too (the middle goes)."""
     body = max_length - 2
-    if not 0 <= tail < body:
-        raise UserError(f"the kept tail ({tail} tokens) must be at least 0 and under max_length - 2 ({body})")
+    if tail < 0 or (tail and tail >= body):  # no tail asked for: nothing to check, whatever max_length is
+        raise UserError(f"keep_tail ({tail} tokens) must be at least 0 and under max_length - 2 ({body})")
     rows = []
     for ids in tokenizer.encode_batch(texts):
         kept = ids if len(ids) <= body else ids[: body - tail] + ids[len(ids) - tail :]
