@@ -161,6 +161,8 @@ class RunFolder:
     TENSORBOARD = "tensorboard"
     CHECKPOINTS = "checkpoints"
     BEST = "best"
+    WARM_UP = "warm-up"  # a task's first training phase (tasks/base.py: Setup.first_phase)
+    MEMBERS = "members"  # members/1, members/2, ...: a model soup's other members (train/soup.py)
     TRAINER_STATE = "trainer_state.json"
     OPTIMIZER = "optimizer.safetensors"
     ADAPTER_CONFIG = "adapter_config.json"
@@ -170,7 +172,7 @@ class RunFolder:
     # The files a model needs besides its weights and config: copied by quantize, prune and ONNX export.
     COMPANIONS = (TOKENIZER, TOKENIZER_CONFIG, GENERATION)
     # Folders inside a run that are never runs themselves.
-    INNER_FOLDERS = (CHECKPOINTS, TENSORBOARD, BEST)
+    INNER_FOLDERS = (CHECKPOINTS, TENSORBOARD, BEST, MEMBERS)
 
     def __init__(self, path: str | Path) -> None:
         object.__setattr__(self, "path", Path(path))

@@ -340,6 +340,13 @@ def test_qa_finetune_writes_a_report(tmp_path):
     cloze_log = RunFolder(tmp_path / "cloze" / "warm-up").read_metrics_log()
     assert max(r["step"] for r in cloze_log) == 10 and metrics["f1"] > 50
 
+    # A soup of two members, both from the cloze phase's end: the phase runs once, the second member in members/1.
+    recipe.train.soup = 2
+    metrics = run_task(qa.TASK, recipe, tmp_path / "soup", progress=False)
+    member = RunFolder(tmp_path / "soup" / RunFolder.MEMBERS / "1")
+    assert max(r["step"] for r in member.read_metrics_log()) == recipe.train.max_steps and metrics["f1"] > 50
+    assert not (member / RunFolder.WARM_UP).exists() and (tmp_path / "soup" / RunFolder.WARM_UP).is_dir()
+
 
 def test_mcq_picks_the_likeliest_choice(tmp_path, small_tokenizer):
     from lmforge.generate.sampling import SamplingConfig

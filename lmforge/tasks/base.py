@@ -37,6 +37,7 @@ from lmforge.models.lora import LoRAConfig, merge_lora
 from lmforge.run_folder import RunFolder, atomic_write_bytes
 from lmforge.train.distributed import world
 from lmforge.train.lora import save_adapter
+from lmforge.train.soup import train_soup
 from lmforge.train.trainer import Objective, TrainConfig, train
 
 Family = Literal["decoder", "encoder", "seq2seq"]
@@ -65,8 +66,16 @@ class Setup:
         the main phase's optimisation settings (`config`) but no clock, validation or best checkpoint of its own, in
         the run's `warm-up` folder with its own checkpoints, so a resumed run resumes or skips it too;
         `Training.warm_up`."""
-        config = dataclasses.replace(config, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="")
-        train(model, objective, batch_for, config, self.folder / "warm-up", resume=self.resume, progress=self.progress)
+        config = dataclasses.replace(config, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="", soup=1)
+        train(
+            model,
+            objective,
+            batch_for,
+            config,
+            self.folder / RunFolder.WARM_UP,
+            resume=self.resume,
+            progress=self.progress,
+        )
         model.train()
 
 
@@ -141,13 +150,14 @@ def _run_task(task: Task, recipe: Any, folder: RunFolder, resume: bool, progress
     options = training.objective_options
     objective = training.objective or task.objective
     objective = functools.partial(objective, **options) if options else objective
-    train(
+    fit = train_soup if recipe.train.soup > 1 else train
+    fit(
         training.model,
         objective,
         training.batch_for,
         recipe.train,
         folder.path,
-        training.validate,
+        evaluate=training.validate,
         resume=resume,
         progress=progress,
         batches_are_local=training.batches_are_local,

@@ -76,6 +76,11 @@ class TrainConfig:
         1, "end with the mean weights of the last N checkpoints (at most keep_last; 1 = the final weights)"
     )
     seed: int = option(0, "seed for weights and data order")
+    soup: int = option(
+        1,
+        "train this many members from the same start, each on its own data, and end with the mean of their "
+        "weights (a model soup, train/soup.py); 1 = one run",
+    )
     max_minutes: float = option(
         0.0, "stop after this much training time (0 = no limit); the learning-rate decay then ends there too"
     )
@@ -85,7 +90,7 @@ class TrainConfig:
     rollback_lr_factor: float = option(0.5, "multiply the learning rate by this after each rollback")
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "max_bad_steps"):
+        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "max_bad_steps", "soup"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, not {getattr(self, name)}")
         for name in ("lr", "muon_lr"):
