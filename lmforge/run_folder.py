@@ -163,6 +163,7 @@ class RunFolder:
     BEST = "best"
     WARM_UP = "warm-up"  # a task's first training phase (tasks/base.py: Setup.first_phase)
     MEMBERS = "members"  # members/1, members/2, ...: a model soup's other members (train/soup.py)
+    MEMBERS_START = "start.safetensors"  # in members/: the weights every member of a soup starts from
     TRAINER_STATE = "trainer_state.json"
     OPTIMIZER = "optimizer.safetensors"
     ADAPTER_CONFIG = "adapter_config.json"

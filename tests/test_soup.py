@@ -7,13 +7,18 @@ import torch
 from test_trainer import tiny_setup
 
 from lmforge.errors import UserError
+from lmforge.train import soup as soup_module
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.soup import train_soup
 from lmforge.train.trainer import train
 
 
-def soup(run_dir, resume=False, **changes):
+def soup(run_dir, resume=False, perturb=False, **changes):
     model, windows, config = tiny_setup(steps=6, grad_accum=2, soup=3, **changes)
+    if perturb:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
     batch_for = lambda index: windows.training_batch(index, config.batch_size)  # noqa: E731
     train_soup(model, causal_lm_loss, batch_for, config, run_dir, resume=resume, progress=False)
     return model.state_dict()
@@ -54,6 +59,25 @@ def test_a_resumed_soup_skips_finished_members_and_equals_an_uninterrupted_one(t
     # Every member cut short after its first step by a time budget, then resumed by a fresh process.
     soup(tmp_path / "cut", max_minutes=1e-9)
     resumed = soup(tmp_path / "cut", resume=True)
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
+
+
+def test_members_not_yet_started_when_a_soup_is_resumed_start_from_the_saved_start(tmp_path, monkeypatch):
+    uninterrupted = soup(tmp_path / "full")
+    # Killed once member 0 is done; the resuming process draws other weights (as an unseeded new head would).
+    members = []
+
+    def killed_after_member_0(*args, **kwargs):
+        if members:
+            raise KeyboardInterrupt
+        members.append(train(*args, **kwargs))
+
+    monkeypatch.setattr(soup_module, "train", killed_after_member_0)
+    with pytest.raises(KeyboardInterrupt):
+        soup(tmp_path / "cut")
+    monkeypatch.undo()
+    resumed = soup(tmp_path / "cut", resume=True, perturb=True)
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0)
 

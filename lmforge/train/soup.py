@@ -8,8 +8,9 @@ the uniform soup). The cost is training: `train.soup` members take that many tim
 
 Member 0 is the run itself (its checkpoints, metrics and plots are the run folder's, exactly what the recipe
 without a soup trains); member k trains in `members/k/` on its own stretch of the shuffled batch stream, the
-stretch a run k times as long would read next. A resumed run skips finished members and resumes the one that was
-cut off.
+stretch a run k times as long would read next. The start is saved in `members/start.safetensors`, so a resumed run
+starts its remaining members from the same weights; it skips finished members and resumes the one that was cut
+off.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import UserError
-from lmforge.run_folder import RunFolder
+from lmforge.run_folder import RunFolder, load_tensors, save_tensors
+from lmforge.train.distributed import world
 from lmforge.train.trainer import Objective, TrainConfig, train
 
 
@@ -39,6 +41,13 @@ def train_soup(
     if config.fsdp:
         raise UserError("train.soup needs whole weights on every process to average them: use DDP, not train.fsdp")
     run_dir = Path(run_dir)
+    start_file = run_dir / RunFolder.MEMBERS / RunFolder.MEMBERS_START
+    if options.get("resume") and start_file.is_file():
+        # The members' start as the run began: a head a resumed process draws again (unseeded) would differ.
+        model.load_state_dict(load_tensors(start_file, next(model.parameters()).device))
+    elif world().main:
+        start_file.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(start_file, model.state_dict())
     start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     micro_batches_per_member = config.max_steps * config.grad_accum
     total: dict[str, torch.Tensor] = {}
