@@ -92,6 +92,11 @@ def summarize(folder: Path, entries: set[str], name: str, now: float) -> RunSumm
     max_steps = max_steps if isinstance(max_steps, int) and not isinstance(max_steps, bool) else None
 
     times = _modification_times(folder, entries)
+    if RunFolder.MEMBERS in entries:
+        # A soup's later members log in members/k/ (train/soup.py): the run is alive while they do.
+        member_logs = folder.glob(f"{RunFolder.MEMBERS}/*/{RunFolder.METRICS_LOG}")
+        logs = {log.relative_to(folder).as_posix() for log in member_logs}
+        times |= _modification_times(folder, logs)  # a log gone meanwhile is skipped there
     metrics_time, model_time = times.get(RunFolder.METRICS_LOG), times.get(RunFolder.WEIGHTS)
     step = steps[-1] if steps else None
     finished = model_time is not None and (

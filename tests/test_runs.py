@@ -141,6 +141,18 @@ def test_a_resumed_finished_run_is_running_again(runs):
     assert by_name(root, now)["demo"].status == "running"
 
 
+def test_a_soup_is_running_while_its_later_members_log_and_they_are_not_runs_of_their_own(runs):
+    root, now = runs
+    soup = write_run(root / "soup", 6, max_steps=6, task="qa")  # member 0 done, no model yet
+    member = write_run(soup / "members" / "1", 2, max_steps=6)
+    age(soup, HOUR, now)
+    age(member, HOUR, now)
+    summaries = by_name(root, now)
+    assert summaries["soup"].status == "stopped" and "soup/members/1" not in summaries
+    os.utime(member / "metrics.jsonl", (now - 5, now - 5))
+    assert by_name(root, now)["soup"].status == "running"
+
+
 def test_damaged_files_show_as_unknown_and_the_listing_carries_on(runs):
     summaries = by_name(*runs)
     damaged = summaries["damaged"]
