@@ -66,7 +66,7 @@ class Setup:
         the main phase's optimisation settings (`config`) but no clock, validation or best checkpoint of its own, in
         the run's `warm-up` folder with its own checkpoints, so a resumed run resumes or skips it too;
         `Training.warm_up`."""
-        config = dataclasses.replace(config, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="", soup=1)
+        config = dataclasses.replace(config, max_steps=steps, eval_every=0, max_minutes=0.0, best_metric="")
         train(
             model,
             objective,

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,14 +197,21 @@ def average_checkpoints(run_dir: Path, count: int) -> tuple[dict[str, torch.Tens
     folders = list(itertools.islice(intact_checkpoints(run_dir), max(count, 0)))[::-1]
     if not folders:
         raise UserError(f"no intact checkpoint to average in {run_dir}")
-    states = [load_tensors(folder / RunFolder.WEIGHTS) for folder in folders]
-    averaged = {}
-    for name, newest in states[-1].items():
-        if newest.is_floating_point():
-            averaged[name] = (sum(state[name].float() for state in states) / len(states)).to(newest.dtype)
-        else:
-            averaged[name] = newest
+    averaged = mean_state(load_tensors(folder / RunFolder.WEIGHTS) for folder in folders)
     return averaged, [int(read_json(folder / STATE_FILE)["step"]) for folder in folders]
+
+
+def mean_state(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of model states, read one at a time: floating-point tensors are averaged in fp32 and cast back,
+    others (counters) come from the last state."""
+    total: dict[str, torch.Tensor] = {}
+    count, last = 0, {}
+    for last in states:
+        count += 1
+        for name, tensor in last.items():
+            if tensor.is_floating_point():
+                total[name] = total[name] + tensor.float() if name in total else tensor.detach().float().clone()
+    return {name: (total[name] / count).to(t.dtype) if t.is_floating_point() else t for name, t in last.items()}
 
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

@@ -15,7 +15,7 @@ off.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.errors import UserError
 from lmforge.run_folder import RunFolder, load_tensors, save_tensors
+from lmforge.train.checkpoint import mean_state
 from lmforge.train.distributed import world
 from lmforge.train.trainer import Objective, TrainConfig, train
 
@@ -50,17 +51,16 @@ def train_soup(
         save_tensors(start_file, model.state_dict())
     start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     micro_batches_per_member = config.max_steps * config.grad_accum
-    total: dict[str, torch.Tensor] = {}
-    for member in range(config.soup):
-        model.load_state_dict(start)
-        offset = member * micro_batches_per_member
-        folder = run_dir if member == 0 else run_dir / RunFolder.MEMBERS / str(member)
-        if options.get("progress", True):
-            print(f"soup member {member + 1} of {config.soup} ({folder})")
-        train(model, objective, lambda index, offset=offset: batch_for(offset + index), config, folder, **options)
-        for name, tensor in model.state_dict().items():
-            total[name] = total[name] + tensor.float() if name in total else tensor.detach().float().clone()
-    # Counters and other integer buffers are the same in every member: only weights are averaged.
-    model.load_state_dict(
-        {name: (total[name] / config.soup).to(t.dtype) if t.is_floating_point() else t for name, t in start.items()}
-    )
+
+    def trained_members() -> Iterator[dict[str, torch.Tensor]]:
+        """Each member's final weights, as it finishes (read before the next member trains)."""
+        for member in range(config.soup):
+            model.load_state_dict(start)
+            offset = member * micro_batches_per_member
+            folder = run_dir if member == 0 else run_dir / RunFolder.MEMBERS / str(member)
+            if options.get("progress", True):
+                print(f"soup member {member + 1} of {config.soup} ({folder})")
+            train(model, objective, lambda index, offset=offset: batch_for(offset + index), config, folder, **options)
+            yield model.state_dict()
+
+    model.load_state_dict(mean_state(trained_members()))
